@@ -1,0 +1,14 @@
+//! `kite-guest`: PID 1 inside a kite microVM.
+//!
+//! It mounts the kernel filesystems, loads the virtio modules, mounts the sandbox's virtio-fs
+//! share and serves the agent protocol (`kite-protocol`) to the shim over a virtio-serial port
+//! (vsock where the host has it). Containers are set up with youki's libcontainer.
+
+pub mod boot;
+pub mod channel;
+pub mod init;
+pub mod modules;
+pub mod process;
+pub mod reaper;
+pub mod runtime;
+pub mod service;

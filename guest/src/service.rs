@@ -1,0 +1,637 @@
+//! The agent service: what the shim calls over the agent channel.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kite_protocol::agent::*;
+use kite_protocol::agent_ttrpc;
+use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::process::{Process, Stdio};
+use crate::reaper::Reaper;
+use crate::runtime::{self, HelperResult};
+
+/// How long container set-up (the runtime helper) may take.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Container {
+    /// "" is the container's init process; other keys are exec ids.
+    processes: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+pub struct AgentService {
+    reaper: Reaper,
+    info: PingResponse,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    oom: Mutex<tokio::sync::mpsc::Receiver<String>>,
+}
+
+fn status(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+fn internal(message: impl std::fmt::Display) -> ttrpc::Error {
+    status(ttrpc::Code::INTERNAL, message.to_string())
+}
+
+fn cgroup_path(id: &str) -> PathBuf {
+    PathBuf::from(format!("/kite/{id}"))
+}
+
+fn cgroup_manager(id: &str) -> Result<libcgroups::common::AnyCgroupManager, ttrpc::Error> {
+    libcgroups::common::create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup_path(id),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| internal(format!("container {id}: cgroup: {e}")))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), ttrpc::Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal(format!("pipe: {e}")))
+}
+
+impl AgentService {
+    pub fn new(reaper: Reaper, info: PingResponse) -> Arc<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let svc = Arc::new(Self {
+            reaper,
+            info,
+            containers: Mutex::new(HashMap::new()),
+            oom: Mutex::new(rx),
+        });
+        tokio::spawn(watch_oom(Arc::downgrade(&svc), tx));
+        svc
+    }
+
+    async fn container(&self, id: &str) -> Result<Arc<Container>, ttrpc::Error> {
+        self.containers
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| status(ttrpc::Code::NOT_FOUND, format!("container {id} not found")))
+    }
+
+    async fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, ttrpc::Error> {
+        let container = self.container(id).await?;
+        let procs = container.processes.lock().await;
+        procs.get(exec_id).cloned().ok_or_else(|| {
+            status(
+                ttrpc::Code::NOT_FOUND,
+                format!("container {id}: process {exec_id:?} not found"),
+            )
+        })
+    }
+
+    /// Runs the runtime helper with the process's stdio; returns the new process.
+    async fn run_helper(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: Vec<String>,
+        terminal: bool,
+        want_stdin: bool,
+    ) -> Result<Process, ttrpc::Error> {
+        let dir = runtime::bundle_dir(id);
+        let tag = if exec_id.is_empty() { "init" } else { exec_id };
+        let result_path = dir.join(format!("result-{tag}.json"));
+        let _ = std::fs::remove_file(&result_path);
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg("runtime")
+            .args(&args)
+            .arg("--id")
+            .arg(id)
+            .arg("--result")
+            .arg(&result_path);
+
+        let console = if terminal {
+            let path = dir.join(format!("console-{tag}.sock"));
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| internal(format!("container {id}: console socket: {e}")))?;
+            cmd.arg("--console-socket").arg(&path);
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            Some((listener, path))
+        } else {
+            None
+        };
+        let mut ours = None;
+        if !terminal {
+            let (stdin_r, stdin_w) = if want_stdin {
+                let (r, w) = pipe()?;
+                (std::process::Stdio::from(r), Some(w))
+            } else {
+                (std::process::Stdio::null(), None)
+            };
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            cmd.stdin(stdin_r).stdout(out_w).stderr(err_w);
+            ours = Some(Stdio::Pipes {
+                stdin: stdin_w,
+                stdout: out_r,
+                stderr: err_r,
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| internal(format!("container {id}: run the runtime helper: {e}")))?;
+        // The helper's ends of the pipes were moved into `cmd`; drop them so the process's
+        // exit closes its streams.
+        drop(cmd);
+        let helper_exit = self.reaper.register(child.id() as i32);
+
+        let master = if let Some((listener, path)) = console {
+            let got = tokio::select! {
+                accepted = listener.accept() => Some(accepted),
+                _ = tokio::time::sleep(HELPER_TIMEOUT) => None,
+            };
+            let _ = std::fs::remove_file(&path);
+            match got {
+                Some(Ok((stream, _))) => Some(receive_fd(stream).await.map_err(|e| {
+                    internal(format!("container {id}: receive the pty master: {e}"))
+                })?),
+                _ => None,
+            }
+        } else {
+            None
+        };
+
+        let code = tokio::time::timeout(HELPER_TIMEOUT, helper_exit)
+            .await
+            .map_err(|_| internal(format!("container {id}: runtime helper timed out")))?
+            .unwrap_or(255);
+        let result = std::fs::read_to_string(&result_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&result_path);
+        let pid = match serde_json::from_str::<HelperResult>(&result) {
+            Ok(HelperResult::Pid(pid)) => pid,
+            Ok(HelperResult::Error(message)) => {
+                return Err(status(ttrpc::Code::FAILED_PRECONDITION, message))
+            }
+            Err(_) => {
+                return Err(internal(format!(
+                    "container {id}: runtime helper exited with {code} and no result"
+                )))
+            }
+        };
+        let stdio = match (ours, master) {
+            (Some(pipes), _) => pipes,
+            (None, Some(master)) => Stdio::Tty(master),
+            (None, None) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(internal(format!("container {id}: no pty from the runtime")));
+            }
+        };
+        Process::new(pid, stdio, self.reaper.register(pid))
+            .map_err(|e| internal(format!("container {id}: stdio: {e}")))
+    }
+}
+
+/// Receives one file descriptor (SCM_RIGHTS) from a connected unix stream.
+async fn receive_fd(stream: tokio::net::UnixStream) -> std::io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let std_stream = stream.into_std()?;
+    std_stream.set_nonblocking(false)?;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            std_stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        for cmsg in msg.cmsgs()? {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg {
+                if let Some(&fd) = fds.first() {
+                    // SAFETY: the kernel just installed this descriptor in our table for us.
+                    return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no descriptor in the console message",
+        ))
+    })
+    .await?
+}
+
+/// Watches the containers' memory.events and reports OOM kills.
+async fn watch_oom(svc: std::sync::Weak<AgentService>, tx: tokio::sync::mpsc::Sender<String>) {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(svc) = svc.upgrade() else { return };
+        let ids: Vec<String> = svc.containers.lock().await.keys().cloned().collect();
+        drop(svc);
+        seen.retain(|id, _| ids.contains(id));
+        for id in ids {
+            let path = Path::new("/sys/fs/cgroup").join(format!("kite/{id}/memory.events"));
+            let kills = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| oom_kills(&t))
+                .unwrap_or(0);
+            let before = seen.insert(id.clone(), kills).unwrap_or(0);
+            if kills > before {
+                warn!(container = %id, "OOM kill");
+                let _ = tx.send(id).await;
+            }
+        }
+    }
+}
+
+/// The `oom_kill` counter of a cgroup v2 memory.events file.
+pub fn oom_kills(memory_events: &str) -> Option<u64> {
+    memory_events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[async_trait]
+impl agent_ttrpc::Agent for AgentService {
+    async fn ping(&self, _ctx: &TtrpcContext, _req: PingRequest) -> ttrpc::Result<PingResponse> {
+        Ok(self.info.clone())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let id = req.container_id.clone();
+        if self.containers.lock().await.contains_key(&id) {
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {id} exists"),
+            ));
+        }
+        let mut spec: oci_spec::runtime::Spec =
+            serde_json::from_slice(&req.oci_spec).map_err(|e| {
+                status(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("container {id}: OCI spec: {e}"),
+                )
+            })?;
+        let rootfs = Path::new(kite_protocol::GUEST_SHARE_DIR).join(&req.rootfs);
+        if !rootfs.is_dir() {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!(
+                    "container {id}: rootfs {} is not in the share",
+                    rootfs.display()
+                ),
+            ));
+        }
+        runtime::adapt_spec(&id, &mut spec, &rootfs)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        if let Some(p) = spec.process_mut() {
+            p.set_terminal(Some(req.terminal));
+        }
+        let dir = runtime::bundle_dir(&id);
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| {
+                std::fs::write(
+                    dir.join("config.json"),
+                    serde_json::to_vec(&spec).unwrap_or_default(),
+                )
+            })
+            .map_err(|e| internal(format!("container {id}: write bundle: {e}")))?;
+        let bundle = dir.to_string_lossy().into_owned();
+        let created = self
+            .run_helper(
+                &id,
+                "",
+                vec!["create".into(), "--bundle".into(), bundle],
+                req.terminal,
+                req.stdin,
+            )
+            .await;
+        let process = match created {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || runtime::delete(&id)).await;
+                return Err(e);
+            }
+        };
+        let pid = process.pid as u32;
+        info!(container = %id, pid, "created");
+        let mut procs = HashMap::new();
+        procs.insert(String::new(), Arc::new(process));
+        self.containers.lock().await.insert(
+            id,
+            Arc::new(Container {
+                processes: Mutex::new(procs),
+            }),
+        );
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StartResponse> {
+        let process = self.process(&req.container_id, "").await?;
+        let id = req.container_id.clone();
+        tokio::task::spawn_blocking(move || runtime::start(&id))
+            .await
+            .map_err(internal)?
+            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
+        info!(container = %req.container_id, "started");
+        Ok(StartResponse {
+            pid: process.pid as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let id = req.container_id.clone();
+        let removed = self.containers.lock().await.remove(&id);
+        tokio::task::spawn_blocking(move || runtime::delete(&id))
+            .await
+            .map_err(internal)?
+            .map_err(|e| internal(e.to_string()))?;
+        if removed.is_none() {
+            return Err(status(
+                ttrpc::Code::NOT_FOUND,
+                format!("container {} not found", req.container_id),
+            ));
+        }
+        Ok(Empty::default())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let (id, exec_id) = (req.container_id.clone(), req.exec_id.clone());
+        let container = self.container(&id).await?;
+        if container.processes.lock().await.contains_key(&exec_id) {
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {id}: exec {exec_id} exists"),
+            ));
+        }
+        let mut process: oci_spec::runtime::Process = serde_json::from_slice(&req.process)
+            .map_err(|e| {
+                status(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("container {id}: exec {exec_id}: OCI process: {e}"),
+                )
+            })?;
+        process.set_terminal(Some(req.terminal));
+        process.set_apparmor_profile(None);
+        process.set_selinux_label(None);
+        let file = runtime::bundle_dir(&id).join(format!("exec-{exec_id}.json"));
+        std::fs::write(&file, serde_json::to_vec(&process).unwrap_or_default())
+            .map_err(|e| internal(format!("container {id}: write exec {exec_id}: {e}")))?;
+        let args = vec![
+            "exec".into(),
+            "--process".into(),
+            file.to_string_lossy().into_owned(),
+        ];
+        let result = self
+            .run_helper(&id, &exec_id, args, req.terminal, req.stdin)
+            .await;
+        let _ = std::fs::remove_file(&file);
+        let process = result?;
+        let pid = process.pid as u32;
+        container
+            .processes
+            .lock()
+            .await
+            .insert(exec_id, Arc::new(process));
+        Ok(ExecProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        let container = self.container(&req.container_id).await?;
+        container.processes.lock().await.remove(&req.exec_id);
+        Ok(Empty::default())
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalRequest,
+    ) -> ttrpc::Result<Empty> {
+        let signal = Signal::try_from(req.signal as i32).map_err(|_| {
+            status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("signal {} is not valid", req.signal),
+            )
+        })?;
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        if req.all && req.exec_id.is_empty() {
+            let id = req.container_id.clone();
+            return tokio::task::spawn_blocking(move || runtime::kill_all(&id, signal))
+                .await
+                .map_err(internal)?
+                .map(|_| Empty::default())
+                .map_err(|e| internal(e.to_string()));
+        }
+        if process.exit().is_some() {
+            return Err(status(
+                ttrpc::Code::NOT_FOUND,
+                format!(
+                    "container {}: process {:?} already finished",
+                    req.container_id, req.exec_id
+                ),
+            ));
+        }
+        kill(Pid::from_raw(process.pid), signal)
+            .map_err(|e| internal(format!("container {}: kill: {e}", req.container_id)))?;
+        Ok(Empty::default())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let exit = process.wait().await;
+        Ok(WaitResponse {
+            exit_status: exit.status,
+            exited_at_ns: exit.at_ns,
+            ..Default::default()
+        })
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let data = process
+            .read_stdout(req.len as usize)
+            .await
+            .map_err(|e| internal(format!("container {}: stdout: {e}", req.container_id)))?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let data = process
+            .read_stderr(req.len as usize)
+            .await
+            .map_err(|e| internal(format!("container {}: stderr: {e}", req.container_id)))?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStreamRequest,
+    ) -> ttrpc::Result<WriteStreamResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let len = process
+            .write_stdin(&req.data)
+            .await
+            .map_err(|e| internal(format!("container {}: stdin: {e}", req.container_id)))?;
+        Ok(WriteStreamResponse {
+            len: len as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.process(&req.container_id, &req.exec_id)
+            .await?
+            .close_stdin()
+            .await;
+        Ok(Empty::default())
+    }
+
+    async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        process
+            .resize(req.width as u16, req.height as u16)
+            .map_err(|e| internal(format!("container {}: resize: {e}", req.container_id)))?;
+        Ok(Empty::default())
+    }
+
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<PidsResponse> {
+        self.container(&req.container_id).await?;
+        let manager = cgroup_manager(&req.container_id)?;
+        let pids = manager
+            .get_all_pids()
+            .map_err(|e| internal(format!("container {}: pids: {e}", req.container_id)))?;
+        Ok(PidsResponse {
+            pids: pids.into_iter().map(|p| p.as_raw() as u32).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn container_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsResponse> {
+        self.container(&req.container_id).await?;
+        let manager = cgroup_manager(&req.container_id)?;
+        let stats = manager
+            .stats()
+            .map_err(|e| internal(format!("container {}: stats: {e}", req.container_id)))?;
+        Ok(StatsResponse {
+            cpu_usage_usec: stats.cpu.usage.usage_total / 1000,
+            cpu_user_usec: stats.cpu.usage.usage_user / 1000,
+            cpu_system_usec: stats.cpu.usage.usage_kernel / 1000,
+            memory_usage_bytes: stats.memory.memory.usage,
+            memory_limit_bytes: stats.memory.memory.limit,
+            pids_current: stats.pids.current,
+            pids_limit: stats.pids.limit,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.container(&req.container_id).await?;
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&req.resources)
+            .map_err(|e| {
+            status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {}: resources: {e}", req.container_id),
+            )
+        })?;
+        let manager = cgroup_manager(&req.container_id)?;
+        let opt = ControllerOpt {
+            resources: &resources,
+            freezer_state: None,
+            oom_score_adj: None,
+            disable_oom_killer: false,
+        };
+        manager
+            .apply(&opt)
+            .map_err(|e| internal(format!("container {}: update: {e}", req.container_id)))?;
+        Ok(Empty::default())
+    }
+
+    async fn wait_oom(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
+        let id = self.oom.lock().await.recv().await.unwrap_or_default();
+        Ok(OomEvent {
+            container_id: id,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_kill_counter_is_read() {
+        let text = "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(oom_kills(text), Some(2));
+        assert_eq!(oom_kills("low 0\n"), None);
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the guest side of a kite VM: unpacks Debian's cloud kernel (not installed on the host)
+# and builds an initrd with kite-guest as PID 1 plus the modules it loads.
+#   hack/build-guest.sh [OUT_DIR]      (default /var/lib/kite/guest)
+# Idempotent: the kernel is unpacked once per version; the initrd is rebuilt every time.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-/var/lib/kite/guest}
+mkdir -p "$out"
+work=$out/work
+mkdir -p "$work"
+
+# The kernel: whatever linux-image-cloud-amd64 points at today.
+kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+[ -n "$kpkg" ] || { echo "build-guest: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2; exit 1; }
+kver=${kpkg#linux-image-}
+kroot=$work/kernel-$kver
+if [ ! -f "$kroot/boot/vmlinuz-$kver" ]; then
+  echo "build-guest: unpacking $kpkg"
+  rm -rf "$kroot" "$work"/*.deb
+  (cd "$work" && apt-get download "$kpkg" >/dev/null 2>&1)
+  dpkg-deb -x "$work"/"$kpkg"_*.deb "$kroot"
+  depmod -b "$kroot" "$kver"
+  rm -f "$work"/*.deb
+fi
+cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.new" && mv "$out/vmlinuz.new" "$out/vmlinuz"
+
+# The agent, linked statically: the initrd has no libc.
+target=x86_64-unknown-linux-gnu
+(cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -q \
+   -p kite-guest --target $target)
+agent=$here/target/$target/release/kite-guest
+
+# The initrd: /init -> /sysroot/init; everything the agent needs lives in /sysroot.
+stage=$work/initrd
+rm -rf "$stage"
+mkdir -p "$stage/sysroot/lib/modules"
+cp "$agent" "$stage/sysroot/init"
+ln -s sysroot/init "$stage/init"
+modules="virtio_ring virtio virtio_mmio virtio_pci virtio_console virtiofs overlay virtio_net
+         vmw_vsock_virtio_transport"
+: > "$stage/sysroot/lib/modules/modules.load"
+for m in $modules; do
+  modprobe -d "$kroot" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}'
+done | awk '!seen[$0]++' | while read -r ko; do
+  rel=${ko#"$kroot"/lib/modules/"$kver"/}
+  mkdir -p "$stage/sysroot/lib/modules/$(dirname "$rel")"
+  cp "$ko" "$stage/sysroot/lib/modules/$rel"
+  echo "$rel" >> "$stage/sysroot/lib/modules/modules.load"
+done
+(cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out/initrd.img.new"
+mv "$out/initrd.img.new" "$out/initrd.img"
+echo "$kver" > "$out/kernel-release"
+echo "build-guest: $out/vmlinuz ($kver), $out/initrd.img ($(du -h "$out/initrd.img" | cut -f1))"

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Builds a small OCI image archive (for `ctr images import`) from Debian's static busybox.
+
+    hack/mkimage.py OUT.tar REF [--cmd 'sh -c ...']
+
+The image has /bin/busybox with its applets linked, /etc/passwd and /etc/group (root, nobody),
+and /tmp. Reproducible: fixed mtimes and ordering, so the digest only changes with busybox.
+"""
+import gzip, hashlib, io, json, os, sys, tarfile
+
+BUSYBOX = "/bin/busybox"
+APPLETS = ["sh", "echo", "cat", "sleep", "uname", "ls", "id", "env", "pwd", "true", "false",
+           "wc", "head", "tail", "grep", "sha256sum", "dd", "ps", "kill", "printf", "test",
+           "hostname", "stty", "tty", "yes", "seq", "mkdir", "rm", "touch", "wget", "nc",
+           "httpd", "ip", "ifconfig", "mount", "df", "free", "top", "date", "tr", "od"]
+
+
+def add(tar, name, data=None, mode=0o644, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.mtime = 0
+    info.mode = mode
+    info.type = kind
+    info.linkname = link
+    if data is not None:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    else:
+        tar.addfile(info)
+
+
+def layer():
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ["bin", "etc", "tmp", "root", "proc", "sys", "dev", "home", "var", "run"]:
+            add(tar, d, kind=tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
+        with open(BUSYBOX, "rb") as f:
+            add(tar, "bin/busybox", f.read(), mode=0o755)
+        for a in APPLETS:
+            add(tar, f"bin/{a}", kind=tarfile.SYMTYPE, link="busybox", mode=0o777)
+        add(tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/sh\n")
+        add(tar, "etc/group", b"root:x:0:\nnobody:x:65534:\n")
+        add(tar, "etc/hostname", b"kite\n")
+    tar_bytes = raw.getvalue()
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0) as g:
+        g.write(tar_bytes)
+    return tar_bytes, gz.getvalue()
+
+
+def digest(b):
+    return "sha256:" + hashlib.sha256(b).hexdigest()
+
+
+def main():
+    out, ref = sys.argv[1], sys.argv[2]
+    cmd = ["sh"]
+    if "--cmd" in sys.argv:
+        cmd = ["sh", "-c", sys.argv[sys.argv.index("--cmd") + 1]]
+    tar_bytes, gz = layer()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [digest(tar_bytes)]},
+        "history": [{"created_by": "kite hack/mkimage.py"}],
+    }, sort_keys=True).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": digest(gz), "size": len(gz)}],
+    }, sort_keys=True).encode()
+    index = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": digest(manifest), "size": len(manifest),
+                       "annotations": {"org.opencontainers.image.ref.name": ref,
+                                       "io.containerd.image.name": ref},
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    }, sort_keys=True).encode()
+    with tarfile.open(out, "w") as tar:
+        add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        add(tar, "index.json", index)
+        for blob in (config, manifest, gz):
+            add(tar, "blobs/sha256/" + hashlib.sha256(blob).hexdigest(), blob)
+    print(digest(manifest))
+
+
+if __name__ == "__main__":
+    main()

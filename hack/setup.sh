@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Installs and starts everything kite needs on a Debian 12 machine, as root. Idempotent.
+#   hack/setup.sh        packages, virtiofsd, guest kernel + initrd, kite binaries,
+#                        containerd (configured and started), local registry on 127.0.0.1:5000
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+log() { echo "setup: $*"; }
+[ "$(id -u)" = 0 ] || { echo "setup: run as root" >&2; exit 1; }
+
+# 1. Debian packages.
+pkgs=(containerd runc qemu-system-x86 containernetworking-plugins docker-registry
+      libseccomp-dev libcap-ng-dev pkg-config cpio kmod iproute2 iptables busybox-static
+      python3 curl ca-certificates procps psmisc util-linux gcc)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The kernel package list must be current for build-guest.sh to resolve the cloud kernel.
+apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
+
+# 2. Rust toolchain (the machine's rustup one) and virtiofsd from crates.io.
+command -v cargo >/dev/null || { [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"; }
+command -v cargo >/dev/null || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }
+if ! [ -x /usr/local/bin/virtiofsd ]; then
+  log "building virtiofsd (about two minutes)"
+  cargo install --locked virtiofsd --root /usr/local -q
+fi
+
+# 3. kite: the shim on the host, the guest kernel and initrd.
+log "building kite"
+(cd "$here" && cargo build --release --locked -q -p kite-shim)
+install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
+"$here/hack/build-guest.sh" /var/lib/kite/guest
+mkdir -p /etc/kite /run/kite
+[ -f /etc/kite/kite.toml ] || install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml
+
+# 4. containerd with the kite runtime.
+mkdir -p /etc/containerd /var/log/kite
+if ! cmp -s "$here/deploy/containerd-config.toml" /etc/containerd/config.toml; then
+  install -m 0644 "$here/deploy/containerd-config.toml" /etc/containerd/config.toml
+  if pgrep -x containerd >/dev/null; then
+    log "restarting containerd with the new config"
+    pkill -x containerd; for _ in $(seq 50); do pgrep -x containerd >/dev/null || break; sleep 0.1; done
+  fi
+fi
+if ! pgrep -x containerd >/dev/null; then
+  log "starting containerd"
+  PATH=/usr/local/bin:$PATH setsid nohup containerd --config /etc/containerd/config.toml \
+    >>/var/log/kite/containerd.log 2>&1 < /dev/null &
+fi
+for _ in $(seq 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
+ctr version >/dev/null 2>&1 || { echo "setup: containerd did not start (see /var/log/kite/containerd.log)" >&2; exit 1; }
+
+# 5. A local registry on 127.0.0.1:5000.
+if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then
+  log "starting the registry on 127.0.0.1:5000"
+  mkdir -p /var/lib/kite/registry
+  install -m 0644 "$here/deploy/registry.yml" /etc/kite/registry.yml
+  setsid nohup docker-registry serve /etc/kite/registry.yml >>/var/log/kite/registry.log 2>&1 < /dev/null &
+  for _ in $(seq 100); do curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fsS http://127.0.0.1:5000/v2/ >/dev/null || { echo "setup: registry did not start" >&2; exit 1; }
+fi
+
+# 6. The sample image, in the registry.
+ref=127.0.0.1:5000/kite/busybox:latest
+if ! curl -fsS http://127.0.0.1:5000/v2/kite/busybox/manifests/latest >/dev/null 2>&1; then
+  log "pushing the sample image $ref"
+  tmp=$(mktemp -d)
+  python3 "$here/hack/mkimage.py" "$tmp/busybox.tar" "$ref" >/dev/null
+  ctr images import --no-unpack "$tmp/busybox.tar" >/dev/null
+  ctr images push --plain-http "$ref" >/dev/null
+  rm -rf "$tmp"
+fi
+log "ready: containerd with runtime io.containerd.kite.v2, registry 127.0.0.1:5000, image $ref"

@@ -1,0 +1,246 @@
+//! The shim's configuration: the `[shim]` section of `/etc/kite/kite.toml`, overridden by
+//! `KITE_CONFIG` (another file) and `KITE_SHIM_*` environment variables.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kite/kite.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorChoice {
+    /// KVM when /dev/kvm opens and the CPU has vmx/svm, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineType {
+    /// QEMU's microvm machine (virtio-mmio): fewest devices, fastest boot.
+    #[default]
+    Microvm,
+    /// The i440FX pc machine (virtio-pci).
+    Pc,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    pub qemu_path: PathBuf,
+    pub virtiofsd_path: PathBuf,
+    pub kernel_path: PathBuf,
+    pub initrd_path: PathBuf,
+    pub accelerator: AcceleratorChoice,
+    pub machine: MachineType,
+    /// vCPUs of a VM before the pod's CPU limit is added.
+    pub default_vcpus: u32,
+    /// Memory of a VM (MiB) before the pod's memory limit is added.
+    pub default_memory_mib: u64,
+    pub max_vcpus: u32,
+    pub max_memory_mib: u64,
+    /// How long the guest agent may take to answer after QEMU starts.
+    pub boot_timeout_secs: u64,
+    /// QEMU's seccomp sandbox (`-sandbox on,...`).
+    pub qemu_sandbox: bool,
+    /// Extra words for the guest kernel command line.
+    pub kernel_params: String,
+    /// Where per-sandbox state lives (sockets, share, logs).
+    pub state_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "kite_shim=debug".
+    pub log_level: String,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        Self {
+            qemu_path: "/usr/bin/qemu-system-x86_64".into(),
+            virtiofsd_path: "/usr/local/bin/virtiofsd".into(),
+            kernel_path: "/var/lib/kite/guest/vmlinuz".into(),
+            initrd_path: "/var/lib/kite/guest/initrd.img".into(),
+            accelerator: AcceleratorChoice::Auto,
+            machine: MachineType::Microvm,
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 16384,
+            boot_timeout_secs: 30,
+            qemu_sandbox: true,
+            kernel_params: String::new(),
+            state_dir: "/run/kite/sandboxes".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl ShimConfig {
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    /// Parses the `[shim]` section of a kite.toml text (other sections belong to the other
+    /// components and are ignored here).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let shim = match file.get("shim") {
+            Some(v) => v
+                .clone()
+                .try_into::<ShimConfig>()
+                .map_err(|source| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            None => ShimConfig::default(),
+        };
+        shim.validate()?;
+        Ok(shim)
+    }
+
+    /// Loads the configuration: `KITE_CONFIG` or /etc/kite/kite.toml when it exists, then the
+    /// environment overrides.
+    pub fn load() -> Result<Self, ConfigError> {
+        let path = std::env::var_os("KITE_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml(&text, &path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("KITE_SHIM_ACCELERATOR") {
+            self.accelerator = match v.as_str() {
+                "auto" => AcceleratorChoice::Auto,
+                "kvm" => AcceleratorChoice::Kvm,
+                "tcg" => AcceleratorChoice::Tcg,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: "KITE_SHIM_ACCELERATOR",
+                        reason: format!("{other:?} is not auto, kvm or tcg"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("KITE_SHIM_KERNEL") {
+            self.kernel_path = v.into();
+        }
+        if let Some(v) = get("KITE_SHIM_INITRD") {
+            self.initrd_path = v.into();
+        }
+        if let Some(v) = get("KITE_SHIM_BOOT_TIMEOUT_SECS") {
+            self.boot_timeout_secs = v.parse().map_err(|_| ConfigError::Invalid {
+                key: "KITE_SHIM_BOOT_TIMEOUT_SECS",
+                reason: format!("{v:?} is not a number of seconds"),
+            })?;
+        }
+        if let Some(v) = get("KITE_SHIM_LOG") {
+            self.log_level = v;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.default_vcpus == 0 || self.default_vcpus > self.max_vcpus {
+            return invalid("default_vcpus", "must be between 1 and max_vcpus");
+        }
+        if self.default_memory_mib < 64 || self.default_memory_mib > self.max_memory_mib {
+            return invalid(
+                "default_memory_mib",
+                "must be between 64 and max_memory_mib",
+            );
+        }
+        if self.boot_timeout_secs == 0 {
+            return invalid("boot_timeout_secs", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let c = ShimConfig::from_toml("", Path::new("/x")).unwrap();
+        assert_eq!(c, ShimConfig::default());
+    }
+
+    #[test]
+    fn the_shim_section_is_read_and_others_ignored() {
+        let text = r#"
+            [shim]
+            accelerator = "tcg"
+            machine = "pc"
+            default_memory_mib = 512
+            [snapshotter]
+            anything = 1
+        "#;
+        let c = ShimConfig::from_toml(text, Path::new("/etc/kite/kite.toml")).unwrap();
+        assert_eq!(c.accelerator, AcceleratorChoice::Tcg);
+        assert_eq!(c.machine, MachineType::Pc);
+        assert_eq!(c.default_memory_mib, 512);
+        assert_eq!(c.default_vcpus, 1);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_naming_the_file() {
+        let err = ShimConfig::from_toml("[shim]\nacelerator = \"tcg\"", Path::new("/k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/k.toml") && err.contains("acelerator"),
+            "{err}"
+        );
+        let err = ShimConfig::from_toml("[shim]\ndefault_vcpus = 0", Path::new("/k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("default_vcpus"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c = ShimConfig::default();
+        c.apply_env(|k| (k == "KITE_SHIM_ACCELERATOR").then(|| "kvm".to_string()))
+            .unwrap();
+        assert_eq!(c.accelerator, AcceleratorChoice::Kvm);
+        let err = c
+            .apply_env(|k| (k == "KITE_SHIM_ACCELERATOR").then(|| "xen".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("xen"));
+    }
+}

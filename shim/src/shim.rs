@@ -1,0 +1,134 @@
+//! The shim process's life as containerd drives it: `start` (spawn or reuse the pod's shim),
+//! serving the Task API, and `delete` (clean up after a shim that died).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::{Config, Error, Flags, StartOpts};
+use tracing::{info, warn};
+
+use crate::config::ShimConfig;
+use crate::rootfs;
+use crate::sandbox::{cleanup_sandbox_dir, Sandbox};
+use crate::task::KiteTask;
+
+pub struct KiteShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    config: ShimConfig,
+}
+
+/// Logs go to containerd's `log` FIFO in the bundle when serving, to stderr otherwise.
+fn init_logging(config: &ShimConfig, serving: bool, debug: bool) {
+    let level = if debug {
+        "debug"
+    } else {
+        config.log_level.as_str()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let log_fifo = serving
+        .then(|| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("log")
+                .ok()
+        })
+        .flatten();
+    let _ = match log_fifo {
+        Some(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+#[async_trait]
+impl Shim for KiteShim {
+    type T = KiteTask;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        // The shim's children (QEMU, virtiofsd) are tokio's to reap; the crate's reaper would
+        // steal their exit statuses.
+        config.no_reaper = true;
+        config.no_sub_reaper = true;
+        config.no_setup_logger = true;
+        let loaded = ShimConfig::load();
+        let serving = args.action.is_empty();
+        let shim_config = loaded.as_ref().cloned().unwrap_or_default();
+        init_logging(&shim_config, serving, args.debug);
+        if let Err(e) = &loaded {
+            warn!("{e}; using the defaults");
+        }
+        KiteShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+            config: shim_config,
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        // One shim per sandbox: a pod's containers find its shim by the sandbox id.
+        let grouping = std::fs::read("config.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<oci_spec::runtime::Spec>(&b).ok())
+            .map(|spec| rootfs::sandbox_id(&opts.id, &spec))
+            .unwrap_or_else(|| opts.id.clone());
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        // containerd calls this when the shim died: release whatever it left.
+        let own = Sandbox::dir_for(&self.config, &self.id);
+        if own.exists() {
+            warn!(sandbox = %self.id, "cleaning up after a dead shim");
+            cleanup_sandbox_dir(&own);
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.config.state_dir) {
+            for entry in entries.flatten() {
+                let cdir = entry.path().join("share").join(&self.id);
+                if cdir.exists() {
+                    rootfs::release(&cdir);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(Path::new("address"));
+        info!(container = %self.id, namespace = %self.namespace, "deleted");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(DeleteResponse {
+            exit_status: 137,
+            exited_at: MessageField::some(Timestamp {
+                seconds: now.as_secs() as i64,
+                nanos: now.subsec_nanos() as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        KiteTask::new(
+            self.config.clone(),
+            &self.namespace,
+            publisher,
+            self.exit.clone(),
+        )
+    }
+}
