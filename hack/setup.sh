@@ -41,18 +41,9 @@ mkdir -p /etc/kite /run/kite
 mkdir -p /etc/containerd /var/log/kite
 if ! cmp -s "$here/deploy/containerd-config.toml" /etc/containerd/config.toml; then
   install -m 0644 "$here/deploy/containerd-config.toml" /etc/containerd/config.toml
-  if pgrep -x containerd >/dev/null; then
-    log "restarting containerd with the new config"
-    pkill -x containerd; for _ in $(seq 50); do pgrep -x containerd >/dev/null || break; sleep 0.1; done
-  fi
+  "$here/hack/containerd.sh" stop
 fi
-if ! pgrep -x containerd >/dev/null; then
-  log "starting containerd"
-  PATH=/usr/local/bin:$PATH setsid nohup containerd --config /etc/containerd/config.toml \
-    >>/var/log/kite/containerd.log 2>&1 < /dev/null &
-fi
-for _ in $(seq 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
-ctr version >/dev/null 2>&1 || { echo "setup: containerd did not start (see /var/log/kite/containerd.log)" >&2; exit 1; }
+"$here/hack/containerd.sh" start
 
 # 5. A local registry on 127.0.0.1:5000.
 if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then

@@ -71,7 +71,7 @@ impl FdStream {
         Ok(Self {
             // SAFETY: the OwnedFd is moved into the AsyncFd and stays open, the same descriptor,
             // until the AsyncFd is dropped.
-            fd: unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::from(e.into_parts().1))?,
+            fd: unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?,
             eof_is_idle: false,
             idle: None,
         })

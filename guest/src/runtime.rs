@@ -37,7 +37,7 @@ pub enum RuntimeError {
     Container {
         id: String,
         op: &'static str,
-        source: libcontainer::error::LibcontainerError,
+        source: Box<libcontainer::error::LibcontainerError>,
     },
     #[error("container {id}: {message}")]
     Helper { id: String, message: String },
@@ -99,7 +99,7 @@ pub fn helper_create(
     let err = |op, source| RuntimeError::Container {
         id: id.to_string(),
         op,
-        source,
+        source: Box::new(source),
     };
     let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(STATE_ROOT)
@@ -132,7 +132,7 @@ pub fn helper_exec(
     let err = |op, source| RuntimeError::Container {
         id: id.to_string(),
         op,
-        source,
+        source: Box::new(source),
     };
     let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(STATE_ROOT)
@@ -173,7 +173,7 @@ fn load(id: &str) -> Result<Container, RuntimeError> {
     Container::load(Path::new(STATE_ROOT).join(id)).map_err(|source| RuntimeError::Container {
         id: id.to_string(),
         op: "load state",
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -182,7 +182,7 @@ pub fn start(id: &str) -> Result<(), RuntimeError> {
     load(id)?.start().map_err(|source| RuntimeError::Container {
         id: id.to_string(),
         op: "start",
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -193,7 +193,7 @@ pub fn kill_all(id: &str, signal: Signal) -> Result<(), RuntimeError> {
         .map_err(|source| RuntimeError::Container {
             id: id.to_string(),
             op: "kill all",
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -203,7 +203,7 @@ pub fn delete(id: &str) -> Result<(), RuntimeError> {
         Ok(mut c) => c.delete(true).map_err(|source| RuntimeError::Container {
             id: id.to_string(),
             op: "delete",
-            source,
+            source: Box::new(source),
         })?,
         Err(_) if !Path::new(STATE_ROOT).join(id).exists() => {}
         Err(e) => return Err(e),

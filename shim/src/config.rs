@@ -119,6 +119,19 @@ impl ShimConfig {
         Ok(shim)
     }
 
+    /// Loads the configuration from `path` (a runtime's `ConfigPath` option), then the
+    /// environment overrides.
+    pub fn load_from(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::from_toml(&text, path)?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Loads the configuration: `KITE_CONFIG` or /etc/kite/kite.toml when it exists, then the
     /// environment overrides.
     pub fn load() -> Result<Self, ConfigError> {
@@ -190,9 +203,47 @@ impl ShimConfig {
     }
 }
 
+/// The `config_path` of containerd's runtime options (`runtimeoptions.v1.Options`, what
+/// `ctr run --runtime-config-path` and the CRI's `ConfigPath` send), from its protobuf bytes.
+pub fn runtime_options_config_path(type_url: &str, value: &[u8]) -> Option<PathBuf> {
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    let mut input = protobuf::CodedInputStream::from_bytes(value);
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire) = (tag >> 3, tag & 7);
+        if field == 2 && wire == 2 {
+            let path = input.read_string().ok()?;
+            return (!path.is_empty()).then(|| PathBuf::from(path));
+        }
+        let wire_type = protobuf::rt::WireType::new(wire)?;
+        input.skip_field(wire_type).ok()?;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_path_is_read_from_runtime_options() {
+        // type_url = "x" (field 1), config_path = "/tmp/k.toml" (field 2)
+        let mut bytes = vec![0x0a, 1, b'x', 0x12, 11];
+        bytes.extend_from_slice(b"/tmp/k.toml");
+        assert_eq!(
+            runtime_options_config_path("runtimeoptions.v1.Options", &bytes),
+            Some(PathBuf::from("/tmp/k.toml"))
+        );
+        assert_eq!(
+            runtime_options_config_path("containerd.runc.v1.Options", &bytes),
+            None
+        );
+        assert_eq!(
+            runtime_options_config_path("runtimeoptions.v1.Options", &[0x0a, 1, b'x']),
+            None
+        );
+    }
 
     #[test]
     fn an_empty_file_gives_the_defaults() {

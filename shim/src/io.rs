@@ -78,7 +78,7 @@ impl Sink {
         }
         let path = local_path(uri).map_err(err)?;
         let meta = std::fs::metadata(path);
-        if meta.as_ref().map(|m| is_fifo(m)).unwrap_or(false) {
+        if meta.as_ref().map(is_fifo).unwrap_or(false) {
             // Read-write never blocks and never fails for want of a reader.
             let tx = pipe::OpenOptions::new()
                 .read_write(true)

@@ -180,6 +180,9 @@ impl Sandbox {
             kernel: config.kernel_path.clone(),
             initrd: config.initrd_path.clone(),
             kernel_params: config.kernel_params.clone(),
+            tsc_khz: vm::host_tsc_khz(
+                &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+            ),
             qemu_sandbox: config.qemu_sandbox,
             channel: AgentChannel::Serial(agent_socket.clone()),
             virtiofs_socket: vfs_socket,
@@ -361,10 +364,22 @@ async fn connect_agent(
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     let ping = PingRequest::new();
     let info = tokio::select! {
-        r = agent.ping(ctx(Some(remaining)), &ping) => {
-            r.map_err(|e| format!("no answer from the guest agent within {timeout:?}: {e}"))?
-        }
+        r = agent.ping(ctx(Some(remaining)), &ping) => r,
         _ = exited.wait_for(|e| *e) => return Err(format!("QEMU exited: {}", stderr_text(qemu_stderr))),
+    };
+    let info = match info {
+        Ok(info) => info,
+        Err(e) => {
+            // A connection that breaks usually means QEMU is going: say why it went.
+            let gone = tokio::time::timeout(Duration::from_secs(1), exited.wait_for(|e| *e)).await;
+            if gone.is_ok() {
+                return Err(format!("QEMU exited: {}", stderr_text(qemu_stderr)));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("no answer from the guest agent within {timeout:?}"));
+            }
+            return Err(format!("guest agent: {e}"));
+        }
     };
     Ok((agent, info))
 }
@@ -448,7 +463,7 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && i + 3 < bytes.len() + 0
+            && i + 3 < bytes.len()
             && bytes[i + 1..i + 4]
                 .iter()
                 .all(|b| (b'0'..=b'7').contains(b))

@@ -52,6 +52,40 @@ fn init_logging(config: &ShimConfig, serving: bool, debug: bool) {
     };
 }
 
+/// Kills the serving shim of container `id`, if one runs (never this process).
+fn kill_serving_shim(id: &str) {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if pid == me || pid.parse::<i32>().is_err() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"containerd-shim-kite-v2"));
+        let serves = args.iter().any(|a| *a == b"-socket");
+        let for_id = args
+            .windows(2)
+            .any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
+        if is_shim && serves && for_id {
+            warn!(container = %id, pid = %pid, "killing the shim containerd gave up on");
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Shim for KiteShim {
     type T = KiteTask;
@@ -85,11 +119,16 @@ impl Shim for KiteShim {
             .map(|spec| rootfs::sandbox_id(&opts.id, &spec))
             .unwrap_or_else(|| opts.id.clone());
         let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd reads the bundle's `address` file to reconnect after it restarts; without
+        // it a restarted containerd takes the shim for dead and deletes its task.
+        containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
         Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
-        // containerd calls this when the shim died: release whatever it left.
+        // containerd calls this when it takes the shim for dead: release whatever it left,
+        // the serving shim itself included if it still runs.
+        kill_serving_shim(&self.id);
         let own = Sandbox::dir_for(&self.config, &self.id);
         if own.exists() {
             warn!(sandbox = %self.id, "cleaning up after a dead shim");

@@ -207,6 +207,7 @@ impl KiteTask {
     /// Boots the sandbox for the first container; later containers (of a pod) join it.
     async fn ensure_sandbox(
         &self,
+        config: &ShimConfig,
         sandbox_id: &str,
         spec: &oci_spec::runtime::Spec,
     ) -> TtrpcResult<(Arc<Sandbox>, bool)> {
@@ -220,7 +221,7 @@ impl KiteTask {
                 format!("sandbox {}: the VM has exited", sb.id),
             ));
         }
-        let sb = Sandbox::boot(&self.config, sandbox_id, Some(spec))
+        let sb = Sandbox::boot(config, sandbox_id, Some(spec))
             .await
             .map_err(|e| err(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
         let sb = Arc::new(sb);
@@ -321,7 +322,25 @@ impl KiteTask {
             ));
         }
         let sandbox_id = rootfs::sandbox_id(&cid, &spec);
-        let (sandbox, booted_here) = self.ensure_sandbox(&sandbox_id, &spec).await?;
+        // A container may name its own kite configuration (the runtime's ConfigPath option).
+        let config_path = req
+            .options
+            .as_ref()
+            .and_then(|o| crate::config::runtime_options_config_path(&o.type_url, &o.value));
+        let config = match config_path {
+            Some(path) => ShimConfig {
+                // State must stay where `shim delete` looks for it after a crash.
+                state_dir: self.config.state_dir.clone(),
+                ..ShimConfig::load_from(&path).map_err(|e| {
+                    err(
+                        ttrpc::Code::INVALID_ARGUMENT,
+                        format!("container {cid}: {e}"),
+                    )
+                })?
+            },
+            None => self.config.clone(),
+        };
+        let (sandbox, booted_here) = self.ensure_sandbox(&config, &sandbox_id, &spec).await?;
         let result = self.create_in(&sandbox, req, &bundle, &mut spec).await;
         if result.is_err() {
             rootfs::release(&sandbox.container_dir(&cid));

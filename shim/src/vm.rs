@@ -66,6 +66,20 @@ pub fn kvm_usable(cpuinfo: &str) -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm does not open: {e}"))
 }
 
+/// The host's TSC frequency in kHz, from /proc/cpuinfo's "cpu MHz" (the kernel reports the
+/// TSC rate there on hosts without frequency scaling, which is where TCG guests run).
+pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
 pub fn choose_accelerator(choice: AcceleratorChoice) -> Result<Accelerator, VmError> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     match (choice, kvm_usable(&cpuinfo)) {
@@ -99,6 +113,8 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub kernel_params: String,
+    /// The host's TSC frequency, handed to a TCG guest so it need not calibrate.
+    pub tsc_khz: Option<u64>,
     pub qemu_sandbox: bool,
     pub channel: AgentChannel,
     pub virtiofs_socket: PathBuf,
@@ -147,11 +163,18 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
         "i8042.dumbkbd",
         "cryptomgr.notests",
     ];
+    let tsc;
     if spec.accelerator == Accelerator::Tcg {
-        // Under TCG the kernel's delay-loop and TSC calibration can hang (about one boot in
-        // three on microvm): a preset loops-per-jiffy skips the calibration, and the TSC is
-        // trusted instead of being watched against a timer that TCG runs slowly.
-        words.extend(["lpj=4000000", "tsc=reliable", "no_timer_check"]);
+        // Under TCG the guest's TSC calibration against the PIT fails now and then (TCG runs
+        // the PIT unevenly); microvm has no HPET or PM timer to fall back on, so the kernel
+        // marks the TSC unstable and hangs calibrating the APIC timer (about one boot in three).
+        // A TCG guest's TSC is the host's, so its frequency is known: handing it over skips
+        // the calibration. lpj skips the delay-loop calibration for the same reason.
+        words.extend(["tsc=reliable", "no_timer_check", "lpj=4000000"]);
+        if let Some(khz) = spec.tsc_khz {
+            tsc = format!("tsc_early_khz={khz}");
+            words.push(&tsc);
+        }
     }
     if matches!(spec.channel, AgentChannel::Vsock(_)) {
         words.push("kite.channel=vsock");
@@ -347,6 +370,7 @@ mod tests {
             kernel: "/k".into(),
             initrd: "/i".into(),
             kernel_params: " debug ".into(),
+            tsc_khz: Some(2_445_406),
             qemu_sandbox: true,
             channel,
             virtiofs_socket: "/s/vfs.sock".into(),
@@ -355,6 +379,13 @@ mod tests {
             guest_log: "/s/guest.log".into(),
             pid_file: "/s/qemu.pid".into(),
         }
+    }
+
+    #[test]
+    fn tsc_frequency_comes_from_cpuinfo() {
+        let cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2445.406\nflags\t: fpu\n";
+        assert_eq!(host_tsc_khz(cpuinfo), Some(2_445_406));
+        assert_eq!(host_tsc_khz("processor : 0\n"), None);
     }
 
     #[test]
@@ -381,6 +412,7 @@ mod tests {
         assert!(joined.contains("-sandbox on"));
         let cmdline = kernel_cmdline(&s);
         assert!(cmdline.contains("lpj=") && cmdline.contains("tsc=reliable"));
+        assert!(cmdline.contains("tsc_early_khz=2445406"));
         assert!(cmdline.ends_with(" debug"));
     }
 
@@ -394,7 +426,7 @@ mod tests {
         assert!(joined.contains("vhost-vsock-pci,guest-cid=77"));
         assert!(!joined.contains("name=kite.agent"));
         let cmdline = kernel_cmdline(&s);
-        assert!(!cmdline.contains("lpj="));
+        assert!(!cmdline.contains("lpj=") && !cmdline.contains("tsc_early_khz"));
         assert!(cmdline.contains("kite.channel=vsock"));
     }
 

@@ -1,0 +1,201 @@
+//! Helpers for kite's end-to-end tests: they drive the real containerd (`ctr`), real QEMU VMs
+//! and the local registry that `hack/setup.sh` installs and starts. A missing piece fails the
+//! test with the reason; nothing is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RUNTIME: &str = "io.containerd.kite.v2";
+pub const IMAGE: &str = "127.0.0.1:5000/kite/busybox:latest";
+pub const STATE_DIR: &str = "/run/kite/sandboxes";
+
+/// Fails with the reason when the environment is not set up.
+pub fn require_setup() {
+    let ok = Command::new("ctr")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "containerd is not running: run hack/setup.sh (or hack/test.sh) first"
+    );
+    for path in [
+        "/usr/local/bin/containerd-shim-kite-v2",
+        "/var/lib/kite/guest/vmlinuz",
+        "/var/lib/kite/guest/initrd.img",
+        "/usr/local/bin/virtiofsd",
+    ] {
+        assert!(
+            Path::new(path).exists(),
+            "{path} is missing: run hack/setup.sh first"
+        );
+    }
+    let pulled = ctr(&["images", "pull", "--plain-http", IMAGE]);
+    assert!(
+        pulled.status.success(),
+        "pull {IMAGE}: {}",
+        text(&pulled.stderr)
+    );
+}
+
+/// A container id unique to this test run.
+pub fn unique_id(name: &str) -> String {
+    format!("e2e-{name}-{}", std::process::id())
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn ctr(args: &[&str]) -> Output {
+    Command::new("ctr").args(args).output().expect("run ctr")
+}
+
+/// `ctr run --rm --runtime kite IMAGE ID ARGS…` with `stdin` fed in.
+pub fn run(id: &str, extra: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new("ctr");
+    cmd.args(["run", "--rm", "--runtime", RUNTIME])
+        .args(extra)
+        .args([IMAGE, id])
+        .args(args);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run ctr");
+    if let Some(data) = stdin {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(data).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for ctr")
+}
+
+/// Starts a detached container running `args`.
+pub fn run_detached(id: &str, extra: &[&str], args: &[&str]) {
+    let mut all = vec!["run", "-d", "--runtime", RUNTIME];
+    all.extend_from_slice(extra);
+    all.extend_from_slice(&[IMAGE, id]);
+    all.extend_from_slice(args);
+    let out = ctr(&all);
+    assert!(
+        out.status.success(),
+        "ctr run -d {id}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// The task's status as `ctr task ls` shows it (RUNNING, STOPPED, …), if it exists.
+pub fn task_status(id: &str) -> Option<String> {
+    let out = ctr(&["task", "ls"]);
+    text(&out.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes a container and its task whatever state they are in.
+pub fn force_remove(id: &str) {
+    let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    let _ = wait_for_stopped(id, Duration::from_secs(20));
+    let _ = ctr(&["task", "delete", id]);
+    let _ = ctr(&["container", "delete", id]);
+}
+
+fn wait_for_stopped(id: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        match task_status(id).as_deref() {
+            None | Some("STOPPED") => return true,
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    false
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.parse::<u32>().is_err() || name == std::process::id().to_string() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.starts_with("ctr ") {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// What a sandbox `id` left behind: processes (QEMU, virtiofsd, shim), mounts, state.
+pub fn leftovers(id: &str) -> Vec<String> {
+    let dir: PathBuf = Path::new(STATE_DIR).join(id);
+    let marker = dir.display().to_string();
+    let mut left = processes_mentioning(&marker);
+    left.extend(
+        processes_mentioning(&format!("-id {id} "))
+            .into_iter()
+            .filter(|p| p.contains("containerd-shim-kite-v2")),
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&marker) || l.contains(&format!("/{id}/rootfs")))
+            .map(|l| format!("mount: {l}")),
+    );
+    if dir.exists() {
+        left.push(format!("state dir {marker}"));
+    }
+    left
+}
+
+/// Asserts that nothing of sandbox `id` is left (waiting a little for the shim to go).
+pub fn assert_no_leaks(id: &str) {
+    let start = Instant::now();
+    loop {
+        let left = leftovers(id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "sandbox {id} leaked:\n{}",
+            left.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Writes a kite.toml for one test (used with `--runtime-config-path`).
+pub fn write_config(name: &str, shim_section: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kite-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create config dir");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, format!("[shim]\n{shim_section}\n")).expect("write config");
+    path
+}
