@@ -57,7 +57,8 @@ fi
 
 # 6. The sample image, in the registry.
 ref=127.0.0.1:5000/kite/busybox:latest
-if ! curl -fsS http://127.0.0.1:5000/v2/kite/busybox/manifests/latest >/dev/null 2>&1; then
+if ! curl -fsS -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+     http://127.0.0.1:5000/v2/kite/busybox/manifests/latest >/dev/null 2>&1; then
   log "pushing the sample image $ref"
   tmp=$(mktemp -d)
   python3 "$here/hack/mkimage.py" "$tmp/busybox.tar" "$ref" >/dev/null

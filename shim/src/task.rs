@@ -138,6 +138,11 @@ struct Container {
     bundle: String,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// Create's time spent in the shim, and the sandbox's boot if this create booted it.
+    create_time: Duration,
+    /// Of `create_time`, what the guest agent took.
+    guest_create: Duration,
+    boot: Option<crate::sandbox::BootTiming>,
 }
 
 /// The shim's task service: the containers of one sandbox (one VM).
@@ -340,8 +345,13 @@ impl KiteTask {
             },
             None => self.config.clone(),
         };
+        let started = std::time::Instant::now();
         let (sandbox, booted_here) = self.ensure_sandbox(&config, &sandbox_id, &spec).await?;
-        let result = self.create_in(&sandbox, req, &bundle, &mut spec).await;
+        let boot = booted_here.then_some(sandbox.timing);
+        let boot_time = started.elapsed();
+        let result = self
+            .create_in(&sandbox, req, &bundle, &mut spec, boot, boot_time)
+            .await;
         if result.is_err() {
             rootfs::release(&sandbox.container_dir(&cid));
             if booted_here {
@@ -357,7 +367,10 @@ impl KiteTask {
         req: &api::CreateTaskRequest,
         bundle: &Path,
         spec: &mut oci_spec::runtime::Spec,
+        boot: Option<crate::sandbox::BootTiming>,
+        boot_time: Duration,
     ) -> TtrpcResult<u32> {
+        let started = std::time::Instant::now();
         let cid = req.id.clone();
         let cdir = sandbox.container_dir(&cid);
         rootfs::prepare(&cid, &cdir, bundle, &req.rootfs, spec)
@@ -374,6 +387,7 @@ impl KiteTask {
                 format!("container {cid}: encode spec: {e}"),
             )
         })?;
+        let agent_started = std::time::Instant::now();
         let created = sandbox
             .agent()
             .create_container(
@@ -389,6 +403,7 @@ impl KiteTask {
             )
             .await
             .map_err(|e| agent_err(format!("container {cid}: create"), e))?;
+        let guest_create = agent_started.elapsed();
         let init = Arc::new(Proc::new(&cid, "", stdio.clone(), None));
         init.set(|s| s.pid = created.pid);
         match Relays::start(sandbox.agent(), &cid, "", &stdio).await {
@@ -417,10 +432,34 @@ impl KiteTask {
                 bundle: req.bundle.clone(),
                 init,
                 execs: Mutex::new(HashMap::new()),
+                create_time: started.elapsed() + boot.map_or(boot_time, |_| Duration::ZERO),
+                guest_create,
+                boot,
             }),
         );
         Ok(created.pid)
     }
+}
+
+/// One line per container start with the stages it went through (read by hack/ scripts).
+fn log_timings(c: &Container, start: Duration, guest_start: Duration) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let b = c.boot.unwrap_or_default();
+    info!(
+        container = %c.id,
+        booted = c.boot.is_some(),
+        virtiofsd_ms = ms(b.virtiofsd),
+        vm_boot_ms = ms(b.vm_to_agent),
+        guest_kernel_ms = ms(b.guest_kernel),
+        guest_agent_ms = ms(b.guest_agent),
+        create_ms = ms(c.create_time),
+        guest_create_ms = ms(c.guest_create),
+        start_ms = ms(start),
+        guest_start_ms = ms(guest_start),
+        // The shim's own time: create and start less what the guest agent took.
+        shim_own_ms = ms((c.create_time + start).saturating_sub(c.guest_create + guest_start)),
+        "kite-timings"
+    );
 }
 
 async fn publish(
@@ -508,6 +547,7 @@ impl Task for KiteTask {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        let start_time = std::time::Instant::now();
         let (c, p) = self.process(&req.id, &req.exec_id).await?;
         let sandbox = self.sandbox().await?;
         if p.state().status != Status::CREATED {
@@ -516,6 +556,7 @@ impl Task for KiteTask {
                 format!("{} is not in the created state", p.name()),
             ));
         }
+        let agent_started = std::time::Instant::now();
         let pid = if req.exec_id.is_empty() {
             sandbox
                 .agent()
@@ -556,6 +597,7 @@ impl Task for KiteTask {
             *p.relays.lock().await = Some(relays);
             started.pid
         };
+        let guest_start = agent_started.elapsed();
         p.set(|s| {
             s.status = Status::RUNNING;
             s.pid = pid;
@@ -580,6 +622,9 @@ impl Task for KiteTask {
                 .await;
         }
         info!(pid, "{} started", p.name());
+        if req.exec_id.is_empty() {
+            log_timings(&c, start_time.elapsed(), guest_start);
+        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
