@@ -79,14 +79,18 @@ pub fn run() -> ! {
 
 fn boot_and_serve(started_ns: u64, sink: LogSink) -> anyhow::Result<()> {
     use anyhow::Context;
+    let ms = |from: u64| (boot::monotonic_ns().saturating_sub(from)) as f64 / 1e6;
     boot::mount_kernel_filesystems()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let t_modules = boot::monotonic_ns();
     let loaded = boot::load_modules(&cmdline)?;
+    let modules_ms = ms(t_modules);
     if let Ok(port) = channel::wait_for_port(LOG_PORT_NAME, Duration::from_millis(500)) {
         if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&port) {
             *sink.0.lock().expect("log sink lock") = Some(file);
         }
     }
+    let t_share = boot::monotonic_ns();
     boot::mount_share(
         kite_protocol::SHARE_TAG,
         kite_protocol::GUEST_SHARE_DIR,
@@ -103,7 +107,13 @@ fn boot_and_serve(started_ns: u64, sink: LogSink) -> anyhow::Result<()> {
             Duration::from_secs(5),
         )?)
     };
-    info!(modules = loaded, "booted");
+    info!(
+        modules = loaded,
+        modules_ms,
+        share_and_port_ms = ms(t_share),
+        since_pid1_ms = ms(started_ns),
+        "booted"
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

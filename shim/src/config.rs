@@ -36,6 +36,16 @@ pub enum AcceleratorChoice {
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
+pub enum ChannelChoice {
+    /// vsock when the host has /dev/vhost-vsock, virtio-serial otherwise.
+    #[default]
+    Auto,
+    Serial,
+    Vsock,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum MachineType {
     /// QEMU's microvm machine (virtio-mmio): fewest devices, fastest boot.
     #[default]
@@ -53,6 +63,8 @@ pub struct ShimConfig {
     pub initrd_path: PathBuf,
     pub accelerator: AcceleratorChoice,
     pub machine: MachineType,
+    /// How the shim reaches the guest agent.
+    pub agent_channel: ChannelChoice,
     /// vCPUs of a VM before the pod's CPU limit is added.
     pub default_vcpus: u32,
     /// Memory of a VM (MiB) before the pod's memory limit is added.
@@ -80,6 +92,7 @@ impl Default for ShimConfig {
             initrd_path: "/var/lib/kite/guest/initrd.img".into(),
             accelerator: AcceleratorChoice::Auto,
             machine: MachineType::Microvm,
+            agent_channel: ChannelChoice::Auto,
             default_vcpus: 1,
             default_memory_mib: 256,
             max_vcpus: 8,

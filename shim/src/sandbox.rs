@@ -167,9 +167,19 @@ impl Sandbox {
         }
         let virtiofsd_time = started.elapsed();
 
+        let channel = vm::choose_channel(config.agent_channel, std::process::id())?;
         let agent_socket = dir.join("agent.sock");
-        let listener = tokio::net::UnixListener::bind(&agent_socket)
-            .map_err(fs_err("listen on", &agent_socket))?;
+        let listener = match &channel {
+            AgentChannel::Serial(_) => Some(
+                tokio::net::UnixListener::bind(&agent_socket)
+                    .map_err(fs_err("listen on", &agent_socket))?,
+            ),
+            AgentChannel::Vsock(_) => None,
+        };
+        let channel = match channel {
+            AgentChannel::Serial(_) => AgentChannel::Serial(agent_socket.clone()),
+            vsock => vsock,
+        };
         let (vcpus, memory_mib) = vm::size_for(config, oci);
         let spec = VmSpec {
             sandbox_id: id.to_string(),
@@ -184,7 +194,7 @@ impl Sandbox {
                 &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
             ),
             qemu_sandbox: config.qemu_sandbox,
-            channel: AgentChannel::Serial(agent_socket.clone()),
+            channel: channel.clone(),
             virtiofs_socket: vfs_socket,
             qmp_socket: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
@@ -224,6 +234,7 @@ impl Sandbox {
         let kill_all = || kill_pids(&[qemu_pid, virtiofsd_pid]);
         let connected = connect_agent(
             listener,
+            &channel,
             vm_exited.clone(),
             config.boot_timeout(),
             &qemu_stderr,
@@ -345,22 +356,55 @@ fn stderr_text(buf: &Mutex<String>) -> String {
 /// The guest reads the request once its agent opens the port, so one request with the boot
 /// deadline is the whole handshake.
 async fn connect_agent(
-    listener: tokio::net::UnixListener,
+    listener: Option<tokio::net::UnixListener>,
+    channel: &AgentChannel,
     mut exited: watch::Receiver<bool>,
     timeout: Duration,
     qemu_stderr: &Mutex<String>,
 ) -> Result<(AgentClient, kite_protocol::agent::PingResponse), String> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let stream = tokio::select! {
-        accepted = listener.accept() => accepted.map(|(s, _)| s).map_err(|e| e.to_string())?,
-        _ = exited.wait_for(|e| *e) => return Err(format!("QEMU exited: {}", stderr_text(qemu_stderr))),
-        _ = tokio::time::sleep_until(deadline) => return Err("QEMU never connected to the agent socket".into()),
+    let client = match (listener, channel) {
+        (Some(listener), _) => {
+            let stream = tokio::select! {
+                accepted = listener.accept() => accepted.map(|(s, _)| s).map_err(|e| e.to_string())?,
+                _ = exited.wait_for(|e| *e) => return Err(format!("QEMU exited: {}", stderr_text(qemu_stderr))),
+                _ = tokio::time::sleep_until(deadline) => return Err("QEMU never connected to the agent socket".into()),
+            };
+            let fd = stream
+                .into_std()
+                .map_err(|e| format!("agent socket: {e}"))?
+                .into_raw_fd();
+            ttrpc::r#async::Client::new(fd)
+        }
+        (None, AgentChannel::Vsock(cid)) => {
+            // The guest listens once its agent runs: retry until then.
+            let addr = format!("vsock://{cid}:{}", kite_protocol::VSOCK_PORT);
+            loop {
+                let attempt = addr.clone();
+                let connected =
+                    tokio::task::spawn_blocking(move || ttrpc::r#async::Client::connect(&attempt))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                match connected {
+                    Ok(client) => break client,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(format!("no guest agent on {addr} within {timeout:?}: {e}"))
+                    }
+                    Err(_) if *exited.borrow() => {
+                        return Err(format!("QEMU exited: {}", stderr_text(qemu_stderr)))
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }
+        (None, AgentChannel::Serial(path)) => {
+            return Err(format!(
+                "no listener for the agent socket {}",
+                path.display()
+            ))
+        }
     };
-    let fd = stream
-        .into_std()
-        .map_err(|e| format!("agent socket: {e}"))?
-        .into_raw_fd();
-    let agent = AgentClient::new(ttrpc::r#async::Client::new(fd));
+    let agent = AgentClient::new(client);
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     let ping = PingRequest::new();
     let info = tokio::select! {

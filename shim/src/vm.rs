@@ -7,7 +7,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 use tracing::warn;
 
-use crate::config::{AcceleratorChoice, MachineType, ShimConfig};
+use crate::config::{AcceleratorChoice, ChannelChoice, MachineType, ShimConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accelerator {
@@ -28,6 +28,8 @@ impl Accelerator {
 pub enum VmError {
     #[error("accelerator kvm was configured but {0}")]
     NoKvm(String),
+    #[error("agent_channel vsock was configured but /dev/vhost-vsock does not exist")]
+    NoVsock,
     #[error("sandbox {sandbox}: {what} {path} is missing (run hack/setup.sh)")]
     Missing {
         sandbox: String,
@@ -100,6 +102,27 @@ pub enum AgentChannel {
     Serial(PathBuf),
     /// vhost-vsock with this guest CID.
     Vsock(u32),
+}
+
+/// Picks the agent channel: vsock when configured or (auto) when the host has vhost-vsock,
+/// virtio-serial otherwise. A vsock guest's CID is derived from the shim's pid, which no other
+/// live shim has.
+pub fn choose_channel(choice: ChannelChoice, shim_pid: u32) -> Result<AgentChannel, VmError> {
+    channel_for(choice, Path::new("/dev/vhost-vsock").exists(), shim_pid)
+}
+
+fn channel_for(
+    choice: ChannelChoice,
+    has_vsock: bool,
+    shim_pid: u32,
+) -> Result<AgentChannel, VmError> {
+    let cid = 1000 + shim_pid;
+    match choice {
+        ChannelChoice::Serial => Ok(AgentChannel::Serial(PathBuf::new())),
+        ChannelChoice::Auto if !has_vsock => Ok(AgentChannel::Serial(PathBuf::new())),
+        ChannelChoice::Vsock if !has_vsock => Err(VmError::NoVsock),
+        ChannelChoice::Auto | ChannelChoice::Vsock => Ok(AgentChannel::Vsock(cid)),
+    }
 }
 
 /// Everything that decides a VM's QEMU command line.
@@ -379,6 +402,21 @@ mod tests {
             guest_log: "/s/guest.log".into(),
             pid_file: "/s/qemu.pid".into(),
         }
+    }
+
+    #[test]
+    fn vsock_is_used_where_the_host_has_it() {
+        let serial = AgentChannel::Serial(PathBuf::new());
+        assert_eq!(channel_for(ChannelChoice::Auto, false, 7).unwrap(), serial);
+        assert_eq!(
+            channel_for(ChannelChoice::Auto, true, 7).unwrap(),
+            AgentChannel::Vsock(1007)
+        );
+        assert_eq!(channel_for(ChannelChoice::Serial, true, 7).unwrap(), serial);
+        assert!(matches!(
+            channel_for(ChannelChoice::Vsock, false, 7),
+            Err(VmError::NoVsock)
+        ));
     }
 
     #[test]

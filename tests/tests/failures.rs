@@ -170,3 +170,30 @@ fn killing_the_shim_is_cleaned_up_by_delete() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_no_leaks(&id);
 }
+
+#[test]
+fn an_unknown_exec_user_is_a_clear_error() {
+    require_setup();
+    let id = unique_id("baduser");
+    run_detached(&id, &[], &["sleep", "1000"]);
+    wait_until("task running", Duration::from_secs(60), || {
+        task_status(&id).as_deref() == Some("RUNNING")
+    });
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "u",
+        "--user",
+        "nosuchuser",
+        &id,
+        "id",
+    ]);
+    // containerd resolves user names against the image before the runtime sees the process;
+    // the failure must leave the running container unharmed.
+    assert_fails_with(&out, &["no users found"]);
+    let ok = ctr(&["task", "exec", "--exec-id", "ok", &id, "true"]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    force_remove(&id);
+    assert_no_leaks(&id);
+}

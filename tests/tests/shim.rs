@@ -186,9 +186,13 @@ fn exec_runs_in_the_same_container() {
 fn a_tty_is_a_pty_in_the_guest() {
     require_setup();
     let id = unique_id("tty");
-    // ctr needs a terminal of its own for -t: script(1) gives it one.
-    let cmd =
-        format!("ctr run --rm -t --runtime {RUNTIME} {IMAGE} {id} sh -c 'tty; stty size; exit 4'");
+    // ctr needs a terminal of its own for -t: script(1) gives it one. The outer terminal's
+    // size (set inside script's pty) must reach the guest's pty; ctr resizes after Start (as
+    // with runc), hence the pause before reading it.
+    let cmd = format!(
+        "stty cols 123 rows 45; \
+         ctr run --rm -t --runtime {RUNTIME} {IMAGE} {id} sh -c 'tty; sleep 1; stty size; exit 4'"
+    );
     let out = std::process::Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
         .stdin(std::process::Stdio::null())
@@ -196,6 +200,10 @@ fn a_tty_is_a_pty_in_the_guest() {
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(stdout.contains("/dev/pts/"), "{stdout}");
+    assert!(
+        stdout.contains("45 123"),
+        "terminal size not passed on: {stdout}"
+    );
     assert_eq!(out.status.code(), Some(4), "{stdout}");
     assert_no_leaks(&id);
 }
@@ -285,5 +293,73 @@ fn exec_takes_its_own_user() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "65534\n");
     force_remove(&id);
+    assert_no_leaks(&id);
+}
+
+#[test]
+fn kill_all_reaches_every_process() {
+    require_setup();
+    let id = unique_id("killall");
+    let child = std::process::Command::new("ctr")
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            &id,
+            "sh",
+            "-c",
+            "sleep 1000 & sleep 1000; wait",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("task running", Duration::from_secs(60), || {
+        task_status(&id).as_deref() == Some("RUNNING")
+    });
+    let out = ctr(&["task", "kill", "--all", "-s", "SIGKILL", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(137), "{}", text(&done.stderr));
+    assert_no_leaks(&id);
+}
+
+#[test]
+fn an_oom_kill_is_reported() {
+    require_setup();
+    let id = unique_id("oom");
+    let mut events = std::process::Command::new("ctr")
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tail keeps the whole newline-free input: far more than the 32 MiB limit.
+    let out = run(
+        &id,
+        &["--memory-limit", "33554432"],
+        &[
+            "sh",
+            "-c",
+            "head -c 200000000 /dev/zero | tail; echo survived",
+        ],
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = events.kill();
+    let seen = events.wait_with_output().unwrap();
+    // Only the greedy process is killed; the container's init goes on.
+    assert!(
+        text(&out.stdout).contains("survived"),
+        "{}",
+        text(&out.stderr)
+    );
+    let log = text(&seen.stdout);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains(&id)),
+        "no OOM event for {id}:\n{log}"
+    );
     assert_no_leaks(&id);
 }
