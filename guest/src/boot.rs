@@ -112,9 +112,13 @@ pub fn mount_kernel_filesystems() -> Result<(), BootError> {
     Ok(())
 }
 
-/// Loads the modules listed in the initrd. Returns how many were loaded.
-pub fn load_modules(cmdline: &str) -> Result<usize, BootError> {
-    Ok(modules::load_all(Path::new(MODULE_LIST), Path::new(MODULE_BASE), cmdline)?.len())
+/// Loads the modules listed in the initrd. Returns each one's name and load time (ms).
+pub fn load_modules(cmdline: &str) -> Result<Vec<(String, f64)>, BootError> {
+    Ok(modules::load_all(
+        Path::new(MODULE_LIST),
+        Path::new(MODULE_BASE),
+        cmdline,
+    )?)
 }
 
 /// Mounts the virtio-fs share `tag` on `target`. The device may still be probing right after

@@ -107,8 +107,9 @@ fn boot_and_serve(started_ns: u64, sink: LogSink) -> anyhow::Result<()> {
             Duration::from_secs(5),
         )?)
     };
+    let per_module: Vec<String> = loaded.iter().map(|(m, t)| format!("{m}:{t:.0}")).collect();
     info!(
-        modules = loaded,
+        modules = %per_module.join(","),
         modules_ms,
         share_and_port_ms = ms(t_share),
         since_pid1_ms = ms(started_ns),

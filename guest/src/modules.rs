@@ -50,32 +50,51 @@ pub fn params_for(cmdline: &str, module: &str) -> String {
         .join(" ")
 }
 
-/// Parses a `modules.load` list: one path per line (relative to `base`), `#` comments.
-pub fn parse_load_list(text: &str, base: &Path) -> Vec<PathBuf> {
+/// Parses a `modules.load` list: one `GROUP PATH` per line (path relative to `base`), `#`
+/// comments. Keeps the modules of the `wanted` groups (all when `wanted` is `None`), in order.
+pub fn parse_load_list(text: &str, base: &Path, wanted: Option<&[&str]>) -> Vec<PathBuf> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| base.join(l.trim_start_matches('/')))
+        .filter_map(|l| {
+            let (group, path) = l.split_once(' ').unwrap_or(("", l));
+            let keep = wanted.is_none_or(|w| group.is_empty() || w.contains(&group));
+            keep.then(|| base.join(path.trim().trim_start_matches('/')))
+        })
         .collect()
 }
 
+/// The module groups the kernel command line asks for (`kite.modules=a,b`); `None`: all.
+pub fn wanted_groups(cmdline: &str) -> Option<Vec<&str>> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kite.modules="))
+        .map(|v| v.split(',').filter(|g| !g.is_empty()).collect())
+}
+
 /// Loads every module of the list in order; a module that is already loaded (or built in) is
-/// skipped. Returns the names it loaded.
-pub fn load_all(list: &Path, base: &Path, cmdline: &str) -> Result<Vec<String>, ModuleError> {
+/// skipped. Returns the names it loaded, each with the time its load took (ms).
+pub fn load_all(
+    list: &Path,
+    base: &Path,
+    cmdline: &str,
+) -> Result<Vec<(String, f64)>, ModuleError> {
     let text = std::fs::read_to_string(list).map_err(|source| ModuleError::List {
         path: list.to_path_buf(),
         source,
     })?;
     let mut loaded = Vec::new();
-    for path in parse_load_list(&text, base) {
+    let wanted = wanted_groups(cmdline);
+    for path in parse_load_list(&text, base, wanted.as_deref()) {
         let name = module_name(&path);
         let file = File::open(&path).map_err(|source| ModuleError::Open {
             path: path.clone(),
             source,
         })?;
         let params = CString::new(params_for(cmdline, &name)).unwrap_or_default();
+        let started = std::time::Instant::now();
         match finit_module(&file, &params, ModuleInitFlags::empty()) {
-            Ok(()) => loaded.push(name),
+            Ok(()) => loaded.push((name, started.elapsed().as_secs_f64() * 1000.0)),
             Err(Errno::EEXIST) => {}
             Err(source) => return Err(ModuleError::Load { path, source }),
         }
@@ -107,15 +126,25 @@ mod tests {
     }
 
     #[test]
-    fn load_list_keeps_order_and_skips_comments() {
-        let list = "# generated\nkernel/drivers/virtio/virtio_ring.ko\n\n/kernel/drivers/virtio/virtio.ko\n";
-        let got = parse_load_list(list, Path::new("/lib/modules/k"));
+    fn load_list_keeps_order_and_the_wanted_groups() {
+        let list = "# generated\ncore kernel/virtio_ring.ko\n\ncore /kernel/virtio.ko\n\
+                    pci kernel/virtio_pci.ko\nmmio kernel/virtio_mmio.ko\nkernel/fuse.ko\n";
+        let base = Path::new("/m");
+        let all = parse_load_list(list, base, None);
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[1], PathBuf::from("/m/kernel/virtio.ko"));
+        let cmdline = "quiet kite.modules=core,mmio";
+        let wanted = wanted_groups(cmdline).unwrap();
+        let some = parse_load_list(list, base, Some(&wanted));
         assert_eq!(
-            got,
+            some,
             vec![
-                PathBuf::from("/lib/modules/k/kernel/drivers/virtio/virtio_ring.ko"),
-                PathBuf::from("/lib/modules/k/kernel/drivers/virtio/virtio.ko"),
+                PathBuf::from("/m/kernel/virtio_ring.ko"),
+                PathBuf::from("/m/kernel/virtio.ko"),
+                PathBuf::from("/m/kernel/virtio_mmio.ko"),
+                PathBuf::from("/m/kernel/fuse.ko"),
             ]
         );
+        assert_eq!(wanted_groups("quiet"), None);
     }
 }

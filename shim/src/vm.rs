@@ -199,9 +199,22 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
             words.push(&tsc);
         }
     }
+    // The module groups of the guest initrd this VM needs (hack/build-guest.sh).
+    let mut groups = vec![
+        "core",
+        match spec.machine {
+            MachineType::Microvm => "mmio",
+            MachineType::Pc => "pci",
+        },
+        "console",
+        "fs",
+    ];
     if matches!(spec.channel, AgentChannel::Vsock(_)) {
         words.push("kite.channel=vsock");
+        groups.push("vsock");
     }
+    let modules = format!("kite.modules={}", groups.join(","));
+    words.push(&modules);
     let mut line = words.join(" ");
     if !spec.kernel_params.trim().is_empty() {
         line.push(' ');
@@ -451,6 +464,7 @@ mod tests {
         let cmdline = kernel_cmdline(&s);
         assert!(cmdline.contains("lpj=") && cmdline.contains("tsc=reliable"));
         assert!(cmdline.contains("tsc_early_khz=2445406"));
+        assert!(cmdline.contains("kite.modules=core,mmio,console,fs "));
         assert!(cmdline.ends_with(" debug"));
     }
 
@@ -466,6 +480,7 @@ mod tests {
         let cmdline = kernel_cmdline(&s);
         assert!(!cmdline.contains("lpj=") && !cmdline.contains("tsc_early_khz"));
         assert!(cmdline.contains("kite.channel=vsock"));
+        assert!(cmdline.contains("kite.modules=core,pci,console,fs,vsock"));
     }
 
     #[test]
