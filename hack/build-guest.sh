@@ -27,7 +27,9 @@ cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.new" && mv "$out/vmlinuz.new" "$out
 
 # The agent, linked statically: the initrd has no libc.
 target=x86_64-unknown-linux-gnu
-(cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -q \
+(cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" \
+   LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+   cargo build --release --locked -q \
    -p kite-guest --target $target)
 agent=$here/target/$target/release/kite-guest
 

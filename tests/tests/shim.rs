@@ -363,3 +363,22 @@ fn an_oom_kill_is_reported() {
     );
     assert_no_leaks(&id);
 }
+
+#[test]
+fn the_seccomp_profile_is_applied_in_the_guest() {
+    require_setup();
+    let id = unique_id("seccomp");
+    let out = run(
+        &id,
+        &["--seccomp"],
+        &["grep", "Seccomp:", "/proc/self/status"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Mode 2: a filter is installed, as runc does with the same spec.
+    assert_eq!(
+        text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["Seccomp:", "2"]
+    );
+    assert_no_leaks(&id);
+}
