@@ -8,7 +8,9 @@ end, and for kite reads the shim's per-stage timings (containerd's log, "kite-ti
 starts one idle container per runtime and reads the resident memory of the shim, QEMU and
 virtiofsd. Prints medians with the spread (min, p90, max) and names the accelerator.
 """
-import os, re, statistics, subprocess, sys, time
+import calendar, os, re, statistics, subprocess, sys, time
+
+last_wall_start = 0.0
 
 IMAGE = "127.0.0.1:5000/kite/busybox:latest"
 LOG = "/var/log/kite/containerd.log"
@@ -21,6 +23,8 @@ def accel():
 
 
 def timed_run(runtime, cid):
+    global last_wall_start
+    last_wall_start = time.time()
     start = time.monotonic()
     p = subprocess.Popen(["ctr", "run", "--rm", "--runtime", runtime, IMAGE, cid, "echo", "ready"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -33,11 +37,20 @@ def timed_run(runtime, cid):
     return t_first * 1000, t_end * 1000
 
 
-def timings(cid):
+def timings(cid, wall_start):
+    """The shim's stage line for `cid`, plus shim_start_ms: from `ctr run` to the shim serving
+    containerd's Create (containerd's work, `shim start`, the shim's own start-up)."""
+    found = {}
     for line in reversed(open(LOG, errors="replace").read().splitlines()):
         if "kite-timings" in line and f"container={cid} " in line:
-            return {k: float(v) for k, v in re.findall(r"(\w+_ms)=([0-9.]+)", line)}
-    return {}
+            found.update({k: float(v) for k, v in re.findall(r"(\w+_ms)=([0-9.]+)", line)})
+        if "kite_shim::task: create" in line and f"container={cid} " in line:
+            stamp = line.split()[0]
+            t = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+            t += float("0." + stamp[20:].rstrip("Z")) if len(stamp) > 20 else 0.0
+            found["shim_start_ms"] = (t - wall_start) * 1000
+            break
+    return found
 
 
 def rss_kib(pid):
@@ -83,7 +96,7 @@ def main():
             results[name]["first"].append(first)
             results[name]["end"].append(end)
             if name == "kite":
-                for k, v in timings(cid).items():
+                for k, v in timings(cid, last_wall_start).items():
                     stages.setdefault(k, []).append(v)
     print(f"containers: {n} per runtime, accelerator {accel()}, {os.cpu_count()} cores (ms)")
     for name in RUNTIMES:
@@ -92,7 +105,7 @@ def main():
     ratio = statistics.median(results["kite"]["first"]) / statistics.median(results["runc"]["first"])
     print(f"  kite/runc time to first output: {ratio:.1f}x")
     print("kite stages (ms):")
-    for k in ["virtiofsd_ms", "vm_boot_ms", "guest_kernel_ms", "guest_agent_ms", "create_ms",
+    for k in ["shim_start_ms", "virtiofsd_ms", "vm_boot_ms", "guest_kernel_ms", "guest_agent_ms", "create_ms",
               "guest_create_ms", "start_ms", "guest_start_ms", "shim_own_ms"]:
         if k in stages:
             print(f"  {k[:-3]:16} {spread(stages[k])}")

@@ -1,0 +1,118 @@
+//! The `[snapshotter]` section of /etc/kite/kite.toml.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("parse config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config {path}: snapshotter.{key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotterConfig {
+    /// Snapshots, the chunk cache and metadata.
+    pub root: PathBuf,
+    /// containerd's proxy plugin socket.
+    pub socket: PathBuf,
+    /// The prefetch API's socket (the node agent calls it when a pod is bound).
+    pub prefetch_socket: PathBuf,
+    /// Upper bound of the on-disk chunk cache; least recently used chunks go first.
+    pub cache_max_bytes: u64,
+    /// Rate of the background fetch of a lazily mounted layer (0: unlimited).
+    pub background_fetch_bytes_per_sec: u64,
+    /// Registries reached over plain HTTP (loopback ones always are).
+    pub insecure_registries: Vec<String>,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        Self {
+            root: "/var/lib/kite/snapshotter".into(),
+            socket: "/run/kite/snapshotter.sock".into(),
+            prefetch_socket: "/run/kite/prefetch.sock".into(),
+            cache_max_bytes: 10 << 30,
+            background_fetch_bytes_per_sec: 0,
+            insecure_registries: Vec::new(),
+        }
+    }
+}
+
+impl SnapshotterConfig {
+    /// Parses the `[snapshotter]` section of a kite.toml text; other sections are ignored.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let parse = |source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(parse)?;
+        let config = match table.get("snapshotter") {
+            Some(v) => v.clone().try_into::<SnapshotterConfig>().map_err(parse)?,
+            None => SnapshotterConfig::default(),
+        };
+        if config.cache_max_bytes < 64 << 20 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "cache_max_bytes",
+                reason: "must be at least 64 MiB".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Whether `host` (host[:port]) is reached over plain HTTP.
+    pub fn is_insecure(&self, host: &str) -> bool {
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        matches!(name, "localhost" | "127.0.0.1" | "[::1]")
+            || self.insecure_registries.iter().any(|r| r == host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = SnapshotterConfig::from_toml("[shim]\nx = 1\n", Path::new("/k")).unwrap();
+        assert_eq!(c, SnapshotterConfig::default());
+        let c = SnapshotterConfig::from_toml(
+            "[snapshotter]\ncache_max_bytes = 1073741824\ninsecure_registries = [\"reg:5000\"]\n",
+            Path::new("/k"),
+        )
+        .unwrap();
+        assert_eq!(c.cache_max_bytes, 1 << 30);
+        assert!(c.is_insecure("reg:5000") && c.is_insecure("127.0.0.1:5000"));
+        assert!(!c.is_insecure("registry.example:443"));
+    }
+
+    #[test]
+    fn bad_values_name_file_and_key() {
+        let err = SnapshotterConfig::from_toml(
+            "[snapshotter]\ncache_max_bytes = 1\n",
+            Path::new("/k.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/k.toml") && err.contains("cache_max_bytes"),
+            "{err}"
+        );
+        let err =
+            SnapshotterConfig::from_toml("[snapshotter]\nroots = \"/x\"\n", Path::new("/k.toml"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("roots"), "{err}");
+    }
+}
