@@ -3,20 +3,24 @@
 # manager.   hack/containerd.sh start|restart|stop
 set -euo pipefail
 action=${1:-start}
-running() { pgrep -x containerd >/dev/null; }
+# A live containerd answers on its socket; a name match would also count zombies.
+answers() { ctr version >/dev/null 2>&1; }
+alive_pids() { ps -eo pid=,stat=,comm= | awk '$3=="containerd" && $2 !~ /^Z/ {print $1}'; }
 stop() {
-  running || return 0
-  pkill -x containerd
-  for _ in $(seq 100); do running || return 0; sleep 0.1; done
+  local pids; pids=$(alive_pids)
+  [ -n "$pids" ] || return 0
+  kill $pids 2>/dev/null || true
+  for _ in $(seq 100); do [ -z "$(alive_pids)" ] && return 0; sleep 0.1; done
   echo "containerd.sh: containerd did not stop" >&2; return 1
 }
 start() {
   mkdir -p /var/log/kite
-  if ! running; then
+  if ! answers; then
+    [ -z "$(alive_pids)" ] || stop
     PATH=/usr/local/bin:$PATH setsid nohup containerd --config /etc/containerd/config.toml \
       >>/var/log/kite/containerd.log 2>&1 < /dev/null &
   fi
-  for _ in $(seq 100); do ctr version >/dev/null 2>&1 && return 0; sleep 0.1; done
+  for _ in $(seq 100); do answers && return 0; sleep 0.1; done
   echo "containerd.sh: containerd did not start (see /var/log/kite/containerd.log)" >&2; return 1
 }
 case "$action" in

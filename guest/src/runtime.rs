@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
@@ -90,30 +91,40 @@ pub fn adapt_spec(id: &str, spec: &mut Spec, rootfs: &Path) -> Result<(), Runtim
     Ok(())
 }
 
+fn container_error(id: &str, op: &'static str) -> impl FnOnce(LibcontainerError) -> RuntimeError {
+    let id = id.to_string();
+    move |source| RuntimeError::Container {
+        id,
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// A builder for container `id` with the guest's state root, and the helper's own stdio as the
+/// process's stdio unless a console socket gives it a pty.
+fn builder(id: &str, console_socket: Option<&Path>) -> Result<ContainerBuilder, RuntimeError> {
+    let builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+        .with_root_path(STATE_ROOT)
+        .map_err(container_error(id, "state root"))?
+        .with_console_socket(console_socket);
+    match console_socket {
+        Some(_) => Ok(builder),
+        None => with_inherited_stdio(builder, id),
+    }
+}
+
 /// The helper side of `create`: builds the container (not yet started) and returns its pid.
 pub fn helper_create(
     id: &str,
     bundle: &Path,
     console_socket: Option<&Path>,
 ) -> Result<i32, RuntimeError> {
-    let err = |op, source| RuntimeError::Container {
-        id: id.to_string(),
-        op,
-        source: Box::new(source),
-    };
-    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
-        .with_root_path(STATE_ROOT)
-        .map_err(|e| err("state root", e))?
-        .with_console_socket(console_socket);
-    if console_socket.is_none() {
-        builder = with_inherited_stdio(builder, id)?;
-    }
-    let container = builder
+    let container = builder(id, console_socket)?
         .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
         .build()
-        .map_err(|e| err("create", e))?;
+        .map_err(container_error(id, "create"))?;
     container
         .pid()
         .map(|p| p.as_raw())
@@ -129,24 +140,12 @@ pub fn helper_exec(
     process: &Path,
     console_socket: Option<&Path>,
 ) -> Result<i32, RuntimeError> {
-    let err = |op, source| RuntimeError::Container {
-        id: id.to_string(),
-        op,
-        source: Box::new(source),
-    };
-    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
-        .with_root_path(STATE_ROOT)
-        .map_err(|e| err("state root", e))?
-        .with_console_socket(console_socket);
-    if console_socket.is_none() {
-        builder = with_inherited_stdio(builder, id)?;
-    }
-    let pid = builder
+    let pid = builder(id, console_socket)?
         .as_tenant()
         .with_process(Some(process))
         .with_detach(true)
         .build()
-        .map_err(|e| err("exec", e))?;
+        .map_err(container_error(id, "exec"))?;
     Ok(pid.as_raw())
 }
 

@@ -198,6 +198,32 @@ impl AgentService {
     }
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl AgentService {
+    async fn read_stream(
+        &self,
+        req: ReadStreamRequest,
+        stream: Stream,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.process(&req.container_id, &req.exec_id).await?;
+        let len = req.len as usize;
+        let data = match stream {
+            Stream::Stdout => process.read_stdout(len).await,
+            Stream::Stderr => process.read_stderr(len).await,
+        }
+        .map_err(|e| internal(format!("container {}: {stream:?}: {e}", req.container_id)))?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+}
+
 /// Receives one file descriptor (SCM_RIGHTS) from a connected unix stream.
 async fn receive_fd(stream: tokio::net::UnixStream) -> std::io::Result<OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
@@ -492,15 +518,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> ttrpc::Result<ReadStreamResponse> {
-        let process = self.process(&req.container_id, &req.exec_id).await?;
-        let data = process
-            .read_stdout(req.len as usize)
-            .await
-            .map_err(|e| internal(format!("container {}: stdout: {e}", req.container_id)))?;
-        Ok(ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+        self.read_stream(req, Stream::Stdout).await
     }
 
     async fn read_stderr(
@@ -508,15 +526,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> ttrpc::Result<ReadStreamResponse> {
-        let process = self.process(&req.container_id, &req.exec_id).await?;
-        let data = process
-            .read_stderr(req.len as usize)
-            .await
-            .map_err(|e| internal(format!("container {}: stderr: {e}", req.container_id)))?;
-        Ok(ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+        self.read_stream(req, Stream::Stderr).await
     }
 
     async fn write_stdin(

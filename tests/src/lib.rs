@@ -78,6 +78,29 @@ pub fn run(id: &str, extra: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Out
     child.wait_with_output().expect("wait for ctr")
 }
 
+/// Starts `ctr run --rm … ARGS` in the background (stdout and stderr piped) and waits until
+/// the task runs.
+pub fn spawn_running(id: &str, args: &[&str]) -> std::process::Child {
+    let child = Command::new("ctr")
+        .args(["run", "--rm", "--runtime", RUNTIME, IMAGE, id])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ctr");
+    wait_running(id);
+    child
+}
+
+/// Waits until the task of `id` runs.
+pub fn wait_running(id: &str) {
+    wait_until(
+        &format!("task {id} running"),
+        Duration::from_secs(60),
+        || task_status(id).as_deref() == Some("RUNNING"),
+    );
+}
+
 /// Starts a detached container running `args`.
 pub fn run_detached(id: &str, extra: &[&str], args: &[&str]) {
     let mut all = vec!["run", "-d", "--runtime", RUNTIME];

@@ -114,24 +114,7 @@ fn pid_in(id: &str, file: &str) -> i32 {
 fn killing_qemu_ends_the_task_and_releases_waiters() {
     require_setup();
     let id = unique_id("qemukill");
-    let child = std::process::Command::new("ctr")
-        .args([
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            &id,
-            "sleep",
-            "1000",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    let child = spawn_running(&id, &["sleep", "1000"]);
     let qemu = pid_in(&id, "qemu.pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(qemu),
@@ -149,9 +132,7 @@ fn killing_the_shim_is_cleaned_up_by_delete() {
     require_setup();
     let id = unique_id("shimkill");
     run_detached(&id, &[], &["sleep", "1000"]);
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    wait_running(&id);
     let shim = leftovers(&id)
         .into_iter()
         .find(|l| l.contains("containerd-shim-kite-v2"))
@@ -176,9 +157,7 @@ fn an_unknown_exec_user_is_a_clear_error() {
     require_setup();
     let id = unique_id("baduser");
     run_detached(&id, &[], &["sleep", "1000"]);
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    wait_running(&id);
     let out = ctr(&[
         "task",
         "exec",

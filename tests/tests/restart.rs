@@ -10,9 +10,7 @@ fn tasks_survive_a_containerd_restart() {
     require_setup();
     let id = unique_id("restart");
     run_detached(&id, &[], &["sh", "-c", "echo alive > /tmp/a; sleep 1000"]);
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    wait_running(&id);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/containerd.sh");
     let st = std::process::Command::new(script)
         .arg("restart")

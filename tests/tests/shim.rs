@@ -85,24 +85,7 @@ fn exit_codes_are_passed_through() {
 fn sigkill_gives_137_and_sigterm_reaches_the_process() {
     require_setup();
     let id = unique_id("kill");
-    let child = std::process::Command::new("ctr")
-        .args([
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            &id,
-            "sleep",
-            "1000",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    let child = spawn_running(&id, &["sleep", "1000"]);
     let out = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let done = child.wait_with_output().unwrap();
@@ -111,25 +94,7 @@ fn sigkill_gives_137_and_sigterm_reaches_the_process() {
 
     let id = unique_id("term");
     let script = "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done";
-    let child = std::process::Command::new("ctr")
-        .args([
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            &id,
-            "sh",
-            "-c",
-            script,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    let child = spawn_running(&id, &["sh", "-c", script]);
     std::thread::sleep(Duration::from_millis(500));
     let out = ctr(&["task", "kill", "-s", "SIGTERM", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -148,9 +113,7 @@ fn exec_runs_in_the_same_container() {
     require_setup();
     let id = unique_id("exec");
     run_detached(&id, &[], &["sh", "-c", "echo marker > /tmp/m; sleep 1000"]);
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    wait_running(&id);
     let out = ctr(&[
         "task",
         "exec",
@@ -276,9 +239,7 @@ fn exec_takes_its_own_user() {
     require_setup();
     let id = unique_id("user");
     run_detached(&id, &[], &["sleep", "1000"]);
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    wait_running(&id);
     let out = ctr(&[
         "task",
         "exec",
@@ -300,25 +261,7 @@ fn exec_takes_its_own_user() {
 fn kill_all_reaches_every_process() {
     require_setup();
     let id = unique_id("killall");
-    let child = std::process::Command::new("ctr")
-        .args([
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            &id,
-            "sh",
-            "-c",
-            "sleep 1000 & sleep 1000; wait",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("task running", Duration::from_secs(60), || {
-        task_status(&id).as_deref() == Some("RUNNING")
-    });
+    let child = spawn_running(&id, &["sh", "-c", "sleep 1000 & sleep 1000; wait"]);
     let out = ctr(&["task", "kill", "--all", "-s", "SIGKILL", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let done = child.wait_with_output().unwrap();
