@@ -29,6 +29,7 @@ enum Stream {
 /// The running relays of one process.
 pub struct Relays {
     stdin_close: Option<oneshot::Sender<()>>,
+    stdin: Option<JoinHandle<()>>,
     output: Option<JoinHandle<()>>,
 }
 
@@ -222,11 +223,15 @@ impl Relays {
             Some(rx)
         };
 
-        let stdin_close = stdin.map(|rx| {
-            let (tx, close) = oneshot::channel();
-            tokio::spawn(pump_stdin(agent.clone(), cid.into(), eid.into(), rx, close));
-            tx
-        });
+        let (stdin_close, stdin) = match stdin {
+            Some(rx) => {
+                let (tx, close) = oneshot::channel();
+                let pump =
+                    tokio::spawn(pump_stdin(agent.clone(), cid.into(), eid.into(), rx, close));
+                (Some(tx), Some(pump))
+            }
+            None => (None, None),
+        };
         let out = tokio::spawn(pump_output(
             agent.clone(),
             cid.into(),
@@ -251,6 +256,7 @@ impl Relays {
         });
         Ok(Relays {
             stdin_close,
+            stdin,
             output: Some(output),
         })
     }
@@ -271,9 +277,13 @@ impl Relays {
 }
 
 impl Drop for Relays {
+    /// A deleted process's relays stop, and containerd's FIFOs are closed with them.
     fn drop(&mut self) {
-        if let Some(output) = self.output.take() {
-            output.abort();
+        for task in [self.stdin.take(), self.output.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
     }
 }
