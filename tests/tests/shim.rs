@@ -325,3 +325,44 @@ fn the_seccomp_profile_is_applied_in_the_guest() {
     );
     assert_no_leaks(&id);
 }
+
+#[test]
+fn update_changes_the_guest_cgroup() {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::MessageField;
+
+    require_setup();
+    let id = unique_id("update");
+    run_detached(&id, &[], &["sleep", "1000"]);
+    wait_running(&id);
+    // ctr 1.6 cannot send Update: call the shim's Task API the way containerd does.
+    let address_file =
+        format!("/run/containerd/io.containerd.runtime.v2.task/default/{id}/address");
+    let address = std::fs::read_to_string(&address_file).unwrap();
+    let client = ttrpc::Client::connect(address.trim()).unwrap();
+    let task = containerd_shim_protos::TaskClient::new(client);
+    let limit: u64 = 96 * 1024 * 1024;
+    let req = UpdateTaskRequest {
+        id: id.clone(),
+        resources: MessageField::some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: format!("{{\"memory\":{{\"limit\":{limit}}}}}").into_bytes(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    task.update(ttrpc::context::with_timeout(30_000_000_000), &req)
+        .unwrap();
+    let metrics = ctr(&["task", "metrics", &id]);
+    assert!(metrics.status.success(), "{}", text(&metrics.stderr));
+    let shown = text(&metrics.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("memory.limit_in_bytes") && l.contains(&limit.to_string())),
+        "{shown}"
+    );
+    force_remove(&id);
+    assert_no_leaks(&id);
+}
