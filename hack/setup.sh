@@ -10,7 +10,7 @@ log() { echo "setup: $*"; }
 # 1. Debian packages.
 pkgs=(containerd runc qemu-system-x86 containernetworking-plugins docker-registry
       libseccomp-dev libcap-ng-dev pkg-config cpio kmod iproute2 iptables busybox-static
-      python3 curl ca-certificates procps psmisc util-linux gcc)
+      python3 curl ca-certificates procps psmisc util-linux gcc protobuf-compiler iperf3)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -37,8 +37,10 @@ install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
 mkdir -p /etc/kite /run/kite
 [ -f /etc/kite/kite.toml ] || install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml
 
-# 4. containerd with the kite runtime.
-mkdir -p /etc/containerd /var/log/kite
+# 4. containerd with the kite runtime, and the pods' CNI network (bridge kite0, 10.88.0.0/16).
+mkdir -p /etc/containerd /var/log/kite /etc/cni/net.d
+cmp -s "$here/deploy/cni/10-kite.conflist" /etc/cni/net.d/10-kite.conflist ||
+  install -m 0644 "$here/deploy/cni/10-kite.conflist" /etc/cni/net.d/10-kite.conflist
 if ! cmp -s "$here/deploy/containerd-config.toml" /etc/containerd/config.toml; then
   install -m 0644 "$here/deploy/containerd-config.toml" /etc/containerd/config.toml
   "$here/hack/containerd.sh" stop
@@ -55,15 +57,22 @@ if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then
   curl -fsS http://127.0.0.1:5000/v2/ >/dev/null || { echo "setup: registry did not start" >&2; exit 1; }
 fi
 
-# 6. The sample image, in the registry.
-ref=127.0.0.1:5000/kite/busybox:latest
-if ! curl -fsS -H "Accept: application/vnd.oci.image.manifest.v1+json" \
-     http://127.0.0.1:5000/v2/kite/busybox/manifests/latest >/dev/null 2>&1; then
-  log "pushing the sample image $ref"
-  tmp=$(mktemp -d)
-  python3 "$here/hack/mkimage.py" "$tmp/busybox.tar" "$ref" >/dev/null
-  ctr images import --no-unpack "$tmp/busybox.tar" >/dev/null
+# 6. The sample image and the CRI's pause image, in the registry.
+push_image() { # NAME [mkimage.py options]
+  local name=$1; shift
+  local ref=127.0.0.1:5000/kite/$name:latest
+  curl -fsS -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+    "http://127.0.0.1:5000/v2/kite/$name/manifests/latest" >/dev/null 2>&1 && return 0
+  log "pushing the image $ref"
+  local tmp; tmp=$(mktemp -d)
+  python3 "$here/hack/mkimage.py" "$tmp/image.tar" "$ref" "$@" >/dev/null
+  ctr images import --no-unpack "$tmp/image.tar" >/dev/null
   ctr images push --plain-http "$ref" >/dev/null
   rm -rf "$tmp"
-fi
+}
+push_image busybox
+# A pod's sandbox ("pause") container only holds the pod's namespaces under runc; kite does not
+# run it at all (the VM holds them).
+push_image pause --cmd 'exec sleep 2147483647'
+ref=127.0.0.1:5000/kite/busybox:latest
 log "ready: containerd with runtime io.containerd.kite.v2, registry 127.0.0.1:5000, image $ref"

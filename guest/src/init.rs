@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kite_protocol::agent::PingResponse;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::boot;
 use crate::channel::{self, FdStream};
@@ -123,6 +123,10 @@ fn boot_and_serve(started_ns: u64, sink: LogSink) -> anyhow::Result<()> {
         .context("start the async runtime")?;
     runtime.block_on(async move {
         let reaper = Reaper::start().context("reaper")?;
+        // A pod's containers share the guest's network, and localhost with it.
+        if let Err(e) = crate::network::loopback_up().await {
+            warn!("loopback: {e}");
+        }
         let info = PingResponse {
             kernel_release: nix::sys::utsname::uname()
                 .map(|u| u.release().to_string_lossy().into_owned())

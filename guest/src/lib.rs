@@ -2,12 +2,13 @@
 //!
 //! It mounts the kernel filesystems, loads the virtio modules, mounts the sandbox's virtio-fs
 //! share and serves the agent protocol (`kite-protocol`) to the shim over a virtio-serial port
-//! (vsock where the host has it). Containers are set up with youki's libcontainer.
+//! (vsock where the host has it), and configures the pod's NICs. Containers are set up with youki's libcontainer.
 
 pub mod boot;
 pub mod channel;
 pub mod init;
 pub mod modules;
+pub mod network;
 pub mod process;
 pub mod reaper;
 pub mod runtime;

@@ -582,7 +582,10 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StatsResponse> {
-        self.container(&req.container_id).await?;
+        // The empty id asks for the whole pod: the cgroup every container's lies under.
+        if !req.container_id.is_empty() {
+            self.container(&req.container_id).await?;
+        }
         let manager = cgroup_manager(&req.container_id)?;
         let stats = manager
             .stats()
@@ -622,6 +625,26 @@ impl agent_ttrpc::Agent for AgentService {
         manager
             .apply(&opt)
             .map_err(|e| internal(format!("container {}: update: {e}", req.container_id)))?;
+        Ok(Empty::default())
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: NetworkConfig,
+    ) -> ttrpc::Result<Empty> {
+        crate::network::configure(&req).await.map_err(|e| {
+            let code = match e {
+                crate::network::NetworkError::Invalid { .. } => ttrpc::Code::INVALID_ARGUMENT,
+                _ => ttrpc::Code::INTERNAL,
+            };
+            status(code, format!("network: {e}"))
+        })?;
+        info!(
+            interfaces = req.interfaces.len(),
+            routes = req.routes.len(),
+            "network configured"
+        );
         Ok(Empty::default())
     }
 

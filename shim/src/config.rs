@@ -81,6 +81,9 @@ pub struct ShimConfig {
     pub state_dir: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "kite_shim=debug".
     pub log_level: String,
+    /// Pass a pod interface whose device is a PCI function (an ENI, an SR-IOV VF) into the
+    /// VM with VFIO, rather than through a tap.
+    pub vfio_passthrough: bool,
 }
 
 impl Default for ShimConfig {
@@ -102,6 +105,7 @@ impl Default for ShimConfig {
             kernel_params: String::new(),
             state_dir: "/run/kite/sandboxes".into(),
             log_level: "info".into(),
+            vfio_passthrough: true,
         }
     }
 }

@@ -5,11 +5,14 @@
 //! - [`vm`]: accelerator choice and QEMU/virtiofsd processes; [`qmp`]: QEMU control;
 //! - [`sandbox`]: one VM with its share and agent connection, and crash clean-up;
 //! - [`rootfs`]: container rootfs and bind mounts in the share;
+//! - [`network`]: the pod's NICs into the VM (tap + tc redirect), [`passthrough`]: VFIO;
 //! - [`io`]: stdio between containerd's FIFOs and the guest;
 //! - [`task`]: the Task API; [`shim`]: the shim's life (start, serve, delete).
 
 pub mod config;
 pub mod io;
+pub mod network;
+pub mod passthrough;
 pub mod qmp;
 pub mod rootfs;
 pub mod sandbox;

@@ -37,6 +37,18 @@ pub enum RootfsError {
     MissingSource { cid: String, source_path: PathBuf },
 }
 
+/// The CRI marks a pod's sandbox ("pause") container with `sandbox` here.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+/// Whether the container is a pod's sandbox container: kite runs nothing for it in the VM
+/// (under runc its process only holds the pod's namespaces; here the VM holds them).
+pub fn is_pod_sandbox(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(CONTAINER_TYPE_ANNOTATION))
+        .is_some_and(|t| t == "sandbox")
+}
+
 /// The sandbox a container belongs to: its pod's, or its own.
 pub fn sandbox_id(cid: &str, spec: &Spec) -> String {
     spec.annotations()

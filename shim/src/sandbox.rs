@@ -6,7 +6,7 @@
 //! the logs. Everything there is released by [`Sandbox::shutdown`], or by
 //! [`cleanup_sandbox_dir`] after a crash.
 
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,13 +19,19 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::ShimConfig;
+use crate::network;
 use crate::qmp;
+
+/// Where sysfs is (PCI functions passed through are bound there).
+const SYSFS: &str = "/sys";
 use crate::vm::{self, Accelerator, AgentChannel, VmError, VmSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("sandbox {sandbox}: {op} {path}: {source}")]
     Fs {
         sandbox: String,
@@ -93,13 +99,15 @@ impl Sandbox {
 
     /// Starts virtiofsd and the VM and waits for the guest agent. On any failure everything
     /// started so far is released before the error is returned.
+    /// `netns` is the pod's network namespace: its interfaces are attached to the VM.
     pub async fn boot(
         config: &ShimConfig,
         id: &str,
         oci: Option<&oci_spec::runtime::Spec>,
+        netns: Option<&Path>,
     ) -> Result<Sandbox, SandboxError> {
         let dir = Self::dir_for(config, id);
-        let result = Self::boot_in(config, id, &dir, oci).await;
+        let result = Self::boot_in(config, id, &dir, oci, netns).await;
         if result.is_err() {
             cleanup_sandbox_dir(&dir);
         }
@@ -111,6 +119,7 @@ impl Sandbox {
         id: &str,
         dir: &Path,
         oci: Option<&oci_spec::runtime::Spec>,
+        netns: Option<&Path>,
     ) -> Result<Sandbox, SandboxError> {
         let fs_err = |op, path: &Path| {
             let sandbox = id.to_string();
@@ -167,6 +176,25 @@ impl Sandbox {
         }
         let virtiofsd_time = started.elapsed();
 
+        let network = match netns {
+            Some(ns) => {
+                let (id, ns, dir) = (id.to_string(), ns.to_path_buf(), dir.to_path_buf());
+                let passthrough = config.vfio_passthrough;
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        network::attach(&id, &ns, &dir, passthrough, Path::new(SYSFS))
+                    })
+                    .await
+                    .expect("network attach thread")?,
+                )
+            }
+            None => None,
+        };
+        let (nics, tap_fds, guest_network) = match network {
+            Some(n) => (n.nics, n.tap_fds, Some(n.guest)),
+            None => (Vec::new(), Vec::new(), None),
+        };
+
         let channel = vm::choose_channel(config.agent_channel, std::process::id())?;
         let agent_socket = dir.join("agent.sock");
         let listener = match &channel {
@@ -200,9 +228,13 @@ impl Sandbox {
             console_log: dir.join("console.log"),
             guest_log: dir.join("guest.log"),
             pid_file: dir.join("qemu.pid"),
+            nics,
+            tap_fds: tap_fds.iter().map(|f| f.as_raw_fd()).collect(),
         };
         let vm_started = Instant::now();
         let mut qemu = vm::spawn_qemu(config, &spec)?;
+        // QEMU holds the taps now; they go when it goes.
+        drop(tap_fds);
         let qemu_pid = qemu.id();
         let qemu_stderr = Arc::new(Mutex::new(String::new()));
         if let Some(mut stderr) = qemu.stderr.take() {
@@ -255,6 +287,19 @@ impl Sandbox {
                 });
             }
         };
+        if let Some(net) = guest_network {
+            if let Err(e) = agent
+                .configure_network(ctx(Some(Duration::from_secs(30))), &net)
+                .await
+            {
+                kill_all();
+                return Err(SandboxError::Boot {
+                    sandbox: id.to_string(),
+                    reason: format!("configure the pod network in the guest: {e}"),
+                    console: tail(&dir.join("guest.log"), 800),
+                });
+            }
+        }
         let timing = BootTiming {
             virtiofsd: virtiofsd_time,
             vm_to_agent: vm_started.elapsed(),
@@ -285,6 +330,11 @@ impl Sandbox {
             virtiofsd_pid,
             vm_exited,
         })
+    }
+
+    /// QEMU's pid: the process that holds the pod.
+    pub fn pid(&self) -> u32 {
+        self.qemu_pid.unwrap_or_default()
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -449,7 +499,8 @@ fn process_mentions(pid: i32, marker: &str) -> bool {
 }
 
 /// Releases everything a sandbox left in `dir`: kills its QEMU and virtiofsd (found by pid
-/// file and checked by command line), unmounts the share and removes the directory. Safe to
+/// file and checked by command line), releases its pod network (`network.json`), unmounts the
+/// share and removes the directory. Safe to
 /// call on a directory that is already gone.
 pub fn cleanup_sandbox_dir(dir: &Path) {
     if !dir.exists() {
@@ -474,6 +525,8 @@ pub fn cleanup_sandbox_dir(dir: &Path) {
             }
         }
     }
+    // With QEMU gone its taps are gone; what it leaves in the pod's namespace goes now.
+    network::release(dir, Path::new(SYSFS));
     unmount_under(&dir.join("share"));
     if let Err(e) = std::fs::remove_dir_all(dir) {
         warn!("remove sandbox state {}: {e}", dir.display());

@@ -90,6 +90,9 @@ struct Proc {
     state: std::sync::Mutex<ProcState>,
     exited: watch::Sender<bool>,
     relays: Mutex<Option<Relays>>,
+    /// False for a pod's sandbox container, which has no process in the guest: it runs as
+    /// long as the VM does, and a signal ends it.
+    in_guest: bool,
 }
 
 impl Proc {
@@ -99,6 +102,7 @@ impl Proc {
             eid: eid.into(),
             stdio,
             exec_spec,
+            in_guest: true,
             state: std::sync::Mutex::new(ProcState {
                 status: Status::CREATED,
                 pid: 0,
@@ -226,7 +230,8 @@ impl KiteTask {
                 format!("sandbox {}: the VM has exited", sb.id),
             ));
         }
-        let sb = Sandbox::boot(config, sandbox_id, Some(spec))
+        let netns = crate::network::netns_path(spec);
+        let sb = Sandbox::boot(config, sandbox_id, Some(spec), netns.as_deref())
             .await
             .map_err(|e| err(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
         let sb = Arc::new(sb);
@@ -245,12 +250,18 @@ impl KiteTask {
         }
     }
 
-    /// Runs `proc` to its exit in the background: waits in the guest, drains the output, and
-    /// reports the exit.
+    /// Runs `proc` to its exit in the background: waits in the guest (or, for a pod's sandbox
+    /// container, for the VM to go), drains the output, and reports the exit.
     fn watch_exit(&self, sandbox: Arc<Sandbox>, proc_: Arc<Proc>) {
         let publisher = self.publisher.clone();
         let namespace = self.namespace.clone();
         tokio::spawn(async move {
+            if !proc_.in_guest {
+                sandbox.vm_exited().await;
+                error!(sandbox = %sandbox.id, "the VM exited");
+                finish(&publisher, &namespace, &proc_, VM_GONE_STATUS, now()).await;
+                return;
+            }
             let req = proto::ProcessRequest {
                 container_id: proc_.cid.clone(),
                 exec_id: proc_.eid.clone(),
@@ -272,35 +283,7 @@ impl KiteTask {
             if let Some(relays) = proc_.relays.lock().await.as_mut() {
                 relays.drain(DRAIN).await;
             }
-            let pid = {
-                let mut st = proc_.state.lock().expect("process state lock");
-                st.status = Status::STOPPED;
-                st.exit_status = status;
-                st.exited_at = Some(at.clone());
-                st.pid
-            };
-            info!(exit_status = status, "{} exited", proc_.name());
-            let id = if proc_.eid.is_empty() {
-                proc_.cid.clone()
-            } else {
-                proc_.eid.clone()
-            };
-            let event = TaskExit {
-                container_id: proc_.cid.clone(),
-                id,
-                pid,
-                exit_status: status,
-                exited_at: MessageField::some(at),
-                ..Default::default()
-            };
-            publish(
-                &publisher,
-                &namespace,
-                topics::TASK_EXIT_EVENT_TOPIC,
-                Box::new(event),
-            )
-            .await;
-            let _ = proc_.exited.send(true);
+            finish(&publisher, &namespace, &proc_, status, at).await;
         });
     }
 
@@ -349,6 +332,11 @@ impl KiteTask {
         let (sandbox, booted_here) = self.ensure_sandbox(&config, &sandbox_id, &spec).await?;
         let boot = booted_here.then_some(sandbox.timing);
         let boot_time = started.elapsed();
+        if rootfs::is_pod_sandbox(&spec) {
+            return Ok(self
+                .create_pod_sandbox(&sandbox, req, boot, boot_time)
+                .await);
+        }
         let result = self
             .create_in(&sandbox, req, &bundle, &mut spec, boot, boot_time)
             .await;
@@ -359,6 +347,41 @@ impl KiteTask {
             }
         }
         result
+    }
+
+    /// A pod's sandbox container: the VM is its whole being (no rootfs, no process in the
+    /// guest); its pid is QEMU's.
+    async fn create_pod_sandbox(
+        &self,
+        sandbox: &Arc<Sandbox>,
+        req: &api::CreateTaskRequest,
+        boot: Option<crate::sandbox::BootTiming>,
+        boot_time: Duration,
+    ) -> u32 {
+        let cid = req.id.clone();
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut init = Proc::new(&cid, "", stdio, None);
+        init.in_guest = false;
+        let pid = sandbox.pid();
+        init.set(|s| s.pid = pid);
+        self.containers.lock().await.insert(
+            cid.clone(),
+            Arc::new(Container {
+                id: cid,
+                bundle: req.bundle.clone(),
+                init: Arc::new(init),
+                execs: Mutex::new(HashMap::new()),
+                create_time: boot_time,
+                guest_create: Duration::ZERO,
+                boot,
+            }),
+        );
+        pid
     }
 
     async fn create_in(
@@ -462,6 +485,48 @@ fn log_timings(c: &Container, start: Duration, guest_start: Duration) {
     );
 }
 
+/// Records a process's exit and reports it (TaskExit), once.
+async fn finish(
+    publisher: &RemotePublisher,
+    namespace: &str,
+    proc_: &Proc,
+    status: u32,
+    at: Timestamp,
+) {
+    let pid = {
+        let mut st = proc_.state.lock().expect("process state lock");
+        if st.status == Status::STOPPED {
+            return;
+        }
+        st.status = Status::STOPPED;
+        st.exit_status = status;
+        st.exited_at = Some(at.clone());
+        st.pid
+    };
+    info!(exit_status = status, "{} exited", proc_.name());
+    let id = if proc_.eid.is_empty() {
+        proc_.cid.clone()
+    } else {
+        proc_.eid.clone()
+    };
+    let event = TaskExit {
+        container_id: proc_.cid.clone(),
+        id,
+        pid,
+        exit_status: status,
+        exited_at: MessageField::some(at),
+        ..Default::default()
+    };
+    publish(
+        publisher,
+        namespace,
+        topics::TASK_EXIT_EVENT_TOPIC,
+        Box::new(event),
+    )
+    .await;
+    let _ = proc_.exited.send(true);
+}
+
 async fn publish(
     publisher: &RemotePublisher,
     namespace: &str,
@@ -557,7 +622,9 @@ impl Task for KiteTask {
             ));
         }
         let agent_started = std::time::Instant::now();
-        let pid = if req.exec_id.is_empty() {
+        let pid = if !p.in_guest {
+            p.state().pid
+        } else if req.exec_id.is_empty() {
             sandbox
                 .agent()
                 .start_container(
@@ -680,6 +747,20 @@ impl Task for KiteTask {
                 format!("{}: not started", p.name()),
             ));
         }
+        if !p.in_guest {
+            // Like pause, the sandbox container ends on a signal; the VM goes with its delete.
+            if req.signal != 0 {
+                finish(
+                    &self.publisher,
+                    &self.namespace,
+                    &p,
+                    128 + req.signal,
+                    now(),
+                )
+                .await;
+            }
+            return Ok(api::Empty::new());
+        }
         let sandbox = self.sandbox().await?;
         sandbox
             .agent()
@@ -740,7 +821,7 @@ impl Task for KiteTask {
             ));
         }
         let sandbox = self.sandbox().await?;
-        if sandbox.is_running() {
+        if sandbox.is_running() && p.in_guest {
             let removed = sandbox
                 .agent()
                 .remove_container(
@@ -796,6 +877,15 @@ impl Task for KiteTask {
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id).await?;
+        if !c.init.in_guest {
+            return Err(err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!(
+                    "container {}: a pod's sandbox container runs no process under kite",
+                    req.id
+                ),
+            ));
+        }
         if c.init.state().status != Status::RUNNING {
             return Err(err(
                 ttrpc::Code::FAILED_PRECONDITION,
@@ -888,6 +978,9 @@ impl Task for KiteTask {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         let c = self.container(&req.id).await?;
+        if !c.init.in_guest {
+            return Ok(api::PidsResponse::default());
+        }
         let sandbox = self.sandbox().await?;
         let pids = sandbox
             .agent()
@@ -931,7 +1024,12 @@ impl Task for KiteTask {
             .container_stats(
                 ctx(Some(CALL)),
                 &proto::ContainerRequest {
-                    container_id: c.id.clone(),
+                    // A pod's sandbox container: the whole pod (every container's cgroup).
+                    container_id: if c.init.in_guest {
+                        c.id.clone()
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 },
             )

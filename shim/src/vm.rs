@@ -1,6 +1,7 @@
 //! The microVM: choosing the accelerator, QEMU's command line, and the QEMU and virtiofsd
 //! processes of a sandbox.
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -8,6 +9,7 @@ use tokio::process::{Child, Command};
 use tracing::warn;
 
 use crate::config::{AcceleratorChoice, ChannelChoice, MachineType, ShimConfig};
+use crate::network::{self, AttachedNic, Attachment};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accelerator {
@@ -145,30 +147,78 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     pub guest_log: PathBuf,
     pub pid_file: PathBuf,
+    /// The pod's NICs, and the tap descriptors QEMU inherits (in the order of the tap NICs).
+    pub nics: Vec<AttachedNic>,
+    pub tap_fds: Vec<RawFd>,
 }
 
-/// Sizes the VM for a container: the configured base plus the OCI limits (CPU quota rounded
-/// up to whole vCPUs, memory limit in MiB rounded up), capped by the configured maximum.
+impl VmSpec {
+    fn has_tap(&self) -> bool {
+        self.nics
+            .iter()
+            .any(|n| matches!(n.attachment, Attachment::Tap { .. }))
+    }
+
+    fn has_vfio(&self) -> bool {
+        self.nics
+            .iter()
+            .any(|n| matches!(n.attachment, Attachment::Vfio { .. }))
+    }
+}
+
+/// The CRI puts the pod's total limits on its sandbox container as these annotations
+/// (containerd ≥ 1.6 with a kubelet that sends pod resources).
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// Pod annotations that set the VM's size outright (`io.kite.*` reach the shim).
+pub const KITE_VCPUS: &str = "io.kite.vcpus";
+pub const KITE_MEMORY_MIB: &str = "io.kite.memory_mib";
+
+/// Sizes the VM: the configured base plus the pod's limits — the CRI's sandbox annotations
+/// when present, the container's OCI limits otherwise (CPU quota rounded up to whole vCPUs,
+/// memory in MiB rounded up) — unless the pod names a size (`io.kite.vcpus`,
+/// `io.kite.memory_mib`); capped by the configured maximum.
 pub fn size_for(config: &ShimConfig, spec: Option<&oci_spec::runtime::Spec>) -> (u32, u64) {
+    let annotation = |key: &str| -> Option<i64> {
+        spec.and_then(|s| s.annotations().as_ref())
+            .and_then(|a| a.get(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
     let resources = spec
         .and_then(|s| s.linux().as_ref())
         .and_then(|l| l.resources().as_ref());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
-    let extra_vcpus = match (cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())) {
+    let quota = annotation(SANDBOX_CPU_QUOTA).or_else(|| cpu.and_then(|c| c.quota()));
+    let period = annotation(SANDBOX_CPU_PERIOD)
+        .map(|p| p as u64)
+        .or_else(|| cpu.and_then(|c| c.period()));
+    let extra_vcpus = match (quota, period) {
         (Some(quota), Some(period)) if quota > 0 && period > 0 => {
             (quota as u64).div_ceil(period) as u32
         }
         _ => 0,
     };
-    let extra_mib = resources
-        .and_then(|r| r.memory().as_ref())
-        .and_then(|m| m.limit())
+    let extra_mib = annotation(SANDBOX_MEMORY)
+        .or_else(|| {
+            resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit())
+        })
         .filter(|l| *l > 0)
         .map(|l| (l as u64).div_ceil(1 << 20))
         .unwrap_or(0);
+    let vcpus = annotation(KITE_VCPUS)
+        .filter(|v| *v > 0)
+        .map(|v| v as u32)
+        .unwrap_or(config.default_vcpus + extra_vcpus);
+    let memory = annotation(KITE_MEMORY_MIB)
+        .filter(|v| *v > 0)
+        .map(|v| v as u64)
+        .unwrap_or(config.default_memory_mib + extra_mib);
     (
-        (config.default_vcpus + extra_vcpus).min(config.max_vcpus),
-        (config.default_memory_mib + extra_mib).min(config.max_memory_mib),
+        vcpus.min(config.max_vcpus),
+        memory.min(config.max_memory_mib),
     )
 }
 
@@ -213,6 +263,12 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
         words.push("kite.channel=vsock");
         groups.push("vsock");
     }
+    if spec.has_tap() {
+        groups.push("net");
+    }
+    if spec.has_vfio() {
+        groups.push("vf");
+    }
     let modules = format!("kite.modules={}", groups.join(","));
     words.push(&modules);
     let mut line = words.join(" ");
@@ -235,8 +291,14 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
         format!("kite-{}", spec.sandbox_id),
         "-machine".into(),
         format!(
-            "{machine},accel={},memory-backend=mem",
-            spec.accelerator.name()
+            "{machine},accel={},memory-backend=mem{}",
+            spec.accelerator.name(),
+            // A passed-through PCI function needs a PCI bus, which microvm has only on request.
+            if spec.has_vfio() && spec.machine == MachineType::Microvm {
+                ",pcie=on"
+            } else {
+                ""
+            }
         ),
         "-cpu".into(),
         match spec.accelerator {
@@ -298,6 +360,11 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
             format!("vhost-vsock-{bus_suffix},guest-cid={cid}"),
         ]),
     }
+    args.extend(network::qemu_nic_args(
+        &spec.nics,
+        &spec.tap_fds,
+        spec.machine == MachineType::Pc,
+    ));
     if spec.qemu_sandbox {
         args.extend([
             "-sandbox".into(),
@@ -315,6 +382,26 @@ fn die_with_parent(cmd: &mut Command) {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Lets the child inherit `fds` (the shim opens every descriptor close-on-exec, so no other
+/// child holds a tap open).
+fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs between fork and exec and only calls fcntl(2), which is
+    // async-signal-safe, on descriptors the parent keeps open until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -382,6 +469,7 @@ pub fn spawn_qemu(config: &ShimConfig, spec: &VmSpec) -> Result<Child, VmError> 
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     die_with_parent(&mut cmd);
+    inherit_fds(&mut cmd, spec.tap_fds.clone());
     cmd.spawn().map_err(|source| VmError::Spawn {
         sandbox: spec.sandbox_id.clone(),
         what: "QEMU",
@@ -414,6 +502,8 @@ mod tests {
             console_log: "/s/console.log".into(),
             guest_log: "/s/guest.log".into(),
             pid_file: "/s/qemu.pid".into(),
+            nics: Vec::new(),
+            tap_fds: Vec::new(),
         }
     }
 
@@ -520,5 +610,31 @@ mod tests {
             ..ShimConfig::default()
         };
         assert_eq!(size_for(&small, Some(&oci)), (2, 300));
+    }
+
+    #[test]
+    fn pod_annotations_size_the_vm() {
+        let config = ShimConfig::default();
+        let spec = |pairs: &[(&str, &str)]| {
+            let a: std::collections::HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            SpecBuilder::default().annotations(a).build().unwrap()
+        };
+        let cri = spec(&[
+            (SANDBOX_CPU_QUOTA, "250000"),
+            (SANDBOX_CPU_PERIOD, "100000"),
+            (SANDBOX_MEMORY, "134217728"),
+        ]);
+        assert_eq!(size_for(&config, Some(&cri)), (4, 256 + 128));
+        let named = spec(&[
+            (KITE_VCPUS, "2"),
+            (KITE_MEMORY_MIB, "1024"),
+            (SANDBOX_MEMORY, "1"),
+        ]);
+        assert_eq!(size_for(&config, Some(&named)), (2, 1024));
+        let bad = spec(&[(KITE_VCPUS, "x"), (SANDBOX_MEMORY, "-1")]);
+        assert_eq!(size_for(&config, Some(&bad)), (1, 256));
     }
 }
