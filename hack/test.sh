@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kite's test command: sets the machine up (hack/setup.sh), then runs the unit tests and the
-# end-to-end tests against the real containerd, QEMU VMs and local registry.
+# end-to-end tests against the real containerd (ctr and the CRI), QEMU VMs, CNI and the local
+# registry.
 #   hack/test.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,5 +18,5 @@ cargo test --workspace --exclude kite-e2e --locked
 echo "== end-to-end tests (containerd, QEMU $(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo TCG), registry)"
 # Each test checks its own sandbox for leaks, so they may run side by side; the restart test
 # restarts containerd and runs alone.
-cargo test -p kite-e2e --locked --test shim --test failures -- --test-threads=2
+cargo test -p kite-e2e --locked --test shim --test failures --test network --test cri -- --test-threads=2
 cargo test -p kite-e2e --locked --test restart

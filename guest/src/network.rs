@@ -10,8 +10,8 @@ use futures::TryStreamExt;
 use kite_protocol::agent::NetworkConfig;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::packet_route::route::RouteMetric;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// How long a NIC may take to appear (its driver probes as the VM boots).
@@ -226,6 +226,11 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
                 b.build()
             }
         };
+        if r.gateway.is_empty() {
+            // On the link: a gateway behind this route must be reachable through it, which the
+            // kernel allows only for link-scope routes.
+            msg.header.scope = RouteScope::Link;
+        }
         if r.mtu > 0 {
             msg.attributes
                 .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(r.mtu)]));

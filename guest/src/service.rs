@@ -648,6 +648,20 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::default())
     }
 
+    async fn set_hostname(
+        &self,
+        _ctx: &TtrpcContext,
+        req: HostnameRequest,
+    ) -> ttrpc::Result<Empty> {
+        nix::unistd::sethostname(&req.hostname).map_err(|e| {
+            status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("hostname {:?}: {e}", req.hostname),
+            )
+        })?;
+        Ok(Empty::default())
+    }
+
     async fn wait_oom(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
         let id = self.oom.lock().await.recv().await.unwrap_or_default();
         Ok(OomEvent {

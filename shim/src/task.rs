@@ -333,6 +333,25 @@ impl KiteTask {
         let boot = booted_here.then_some(sandbox.timing);
         let boot_time = started.elapsed();
         if rootfs::is_pod_sandbox(&spec) {
+            if let Some(hostname) = spec.hostname().as_ref().filter(|h| !h.is_empty()) {
+                let set = sandbox
+                    .agent()
+                    .set_hostname(
+                        ctx(Some(CALL)),
+                        &proto::HostnameRequest {
+                            hostname: hostname.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| agent_err(format!("pod {sandbox_id}: hostname"), e));
+                if let Err(e) = set {
+                    if booted_here {
+                        self.stop_sandbox().await;
+                    }
+                    return Err(e);
+                }
+            }
             return Ok(self
                 .create_pod_sandbox(&sandbox, req, boot, boot_time)
                 .await);

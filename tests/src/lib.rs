@@ -222,3 +222,4 @@ pub fn write_config(name: &str, shim_section: &str) -> PathBuf {
     std::fs::write(&path, format!("[shim]\n{shim_section}\n")).expect("write config");
     path
 }
+pub mod cri;
