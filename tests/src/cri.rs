@@ -328,6 +328,27 @@ impl Cri {
     }
 }
 
+/// Removes a pod when dropped, so a failing test leaves no pod behind for the next run.
+pub struct RemoveOnDrop(pub String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let id = self.0.clone();
+        // A drop may run inside the test's runtime, which must not block: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut c = Cri::connect().await;
+                let _ = c.remove_pod(&id).await;
+            });
+        })
+        .join();
+    }
+}
+
 /// One HTTP GET over plain TCP (no client library needed for a test server), retried until it
 /// answers or `limit` passes. Returns the body.
 pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Result<String, String> {

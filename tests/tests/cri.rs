@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kite_e2e::cri::{http_get, kite_pod_netns, log_lines, status_message, Cri, KITE, RUNC};
+use kite_e2e::cri::{
+    http_get, kite_pod_netns, log_lines, status_message, Cri, RemoveOnDrop, KITE, RUNC,
+};
 use kite_e2e::{assert_no_leaks, require_setup, IMAGE};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -61,6 +63,7 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     let pod = c.run_pod("web", KITE, &[]).await.unwrap_or_else(|e| {
         panic!("run a kite pod: {}", status_message(&e));
     });
+    let _pod_guard = RemoveOnDrop(pod.id.clone());
     let netns = kite_pod_netns(&pod.id).expect("the kite pod attached a network namespace");
     let cmd = httpd("hello-from-kite");
     let web = c.run_container(&pod, "web", 0, IMAGE, &args(&cmd)).await;
@@ -131,6 +134,7 @@ async fn a_two_container_pod_shares_localhost_and_a_restart_keeps_vm_and_ip() {
         .run_pod("duo", KITE, &[])
         .await
         .unwrap_or_else(|e| panic!("run a kite pod: {}", status_message(&e)));
+    let _pod_guard = RemoveOnDrop(pod.id.clone());
     let netns = kite_pod_netns(&pod.id).expect("network namespace");
     let cmd = httpd("from-the-web-container");
     let web = c.run_container(&pod, "web", 0, IMAGE, &args(&cmd)).await;
@@ -169,10 +173,12 @@ async fn kite_and_runc_pods_reach_each_other() {
         .run_pod("peer-runc", RUNC, &[])
         .await
         .unwrap_or_else(|e| panic!("run a runc pod: {}", status_message(&e)));
+    let _runc_pod_guard = RemoveOnDrop(runc_pod.id.clone());
     let kite_pod = c
         .run_pod("peer-kite", KITE, &[])
         .await
         .unwrap_or_else(|e| panic!("run a kite pod: {}", status_message(&e)));
+    let _kite_pod_guard = RemoveOnDrop(kite_pod.id.clone());
     let netns = kite_pod_netns(&kite_pod.id).expect("network namespace");
     let r = c
         .run_container(&runc_pod, "web", 0, IMAGE, &args(&httpd("runc-side")))
@@ -229,6 +235,7 @@ async fn bad_input_gets_a_clear_cri_error_and_leaks_nothing() {
         .run_pod("badcmd", KITE, &[])
         .await
         .unwrap_or_else(|e| panic!("run a kite pod: {}", status_message(&e)));
+    let _pod_guard = RemoveOnDrop(pod.id.clone());
     let netns = kite_pod_netns(&pod.id).expect("network namespace");
     let created = c
         .create_container(&pod, "bad", 0, IMAGE, &["/no/such/binary"])
