@@ -36,6 +36,7 @@ install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
 "$here/hack/build-guest.sh" /var/lib/kite/guest
 mkdir -p /etc/kite /run/kite
 [ -f /etc/kite/kite.toml ] || install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml
+install -m 0644 "$here/deploy/kite-macvtap.toml" /etc/kite/kite-macvtap.toml
 
 # 4. containerd with the kite runtime, and the pods' CNI network (bridge kite0, 10.88.0.0/16).
 mkdir -p /etc/containerd /var/log/kite /etc/cni/net.d

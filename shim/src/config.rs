@@ -54,6 +54,17 @@ pub enum MachineType {
     Pc,
 }
 
+/// How a pod's interfaces (other than PCI functions passed through) reach its VM.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A tap per interface, tc redirect both ways (works on any interface).
+    #[default]
+    Tc,
+    /// A passthru macvtap on each interface.
+    Macvtap,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShimConfig {
@@ -84,6 +95,8 @@ pub struct ShimConfig {
     /// Pass a pod interface whose device is a PCI function (an ENI, an SR-IOV VF) into the
     /// VM with VFIO, rather than through a tap.
     pub vfio_passthrough: bool,
+    /// How the other interfaces are attached: `tc` or `macvtap`.
+    pub network_mode: NetworkMode,
 }
 
 impl Default for ShimConfig {
@@ -106,6 +119,7 @@ impl Default for ShimConfig {
             state_dir: "/run/kite/sandboxes".into(),
             log_level: "info".into(),
             vfio_passthrough: true,
+            network_mode: NetworkMode::Tc,
         }
     }
 }

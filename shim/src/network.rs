@@ -40,12 +40,15 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::config::NetworkMode;
 use crate::passthrough::{self, PciFunction};
 
 /// The main routing table.
 const RT_TABLE_MAIN: u32 = 254;
-/// Names of the taps kite makes; interfaces so named are never attached themselves.
+/// Every interface kite makes in a pod's namespace is named so, and never attached itself.
+const OWN_PREFIX: &str = "kite-";
 const TAP_PREFIX: &str = "kite-tap";
+const MACVTAP_PREFIX: &str = "kite-mvt";
 /// The file in the sandbox dir that records what [`release`] must undo.
 pub const STATE_FILE: &str = "network.json";
 
@@ -73,6 +76,9 @@ pub enum NetworkError {
 pub enum Attachment {
     /// A tap in the namespace, tc-redirected to and from the interface.
     Tap { tap: String },
+    /// A macvtap in passthru mode on top of the interface (it takes every frame the interface
+    /// receives).
+    Macvtap { link: String },
     /// The interface's PCI function, bound to vfio-pci; `host_driver` is rebound on release.
     Vfio { function: PciFunction },
 }
@@ -97,7 +103,8 @@ struct NetworkState {
 pub struct PodNetwork {
     pub netns: PathBuf,
     pub nics: Vec<AttachedNic>,
-    /// The tap descriptors, in the order of the `Tap` entries of `nics`; QEMU inherits them.
+    /// The tap and macvtap descriptors, in the order of those entries of `nics`; QEMU
+    /// inherits them.
     pub tap_fds: Vec<OwnedFd>,
     pub guest: proto::NetworkConfig,
 }
@@ -149,7 +156,7 @@ fn link_from(msg: &LinkMessage) -> Option<Link> {
     }
     let name = name?;
     let mac = mac.filter(|m| m.len() == 6 && m.iter().any(|b| *b != 0))?;
-    if msg.header.flags.contains(LinkFlags::Loopback) || name.starts_with(TAP_PREFIX) {
+    if msg.header.flags.contains(LinkFlags::Loopback) || name.starts_with(OWN_PREFIX) {
         return None;
     }
     Some(Link {
@@ -280,6 +287,7 @@ pub fn attach(
     sandbox: &str,
     netns: &Path,
     sandbox_dir: &Path,
+    mode: NetworkMode,
     vfio_passthrough: bool,
     sysfs: &Path,
 ) -> Result<PodNetwork, NetworkError> {
@@ -312,6 +320,9 @@ pub fn attach(
                 Some(f) => Attachment::Vfio {
                     function: f.clone(),
                 },
+                None if mode == NetworkMode::Macvtap => Attachment::Macvtap {
+                    link: format!("{MACVTAP_PREFIX}{i}"),
+                },
                 None => Attachment::Tap {
                     tap: format!("{TAP_PREFIX}{i}"),
                 },
@@ -329,7 +340,7 @@ pub fn attach(
     )
     .map_err(|e| fail("record", format!("{}: {e}", state_path.display())))?;
 
-    let result = attach_all(sandbox, netns, sysfs, &plan, &nics);
+    let result = attach_all(sandbox, netns, sandbox_dir, sysfs, &plan, &nics);
     match result {
         Ok(tap_fds) => {
             info!(sandbox, netns = %netns.display(), nics = nics.len(), "pod network attached");
@@ -350,28 +361,40 @@ pub fn attach(
 fn attach_all(
     sandbox: &str,
     netns: &Path,
+    sandbox_dir: &Path,
     sysfs: &Path,
     plan: &[(Link, Option<PciFunction>)],
     nics: &[AttachedNic],
 ) -> Result<Vec<OwnedFd>, NetworkError> {
-    let mut taps = Vec::new();
+    let mut in_ns = Vec::new();
     for ((link, _), nic) in plan.iter().zip(nics) {
         match &nic.attachment {
             Attachment::Vfio { function } => passthrough::bind_vfio(sysfs, function)?,
-            Attachment::Tap { tap } => taps.push((link.clone(), tap.clone())),
+            other => in_ns.push((link.clone(), other.clone())),
         }
     }
-    if taps.is_empty() {
+    if in_ns.is_empty() {
         return Ok(Vec::new());
     }
     let sandbox_owned = sandbox.to_string();
+    let node_dir = sandbox_dir.to_path_buf();
     in_netns(netns, "attach", move |h| async move {
         let mut fds = Vec::new();
-        for (link, tap) in taps {
-            let fd = open_tap(&tap).map_err(|e| format!("{}: tap {tap}: {e}", link.name))?;
-            redirect(&h, &link, &tap)
-                .await
-                .map_err(|e| format!("{}: {e}", link.name))?;
+        for (link, attachment) in in_ns {
+            let fd = match attachment {
+                Attachment::Tap { tap } => {
+                    let fd =
+                        open_tap(&tap).map_err(|e| format!("{}: tap {tap}: {e}", link.name))?;
+                    redirect(&h, &link, &tap)
+                        .await
+                        .map_err(|e| format!("{}: {e}", link.name))?;
+                    fd
+                }
+                Attachment::Macvtap { link: name } => macvtap(&h, &link, &name, &node_dir)
+                    .await
+                    .map_err(|e| format!("{}: macvtap {name}: {e}", link.name))?,
+                Attachment::Vfio { .. } => unreachable!("VFIO functions are bound above"),
+            };
             fds.push(fd);
         }
         Ok(fds)
@@ -381,6 +404,84 @@ fn attach_all(
         interface: "(attach)".into(),
         reason,
     })
+}
+
+/// Makes a passthru macvtap `name` on `link` and opens its character device.
+///
+/// The device's number is in sysfs under the macvtap, and the shim's /sys shows the host's
+/// namespace: this (per-thread) mount namespace gets a sysfs of the pod's network namespace.
+/// The device node is made in `node_dir`, opened and removed again.
+async fn macvtap(h: &Handle, link: &Link, name: &str, node_dir: &Path) -> Result<OwnedFd, String> {
+    use rtnetlink::packet_route::link::MacVtapMode;
+    h.link()
+        .add(
+            rtnetlink::LinkMacVtap::new(name, link.index, MacVtapMode::Passthrough)
+                .mtu(link.mtu)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| format!("create: {e}"))?;
+    let index = h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| format!("find: {e}"))?
+        .ok_or("vanished")?
+        .header
+        .index;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mounts: {e}"))?;
+    let none: Option<&str> = None;
+    nix::mount::mount(
+        none,
+        "/",
+        none,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        none,
+    )
+    .map_err(|e| format!("make mounts private: {e}"))?;
+    let sys = node_dir.join(format!("sysfs-{name}"));
+    std::fs::create_dir_all(&sys).map_err(|e| format!("{}: {e}", sys.display()))?;
+    nix::mount::mount(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        nix::mount::MsFlags::empty(),
+        none,
+    )
+    .map_err(|e| format!("mount sysfs: {e}"))?;
+    let dev_file = sys.join(format!("class/net/{name}/macvtap/tap{index}/dev"));
+    let numbers = std::fs::read_to_string(&dev_file);
+    let _ = nix::mount::umount2(&sys, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir(&sys);
+    let numbers = numbers.map_err(|e| format!("{}: {e}", dev_file.display()))?;
+    let (major, minor) = numbers
+        .trim()
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+        .ok_or_else(|| format!("{}: {numbers:?}", dev_file.display()))?;
+    let node = node_dir.join(format!("{name}.dev"));
+    let _ = std::fs::remove_file(&node);
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(major, minor),
+    )
+    .map_err(|e| format!("mknod {}: {e}", node.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_cloexec()
+        .open(&node);
+    let _ = std::fs::remove_file(&node);
+    let file = file.map_err(|e| format!("open {}: {e}", node.display()))?;
+    set_vnet_hdr(&file).map_err(|e| format!("vnet header: {e}"))?;
+    Ok(OwnedFd::from(file))
 }
 
 async fn read_netns(h: &Handle) -> Result<(Vec<Link>, proto::NetworkConfig), String> {
@@ -507,30 +608,24 @@ async fn redirect(h: &Handle, link: &Link, tap: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens a new (non-persistent) tap named `name` in the calling thread's network namespace,
-/// with virtio-net headers so QEMU can pass offloads through.
-///
-/// Written here rather than taken from a tun crate: it is one ioctl, and the crates that wrap it
-/// also configure addresses and routes, which the tc redirect must not have.
-fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+
+/// TUNSETIFF: names (tun) and sets the flags of a tun/tap or macvtap descriptor.
+fn set_iff(file: &File, name: &str) -> std::io::Result<()> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::other("interface name too long"));
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags_cloexec()
-        .open("/dev/net/tun")?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        flags: TAP_FLAGS as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -540,6 +635,26 @@ fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Turns on virtio-net headers on a macvtap (its name is fixed; TUNSETIFF sets the flags).
+fn set_vnet_hdr(file: &File) -> std::io::Result<()> {
+    set_iff(file, "")
+}
+
+/// Opens a new (non-persistent) tap named `name` in the calling thread's network namespace,
+/// with virtio-net headers so QEMU can pass offloads through.
+///
+/// Written here rather than taken from a tun crate: it is one ioctl, and the crates that wrap it
+/// also configure addresses and routes, which the tc redirect must not have.
+fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_cloexec()
+        .open("/dev/net/tun")?;
+    set_iff(&file, name)?;
     Ok(OwnedFd::from(file))
 }
 
@@ -574,42 +689,33 @@ pub fn release(sandbox_dir: &Path, sysfs: &Path) {
             }
         }
     }
-    let names: Vec<(String, Option<String>)> = state
+    // (the namespace's interface, the link kite made beside it)
+    let names: Vec<(String, String)> = state
         .nics
         .iter()
         .filter_map(|n| match &n.attachment {
-            Attachment::Tap { tap } => Some((n.name.clone(), Some(tap.clone()))),
+            Attachment::Tap { tap } => Some((n.name.clone(), tap.clone())),
+            Attachment::Macvtap { link } => Some((n.name.clone(), link.clone())),
             Attachment::Vfio { .. } => None,
         })
         .collect();
     if !names.is_empty() && state.netns.exists() {
         let r = in_netns(&state.netns, "release", move |h| async move {
-            for (name, tap) in names {
-                for n in [Some(name), tap].into_iter().flatten() {
-                    let Ok(Some(link)) = h
-                        .link()
-                        .get()
-                        .match_name(n.clone())
-                        .execute()
-                        .try_next()
-                        .await
-                    else {
-                        continue;
-                    };
-                    let index = link.header.index;
-                    if n.starts_with(TAP_PREFIX) {
-                        let _ = h.link().del(index).execute().await;
-                        continue;
-                    }
-                    let mut del = h.qdisc().del(index as i32);
-                    del.message_mut().header.parent = TcHandle::INGRESS;
-                    del.message_mut().header.handle = TcHandle::from(0xffff_0000);
-                    if let Err(e) = del.execute().await {
-                        let gone = matches!(&e, rtnetlink::Error::NetlinkError(m)
-                            if m.raw_code() == -libc::ENOENT || m.raw_code() == -libc::EINVAL);
-                        if !gone {
-                            return Err(format!("{n}: remove ingress qdisc: {e}"));
-                        }
+            for (name, own) in names {
+                if let Some(index) = index_of(&h, &own).await {
+                    let _ = h.link().del(index).execute().await;
+                }
+                let Some(index) = index_of(&h, &name).await else {
+                    continue;
+                };
+                let mut del = h.qdisc().del(index as i32);
+                del.message_mut().header.parent = TcHandle::INGRESS;
+                del.message_mut().header.handle = TcHandle::from(0xffff_0000);
+                if let Err(e) = del.execute().await {
+                    let gone = matches!(&e, rtnetlink::Error::NetlinkError(m)
+                        if m.raw_code() == -libc::ENOENT || m.raw_code() == -libc::EINVAL);
+                    if !gone {
+                        return Err(format!("{name}: remove ingress qdisc: {e}"));
                     }
                 }
             }
@@ -622,6 +728,18 @@ pub fn release(sandbox_dir: &Path, sysfs: &Path) {
     let _ = std::fs::remove_file(&path);
 }
 
+async fn index_of(h: &Handle, name: &str) -> Option<u32> {
+    h.link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten()
+        .map(|l| l.header.index)
+}
+
 /// The QEMU arguments (netdev and device) for the attached NICs, given the descriptors QEMU
 /// inherits for the taps (in order).
 pub fn qemu_nic_args(nics: &[AttachedNic], tap_fds: &[i32], pci: bool) -> Vec<String> {
@@ -629,7 +747,7 @@ pub fn qemu_nic_args(nics: &[AttachedNic], tap_fds: &[i32], pci: bool) -> Vec<St
     let mut fds = tap_fds.iter();
     for (i, nic) in nics.iter().enumerate() {
         match &nic.attachment {
-            Attachment::Tap { .. } => {
+            Attachment::Tap { .. } | Attachment::Macvtap { .. } => {
                 let Some(fd) = fds.next() else { break };
                 args.push("-netdev".into());
                 args.push(format!("tap,id=net{i},fd={fd}"));

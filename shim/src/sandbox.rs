@@ -179,10 +179,10 @@ impl Sandbox {
         let network = match netns {
             Some(ns) => {
                 let (id, ns, dir) = (id.to_string(), ns.to_path_buf(), dir.to_path_buf());
-                let passthrough = config.vfio_passthrough;
+                let (mode, passthrough) = (config.network_mode, config.vfio_passthrough);
                 Some(
                     tokio::task::spawn_blocking(move || {
-                        network::attach(&id, &ns, &dir, passthrough, Path::new(SYSFS))
+                        network::attach(&id, &ns, &dir, mode, passthrough, Path::new(SYSFS))
                     })
                     .await
                     .expect("network attach thread")?,

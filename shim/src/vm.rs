@@ -153,10 +153,13 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    fn has_tap(&self) -> bool {
-        self.nics
-            .iter()
-            .any(|n| matches!(n.attachment, Attachment::Tap { .. }))
+    fn has_virtio_net(&self) -> bool {
+        self.nics.iter().any(|n| {
+            matches!(
+                n.attachment,
+                Attachment::Tap { .. } | Attachment::Macvtap { .. }
+            )
+        })
     }
 
     fn has_vfio(&self) -> bool {
@@ -263,7 +266,7 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
         words.push("kite.channel=vsock");
         groups.push("vsock");
     }
-    if spec.has_tap() {
+    if spec.has_virtio_net() {
         groups.push("net");
     }
     if spec.has_vfio() {

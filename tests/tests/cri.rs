@@ -128,6 +128,33 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_attached_by_macvtap_serves_on_its_ip() {
+    let mut c = setup().await;
+    let pod = c
+        .run_pod("mvt", "kite-macvtap", &[])
+        .await
+        .unwrap_or_else(|e| panic!("run a kite-macvtap pod: {}", status_message(&e)));
+    let _pod_guard = RemoveOnDrop(pod.id.clone());
+    let netns = kite_pod_netns(&pod.id).expect("network namespace");
+    let network = std::fs::read_to_string(
+        Path::new(kite_e2e::STATE_DIR)
+            .join(&pod.id)
+            .join("network.json"),
+    )
+    .unwrap();
+    assert!(network.contains("Macvtap"), "{network}");
+    let web = c
+        .run_container(&pod, "web", 0, IMAGE, &args(&httpd("via-macvtap")))
+        .await;
+    c.wait_running(&web, LIMIT).await;
+    let ip = c.pod_ip(&pod.id).await;
+    let body = http_get(&format!("{ip}:8080"), "/", LIMIT).await.unwrap();
+    assert_eq!(body.trim(), "via-macvtap");
+    c.remove_pod(&pod.id).await.unwrap();
+    assert_pod_gone(&pod.id, Some(&netns)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_container_pod_shares_localhost_and_a_restart_keeps_vm_and_ip() {
     let mut c = setup().await;
     let pod = c

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use kite_shim::config::NetworkMode;
 use kite_shim::network::{self, Attachment};
 
 fn ip(args: &[&str]) -> String {
@@ -36,7 +37,7 @@ struct Netns {
 impl Netns {
     fn new(tag: &str) -> Self {
         let name = format!("kite-nettest-{tag}-{}", std::process::id());
-        let host_if = format!("knt{}{}", tag.len(), std::process::id() % 100000);
+        let host_if = format!("knt{tag}{}", std::process::id() % 100000);
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(std::process::Stdio::null())
@@ -96,8 +97,15 @@ impl Drop for Netns {
 fn attach_reads_the_namespace_and_release_leaves_nothing() {
     let ns = Netns::new("a");
     let dir = tempfile::tempdir().unwrap();
-    let net = network::attach("nettest", &ns.path(), dir.path(), true, Path::new("/sys"))
-        .expect("attach");
+    let net = network::attach(
+        "nettest",
+        &ns.path(),
+        dir.path(),
+        NetworkMode::Tc,
+        true,
+        Path::new("/sys"),
+    )
+    .expect("attach");
 
     // What the guest is told.
     assert_eq!(net.guest.interfaces.len(), 1, "{:?}", net.guest);
@@ -168,6 +176,7 @@ fn a_missing_namespace_is_a_clear_error_and_leaves_nothing() {
         "nettest",
         Path::new("/var/run/netns/kite-no-such-ns"),
         dir.path(),
+        NetworkMode::Tc,
         true,
         Path::new("/sys"),
     )
@@ -179,4 +188,44 @@ fn a_missing_namespace_is_a_clear_error_and_leaves_nothing() {
         "{err}"
     );
     assert!(!dir.path().join(network::STATE_FILE).exists());
+}
+
+#[test]
+fn macvtap_mode_makes_a_passthru_macvtap_and_release_removes_it() {
+    let ns = Netns::new("m");
+    let dir = tempfile::tempdir().unwrap();
+    let net = network::attach(
+        "nettest",
+        &ns.path(),
+        dir.path(),
+        NetworkMode::Macvtap,
+        true,
+        Path::new("/sys"),
+    )
+    .expect("attach");
+    assert_eq!(net.nics.len(), 1);
+    let Attachment::Macvtap { link } = &net.nics[0].attachment else {
+        panic!("expected a macvtap: {:?}", net.nics[0]);
+    };
+    assert_eq!(net.tap_fds.len(), 1, "the macvtap's device is open");
+    let details = ip(&["-d", "-n", &ns.name, "link", "show", link]);
+    assert!(
+        details.contains("macvtap") && details.contains("mode passthru"),
+        "{details}"
+    );
+    // No device node or sysfs mount is left in the sandbox dir.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != network::STATE_FILE)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&dir.path().display().to_string()));
+
+    drop(net.tap_fds);
+    network::release(dir.path(), Path::new("/sys"));
+    let links = ip(&["-n", &ns.name, "link", "show"]);
+    assert!(!links.contains(link.as_str()), "{links}");
 }
