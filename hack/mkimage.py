@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Builds a small OCI image archive (for `ctr images import`) from Debian's static busybox.
 
-    hack/mkimage.py OUT.tar REF [--cmd 'sh -c ...']
+    hack/mkimage.py OUT.tar REF [--cmd 'sh -c ...'] [--binary /usr/bin/iperf3 ...]
 
 The image has /bin/busybox with its applets linked, /etc/passwd and /etc/group (root, nobody),
-and /tmp. Reproducible: fixed mtimes and ordering, so the digest only changes with busybox.
+and /tmp; each --binary is added at its own path with the shared libraries ldd finds for it.
+Reproducible: fixed mtimes and ordering, so the digest only changes with its inputs.
 """
-import gzip, hashlib, io, json, os, sys, tarfile
+import gzip, hashlib, io, json, os, subprocess, sys, tarfile
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "echo", "cat", "sleep", "uname", "ls", "id", "env", "pwd", "true", "false",
@@ -28,7 +29,22 @@ def add(tar, name, data=None, mode=0o644, kind=tarfile.REGTYPE, link=""):
         tar.addfile(info)
 
 
-def layer():
+def with_libraries(binaries):
+    """The binaries and every shared library (and the loader) they need, by path."""
+    paths = set()
+    for b in binaries:
+        paths.add(b)
+        out = subprocess.run(["ldd", b], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if "=>" in parts and len(parts) > parts.index("=>") + 1:
+                paths.add(parts[parts.index("=>") + 1])
+            elif parts and parts[0].startswith("/"):
+                paths.add(parts[0])
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+def layer(binaries=()):
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for d in ["bin", "etc", "tmp", "root", "proc", "sys", "dev", "home", "var", "run"]:
@@ -40,6 +56,16 @@ def layer():
         add(tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/sh\n")
         add(tar, "etc/group", b"root:x:0:\nnobody:x:65534:\n")
         add(tar, "etc/hostname", b"kite\n")
+        made = set()
+        for path in with_libraries(binaries):
+            parts = path.strip("/").split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in made and d not in ("bin", "etc", "tmp"):
+                    made.add(d)
+                    add(tar, d, kind=tarfile.DIRTYPE, mode=0o755)
+            with open(os.path.realpath(path), "rb") as f:
+                add(tar, path.strip("/"), f.read(), mode=0o755)
     tar_bytes = raw.getvalue()
     gz = io.BytesIO()
     with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0) as g:
@@ -56,7 +82,8 @@ def main():
     cmd = ["sh"]
     if "--cmd" in sys.argv:
         cmd = ["sh", "-c", sys.argv[sys.argv.index("--cmd") + 1]]
-    tar_bytes, gz = layer()
+    binaries = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--binary"]
+    tar_bytes, gz = layer(binaries)
     config = json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": cmd, "WorkingDir": "/"},

@@ -59,21 +59,9 @@ if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then
 fi
 
 # 6. The sample image and the CRI's pause image, in the registry.
-push_image() { # NAME [mkimage.py options]
-  local name=$1; shift
-  local ref=127.0.0.1:5000/kite/$name:latest
-  curl -fsS -H "Accept: application/vnd.oci.image.manifest.v1+json" \
-    "http://127.0.0.1:5000/v2/kite/$name/manifests/latest" >/dev/null 2>&1 && return 0
-  log "pushing the image $ref"
-  local tmp; tmp=$(mktemp -d)
-  python3 "$here/hack/mkimage.py" "$tmp/image.tar" "$ref" "$@" >/dev/null
-  ctr images import --no-unpack "$tmp/image.tar" >/dev/null
-  ctr images push --plain-http "$ref" >/dev/null
-  rm -rf "$tmp"
-}
-push_image busybox
+"$here/hack/push-image.sh" busybox
 # A pod's sandbox ("pause") container only holds the pod's namespaces under runc; kite does not
 # run it at all (the VM holds them).
-push_image pause --cmd 'exec sleep 2147483647'
+"$here/hack/push-image.sh" pause --cmd 'exec sleep 2147483647'
 ref=127.0.0.1:5000/kite/busybox:latest
 log "ready: containerd with runtime io.containerd.kite.v2, registry 127.0.0.1:5000, image $ref"
