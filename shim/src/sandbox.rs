@@ -56,6 +56,9 @@ pub struct BootTiming {
     /// Guest-side: kernel start to agent start, and agent start to serving.
     pub guest_kernel: Duration,
     pub guest_agent: Duration,
+    /// The pod's network: attaching it on the host, and configuring it in the guest.
+    pub network_attach: Duration,
+    pub network_guest: Duration,
 }
 
 pub struct Sandbox {
@@ -176,6 +179,7 @@ impl Sandbox {
         }
         let virtiofsd_time = started.elapsed();
 
+        let attach_started = Instant::now();
         let network = match netns {
             Some(ns) => {
                 let (id, ns, dir) = (id.to_string(), ns.to_path_buf(), dir.to_path_buf());
@@ -190,6 +194,7 @@ impl Sandbox {
             }
             None => None,
         };
+        let network_attach = attach_started.elapsed();
         let (nics, tap_fds, guest_network) = match network {
             Some(n) => (n.nics, n.tap_fds, Some(n.guest)),
             None => (Vec::new(), Vec::new(), None),
@@ -287,6 +292,7 @@ impl Sandbox {
                 });
             }
         };
+        let vm_to_agent = vm_started.elapsed();
         if let Some(net) = guest_network {
             if let Err(e) = agent
                 .configure_network(ctx(Some(Duration::from_secs(30))), &net)
@@ -302,7 +308,9 @@ impl Sandbox {
         }
         let timing = BootTiming {
             virtiofsd: virtiofsd_time,
-            vm_to_agent: vm_started.elapsed(),
+            vm_to_agent,
+            network_attach,
+            network_guest: vm_started.elapsed() - vm_to_agent,
             guest_kernel: Duration::from_nanos(info.agent_started_ns),
             guest_agent: Duration::from_nanos(
                 info.agent_ready_ns.saturating_sub(info.agent_started_ns),

@@ -492,6 +492,8 @@ fn log_timings(c: &Container, start: Duration, guest_start: Duration) {
         booted = c.boot.is_some(),
         virtiofsd_ms = ms(b.virtiofsd),
         vm_boot_ms = ms(b.vm_to_agent),
+        network_attach_ms = ms(b.network_attach),
+        network_guest_ms = ms(b.network_guest),
         guest_kernel_ms = ms(b.guest_kernel),
         guest_agent_ms = ms(b.guest_agent),
         create_ms = ms(c.create_time),

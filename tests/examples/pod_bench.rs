@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kite_e2e::cri::{status_message, Cri, Pod, KITE, RUNC};
+use kite_e2e::cri::{status_message, Cri, Pod, RemoveOnDrop, KITE, RUNC};
 use kite_e2e::IMAGE;
 
 const IPERF_IMAGE: &str = "127.0.0.1:5000/kite/iperf3:latest";
@@ -142,18 +142,21 @@ fn iperf(ip: &str, reverse: bool) -> f64 {
     if reverse {
         cmd.arg("-R");
     }
+    let mut last = String::new();
     for _ in 0..50 {
         let out = cmd.output().expect("run iperf3");
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-            return v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .expect("iperf3 result")
-                / 1e9;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return bps / 1e9;
         }
+        // Not up yet, or busy: iperf3 says why in its JSON.
+        last = v["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned());
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("iperf3 to {ip} never connected");
+    panic!("iperf3 to {ip}: {last}");
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -180,6 +183,7 @@ async fn main() {
 
     let mut starts: Vec<(&str, Start)> = Vec::new();
     let mut pods: Vec<(&str, Pod)> = Vec::new();
+    let mut guards = Vec::new();
     for i in 0..n {
         for handler in [RUNC, KITE] {
             let (pod, s) = start_pod(&mut c, handler, &format!("bench-{handler}-{i}")).await;
@@ -188,6 +192,7 @@ async fn main() {
                 s.first_output
             );
             starts.push((handler, s));
+            guards.push(RemoveOnDrop(pod.id.clone()));
             pods.push((handler, pod));
         }
     }
@@ -206,6 +211,7 @@ async fn main() {
             .run_pod(&format!("iperf-{handler}"), handler, &[])
             .await
             .unwrap_or_else(|e| panic!("run {handler} pod: {}", status_message(&e)));
+        let _guard = RemoveOnDrop(pod.id.clone());
         c.run_container(&pod, "iperf", 0, IPERF_IMAGE, &["/usr/bin/iperf3", "-s"])
             .await;
         let ip = c.pod_ip(&pod.id).await;
