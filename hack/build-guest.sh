@@ -41,10 +41,10 @@ cp "$agent" "$stage/sysroot/init"
 ln -s sysroot/init "$stage/init"
 # Modules in groups; the shim names the groups a VM needs on the kernel command line
 # (kite.modules=…), and the agent loads just those, in this order, each after its dependencies.
-# vf: drivers of the network functions a pod may get passed through (ENA, Intel VF, gVNIC, mlx5).
+# vf: drivers of the network functions a pod may get passed through (ENA, Intel VF, gVNIC).
 groups="core:virtio_ring,virtio mmio:virtio_mmio pci:virtio_pci console:virtio_console
         fs:virtiofs net:virtio_net vsock:vmw_vsock_virtio_transport overlay:overlay
-        vf:ena,ixgbevf,gve,mlx5_core"
+        balloon:virtio_balloon vf:ena,ixgbevf,gve"
 : > "$stage/sysroot/lib/modules/modules.load"
 for g in $groups; do
   name=${g%%:*}

@@ -97,6 +97,8 @@ pub struct ShimConfig {
     pub vfio_passthrough: bool,
     /// How the other interfaces are attached: `tc` or `macvtap`.
     pub network_mode: NetworkMode,
+    /// A virtio-balloon with free page reporting: memory the guest frees returns to the host.
+    pub free_page_reporting: bool,
 }
 
 impl Default for ShimConfig {
@@ -120,6 +122,7 @@ impl Default for ShimConfig {
             log_level: "info".into(),
             vfio_passthrough: true,
             network_mode: NetworkMode::Tc,
+            free_page_reporting: true,
         }
     }
 }

@@ -233,6 +233,7 @@ impl Sandbox {
             console_log: dir.join("console.log"),
             guest_log: dir.join("guest.log"),
             pid_file: dir.join("qemu.pid"),
+            free_page_reporting: config.free_page_reporting,
             nics,
             tap_fds: tap_fds.iter().map(|f| f.as_raw_fd()).collect(),
         };

@@ -147,6 +147,8 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     pub guest_log: PathBuf,
     pub pid_file: PathBuf,
+    /// A virtio-balloon that reports the guest's free pages, so QEMU gives them back.
+    pub free_page_reporting: bool,
     /// The pod's NICs, and the tap descriptors QEMU inherits (in the order of the tap NICs).
     pub nics: Vec<AttachedNic>,
     pub tap_fds: Vec<RawFd>,
@@ -269,6 +271,9 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     if spec.has_virtio_net() {
         groups.push("net");
     }
+    if spec.free_page_reporting {
+        groups.push("balloon");
+    }
     if spec.has_vfio() {
         groups.push("vf");
     }
@@ -362,6 +367,14 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
             "-device".into(),
             format!("vhost-vsock-{bus_suffix},guest-cid={cid}"),
         ]),
+    }
+    if spec.free_page_reporting {
+        // Memory the guest frees (the unpacked initrd, boot-time allocations) goes back to the
+        // host instead of staying in the VM's footprint.
+        args.extend([
+            "-device".into(),
+            format!("virtio-balloon-{bus_suffix},free-page-reporting=on"),
+        ]);
     }
     args.extend(network::qemu_nic_args(
         &spec.nics,
@@ -505,6 +518,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             guest_log: "/s/guest.log".into(),
             pid_file: "/s/qemu.pid".into(),
+            free_page_reporting: true,
             nics: Vec::new(),
             tap_fds: Vec::new(),
         }
@@ -557,7 +571,8 @@ mod tests {
         let cmdline = kernel_cmdline(&s);
         assert!(cmdline.contains("lpj=") && cmdline.contains("tsc=reliable"));
         assert!(cmdline.contains("tsc_early_khz=2445406"));
-        assert!(cmdline.contains("kite.modules=core,mmio,console,fs "));
+        assert!(cmdline.contains("kite.modules=core,mmio,console,fs,balloon "));
+        assert!(joined.contains("virtio-balloon-device,free-page-reporting=on"));
         assert!(cmdline.ends_with(" debug"));
     }
 
@@ -573,7 +588,7 @@ mod tests {
         let cmdline = kernel_cmdline(&s);
         assert!(!cmdline.contains("lpj=") && !cmdline.contains("tsc_early_khz"));
         assert!(cmdline.contains("kite.channel=vsock"));
-        assert!(cmdline.contains("kite.modules=core,pci,console,fs,vsock"));
+        assert!(cmdline.contains("kite.modules=core,pci,console,fs,vsock,balloon"));
     }
 
     #[test]
