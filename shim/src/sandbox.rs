@@ -39,6 +39,12 @@ pub enum SandboxError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("sandbox {sandbox}: host cgroup {path}: {reason}")]
+    Cgroup {
+        sandbox: String,
+        path: String,
+        reason: String,
+    },
     #[error("sandbox {sandbox}: the VM did not boot: {reason}{console}")]
     Boot {
         sandbox: String,
@@ -268,6 +274,17 @@ impl Sandbox {
         }
         let (vm_tx, vm_exited) = watch::channel(false);
         spawn_reaper(qemu, vm_tx);
+        if let Some(path) = oci.and_then(host_cgroup_path) {
+            let pids = [qemu_pid, virtiofsd_pid];
+            if let Err(e) = place_in_cgroup(dir, &path, &pids) {
+                kill_pids(&pids);
+                return Err(SandboxError::Cgroup {
+                    sandbox: id.to_string(),
+                    path,
+                    reason: e,
+                });
+            }
+        }
 
         let kill_all = || kill_pids(&[qemu_pid, virtiofsd_pid]);
         let connected = connect_agent(
@@ -534,12 +551,70 @@ pub fn cleanup_sandbox_dir(dir: &Path) {
             }
         }
     }
+    remove_cgroup(dir);
     // With QEMU gone its taps are gone; what it leaves in the pod's namespace goes now.
     network::release(dir, Path::new(SYSFS));
     unmount_under(&dir.join("share"));
     if let Err(e) = std::fs::remove_dir_all(dir) {
         warn!("remove sandbox state {}: {e}", dir.display());
     }
+}
+
+/// The file in the sandbox dir that names the host cgroup the VM was placed in.
+const CGROUP_FILE: &str = "cgroup";
+
+/// The host cgroup of the container that boots the VM (its OCI `cgroupsPath`): for a pod's
+/// sandbox container it lies under the pod's cgroup, whose limits the kubelet sets (the pod's
+/// and the RuntimeClass overhead), so they bound the VM; and the CRI's pod stats count it.
+/// A systemd-style path (`slice:prefix:name`) is not handled: no systemd manages cgroups here.
+fn host_cgroup_path(spec: &oci_spec::runtime::Spec) -> Option<String> {
+    let path = spec.linux().as_ref()?.cgroups_path().as_ref()?;
+    let path = path.display().to_string();
+    if path.is_empty() || path.contains(':') {
+        return None;
+    }
+    Some(path)
+}
+
+fn cgroup_manager(path: &str) -> Result<libcgroups::common::AnyCgroupManager, String> {
+    libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+        cgroup_path: PathBuf::from(path),
+        systemd_cgroup: false,
+        container_name: String::new(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Moves the VM's processes into the cgroup at `path` (made if missing; its limits are the
+/// kubelet's to set, not the pause container's). The path is recorded for [`remove_cgroup`].
+fn place_in_cgroup(dir: &Path, path: &str, pids: &[Option<u32>]) -> Result<(), String> {
+    use libcgroups::common::CgroupManager;
+    std::fs::write(dir.join(CGROUP_FILE), path).map_err(|e| e.to_string())?;
+    let manager = cgroup_manager(path)?;
+    for pid in pids.iter().flatten() {
+        manager
+            .add_task(nix::unistd::Pid::from_raw(*pid as i32))
+            .map_err(|e| format!("add pid {pid}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Removes the cgroup [`place_in_cgroup`] recorded, once its processes are gone.
+fn remove_cgroup(dir: &Path) {
+    use libcgroups::common::CgroupManager;
+    let Ok(path) = std::fs::read_to_string(dir.join(CGROUP_FILE)) else {
+        return;
+    };
+    // A killed process leaves its cgroup only when its exit completes: retry for a while.
+    let mut last = String::new();
+    for _ in 0..150 {
+        match cgroup_manager(&path).and_then(|m| m.remove().map_err(|e| e.to_string())) {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    warn!("remove host cgroup {path}: {last}");
 }
 
 /// Unmounts every mount at or below `path`, deepest first.

@@ -194,7 +194,26 @@ pub fn leftovers(id: &str) -> Vec<String> {
     if dir.exists() {
         left.push(format!("state dir {marker}"));
     }
+    left.extend(
+        host_cgroups(id)
+            .into_iter()
+            .map(|p| format!("cgroup {}", p.display())),
+    );
     left
+}
+
+/// The host cgroups named for sandbox `id` (containerd's `ctr` and CRI namespaces), in every
+/// v1 hierarchy and the v2 tree.
+pub fn host_cgroups(id: &str) -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    roots
+        .iter()
+        .flat_map(|r| [r.join("default").join(id), r.join("k8s.io").join(id)])
+        .filter(|p| p.exists())
+        .collect()
 }
 
 /// Asserts that nothing of sandbox `id` is left (waiting a little for the shim to go).

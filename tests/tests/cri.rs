@@ -50,6 +50,31 @@ async fn assert_pod_gone(pod_id: &str, netns: Option<&Path>) {
     }
 }
 
+/// The host cgroup directory (memory controller, or the v2 tree) the pod's QEMU runs in.
+fn vm_cgroup_dir(pod_id: &str) -> std::path::PathBuf {
+    let pid = qemu_pid(pod_id);
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let (root, path) = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            if controllers.split(',').any(|c| c == "memory") {
+                Some(("/sys/fs/cgroup/memory", path.to_string()))
+            } else {
+                None
+            }
+        })
+        .or_else(|| {
+            cgroups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| ("/sys/fs/cgroup", p.to_string()))
+        })
+        .unwrap();
+    Path::new(root).join(path.trim_start_matches('/'))
+}
+
 fn qemu_pid(pod_id: &str) -> String {
     std::fs::read_to_string(Path::new(kite_e2e::STATE_DIR).join(pod_id).join("qemu.pid"))
         .unwrap_or_else(|e| panic!("pod {pod_id} has no QEMU pid file: {e}"))
@@ -69,6 +94,14 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     let web = c.run_container(&pod, "web", 0, IMAGE, &args(&cmd)).await;
     c.wait_running(&web, LIMIT).await;
     let ip = c.pod_ip(&pod.id).await;
+
+    // The VM runs in the pod's sandbox cgroup on the host, so the pod's limits bound it.
+    let cgroup = vm_cgroup_dir(&pod.id);
+    assert!(
+        cgroup.display().to_string().ends_with(&pod.id),
+        "QEMU is in {}",
+        cgroup.display()
+    );
 
     // The pod's IP, from the host: the bridge, the veth, the tc redirect, the tap, the VM.
     let body = http_get(&format!("{ip}:8080"), "/", LIMIT).await.unwrap();
@@ -125,6 +158,7 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     c.remove_container(&web).await.unwrap();
     c.remove_pod(&pod.id).await.unwrap();
     assert_pod_gone(&pod.id, Some(&netns)).await;
+    assert!(!cgroup.exists(), "cgroup {} left", cgroup.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
