@@ -78,6 +78,17 @@ impl Cri {
         handler: &str,
         annotations: &[(&str, &str)],
     ) -> Result<Pod, tonic::Status> {
+        self.run_pod_in(name, handler, annotations, "").await
+    }
+
+    /// Runs a pod whose cgroup parent is `cgroup_parent` (a kubelet's pod cgroup).
+    pub async fn run_pod_in(
+        &mut self,
+        name: &str,
+        handler: &str,
+        annotations: &[(&str, &str)],
+        cgroup_parent: &str,
+    ) -> Result<Pod, tonic::Status> {
         let log_dir = std::env::temp_dir()
             .join("kite-cri-logs")
             .join(format!("{name}-{}", std::process::id()));
@@ -96,6 +107,7 @@ impl Cri {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: cgroup_parent.into(),
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(NamespaceOption {
                         network: NamespaceMode::Pod as i32,
@@ -302,6 +314,16 @@ impl Cri {
             .into_inner()
             .stats
             .expect("container stats")
+    }
+
+    pub async fn pod_stats(&mut self, id: &str) -> Result<PodSandboxStats, tonic::Status> {
+        let r = self
+            .rt
+            .pod_sandbox_stats(PodSandboxStatsRequest {
+                pod_sandbox_id: id.into(),
+            })
+            .await?;
+        Ok(r.into_inner().stats.unwrap_or_default())
     }
 
     /// Waits until the container runs (or fails with its status).

@@ -85,9 +85,14 @@ fn qemu_pid(pod_id: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     let mut c = setup().await;
-    let pod = c.run_pod("web", KITE, &[]).await.unwrap_or_else(|e| {
-        panic!("run a kite pod: {}", status_message(&e));
-    });
+    // A pod cgroup as a kubelet makes one.
+    let parent = format!("/kite-e2e-pod-{}", std::process::id());
+    let pod = c
+        .run_pod_in("web", KITE, &[], &parent)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("run a kite pod: {}", status_message(&e));
+        });
     let _pod_guard = RemoveOnDrop(pod.id.clone());
     let netns = kite_pod_netns(&pod.id).expect("the kite pod attached a network namespace");
     let cmd = httpd("hello-from-kite");
@@ -95,12 +100,34 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     c.wait_running(&web, LIMIT).await;
     let ip = c.pod_ip(&pod.id).await;
 
-    // The VM runs in the pod's sandbox cgroup on the host, so the pod's limits bound it.
+    // The VM runs in the pod's sandbox cgroup on the host, so the pod's limits bound it, and
+    // the CRI's pod stats (read from the pod's cgroup) count it.
     let cgroup = vm_cgroup_dir(&pod.id);
     assert!(
-        cgroup.display().to_string().ends_with(&pod.id),
+        cgroup.ends_with(format!("{}/{}", parent.trim_start_matches('/'), pod.id)),
         "QEMU is in {}",
         cgroup.display()
+    );
+    let stats = c.pod_stats(&pod.id).await.unwrap_or_else(|e| {
+        panic!("pod stats: {}", status_message(&e));
+    });
+    let linux = stats.linux.expect("linux pod stats");
+    let pod_memory = linux
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    assert!(
+        pod_memory > 32 << 20,
+        "the pod's memory should include its VM: {pod_memory} bytes"
+    );
+    assert!(
+        linux
+            .containers
+            .iter()
+            .any(|cs| cs.attributes.as_ref().is_some_and(|a| a.id == web)),
+        "pod stats list the container: {:?}",
+        linux.containers
     );
 
     // The pod's IP, from the host: the bridge, the veth, the tc redirect, the tap, the VM.
@@ -159,6 +186,11 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     c.remove_pod(&pod.id).await.unwrap();
     assert_pod_gone(&pod.id, Some(&netns)).await;
     assert!(!cgroup.exists(), "cgroup {} left", cgroup.display());
+    // The pod cgroup is the kubelet's to remove.
+    for root in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let _ = std::fs::remove_dir(root.path().join(parent.trim_start_matches('/')));
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(parent.trim_start_matches('/')));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
