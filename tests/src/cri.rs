@@ -101,6 +101,12 @@ impl Cri {
                 attempt: 0,
             }),
             hostname: name.into(),
+            // As a kubelet sends a cluster's DNS (containerd writes it as the pod's resolv.conf).
+            dns_config: Some(DnsConfig {
+                servers: vec!["10.88.0.1".into()],
+                searches: vec!["kite-e2e.svc.cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            }),
             log_directory: log_dir.display().to_string(),
             annotations: annotations
                 .iter()

@@ -149,6 +149,22 @@ async fn a_kite_pod_serves_on_its_ip_logs_execs_and_leaves_nothing() {
     assert_ne!(lines.next(), Some(host_kernel.trim()), "not in a VM: {out}");
     assert_eq!(lines.next(), Some("web"), "{out}");
     assert!(out.contains(&format!("inet {ip}/")), "{out}");
+    // DNS as the CRI's DNS config says.
+    let (code, resolv, _) = c
+        .exec_sync(&web, &["cat", "/etc/resolv.conf"], LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    for want in [
+        "nameserver 10.88.0.1",
+        "search kite-e2e.svc.cluster.local",
+        "options ndots:5",
+    ] {
+        assert!(
+            resolv.contains(want),
+            "resolv.conf lacks {want:?}: {resolv}"
+        );
+    }
     let (code, _, _) = c.exec_sync(&web, &["false"], LIMIT).await.unwrap();
     assert_eq!(code, 1);
 
