@@ -375,3 +375,47 @@ async fn bad_input_gets_a_clear_cri_error_and_leaks_nothing() {
     }
     assert_pod_gone(&pod.id, Some(&netns)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_vm_dies_is_reported_not_ready_and_cleans_up() {
+    let mut c = setup().await;
+    let pod = c
+        .run_pod("doomed", KITE, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run a kite pod: {}", status_message(&e)));
+    let _pod_guard = RemoveOnDrop(pod.id.clone());
+    let netns = kite_pod_netns(&pod.id).expect("network namespace");
+    let app = c
+        .run_container(&pod, "app", 0, IMAGE, &["sleep", "1000"])
+        .await;
+    c.wait_running(&app, LIMIT).await;
+
+    let pid: i32 = qemu_pid(&pod.id).parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    // The app container and the pod sandbox both end, as when a node loses a pod's processes.
+    let start = std::time::Instant::now();
+    loop {
+        let app_state = c.container_status(&app).await.state;
+        let pod_state = c.pod_status(&pod.id).await.state;
+        if app_state == k8s_cri::v1::ContainerState::ContainerExited as i32
+            && pod_state == k8s_cri::v1::PodSandboxState::SandboxNotready as i32
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "after QEMU died: container state {app_state}, pod state {pod_state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = c.container_status(&app).await;
+    assert_eq!(st.exit_code, 137, "{st:?}");
+
+    c.remove_pod(&pod.id).await.unwrap();
+    assert_pod_gone(&pod.id, Some(&netns)).await;
+}
