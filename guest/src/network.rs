@@ -194,38 +194,20 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
         let index = link_index(&h, &r.device).await?;
         let v6 = r.destination.contains(':') || r.gateway.contains(':');
         let (dest, len) = parse_cidr(&r.destination, v6)?;
-        let mut msg = match (dest, v6) {
-            (IpAddr::V4(d), _) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                    .destination_prefix(d, len)
-                    .output_interface(index);
-                if !r.gateway.is_empty() {
-                    match parse_ip("gateway", &r.gateway)? {
-                        IpAddr::V4(g) => b = b.gateway(g),
-                        IpAddr::V6(_) => return Err(rerr("IPv6 gateway on an IPv4 route".into())),
-                    }
-                }
-                if let Ok(IpAddr::V4(s)) = parse_ip("source", &r.source) {
-                    b = b.pref_source(s);
-                }
-                b.build()
-            }
-            (IpAddr::V6(d), _) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                    .destination_prefix(d, len)
-                    .output_interface(index);
-                if !r.gateway.is_empty() {
-                    match parse_ip("gateway", &r.gateway)? {
-                        IpAddr::V6(g) => b = b.gateway(g),
-                        IpAddr::V4(_) => return Err(rerr("IPv4 gateway on an IPv6 route".into())),
-                    }
-                }
-                if let Ok(IpAddr::V6(s)) = parse_ip("source", &r.source) {
-                    b = b.pref_source(s);
-                }
-                b.build()
-            }
-        };
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dest, len)
+            .map_err(|e| rerr(e.to_string()))?
+            .output_interface(index);
+        if !r.gateway.is_empty() {
+            // A gateway of the other family is refused here, with the reason.
+            b = b
+                .gateway(parse_ip("gateway", &r.gateway)?)
+                .map_err(|e| rerr(e.to_string()))?;
+        }
+        if let Ok(source) = parse_ip("source", &r.source) {
+            b = b.pref_source(source).map_err(|e| rerr(e.to_string()))?;
+        }
+        let mut msg = b.build();
         if r.gateway.is_empty() {
             // On the link: a gateway behind this route must be reachable through it, which the
             // kernel allows only for link-scope routes.

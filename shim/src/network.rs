@@ -8,16 +8,18 @@
 //!   (see [`crate::passthrough`]), when `vfio_passthrough` is on;
 //! - anything else gets a tap beside it and an ingress `mirred` redirect both ways (tc), so
 //!   frames cross between the interface and the VM's virtio-net without touching the
-//!   namespace's IP stack. The guest's NIC takes the interface's MAC, so the bridge's and the
-//!   peers' ARP entries stay valid.
+//!   namespace's IP stack; or, with `network_mode = "macvtap"`, a passthru macvtap on it.
+//!   The guest's NIC takes the interface's MAC, so the bridge's and the peers' ARP entries
+//!   stay valid.
 //!
 //! The guest agent then names its NICs (found by MAC) as the namespace does and gives them the
 //! same MTU, addresses, routes (with their MTU) and neighbours.
 //!
 //! Taps are not persistent: each lives as long as the descriptor QEMU holds, so a VM that
 //! dies takes its taps and their qdiscs along. What outlives QEMU — the ingress qdisc on the
-//! namespace's interface and a device bound to vfio-pci — is recorded in `network.json` in the
-//! sandbox dir and released by [`release`], on shutdown and by `shim delete` after a crash.
+//! namespace's interface, a macvtap, a device bound to vfio-pci — is recorded in
+//! `network.json` in the sandbox dir and released by [`release`], on shutdown and by
+//! `shim delete` after a crash.
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -59,12 +61,6 @@ pub enum NetworkError {
         sandbox: String,
         netns: PathBuf,
         op: String,
-        reason: String,
-    },
-    #[error("sandbox {sandbox}: interface {interface}: {reason}")]
-    Interface {
-        sandbox: String,
-        interface: String,
         reason: String,
     },
     #[error(transparent)]
@@ -399,9 +395,10 @@ fn attach_all(
         }
         Ok(fds)
     })
-    .map_err(|reason| NetworkError::Interface {
+    .map_err(|reason| NetworkError::Netns {
         sandbox: sandbox_owned,
-        interface: "(attach)".into(),
+        netns: netns.to_path_buf(),
+        op: "attach".into(),
         reason,
     })
 }
@@ -476,7 +473,6 @@ async fn macvtap(h: &Handle, link: &Link, name: &str, node_dir: &Path) -> Result
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags_cloexec()
         .open(&node);
     let _ = std::fs::remove_file(&node);
     let file = file.map_err(|e| format!("open {}: {e}", node.display()))?;
@@ -572,16 +568,9 @@ fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error
 /// Brings `tap` up with `link`'s MTU and redirects every frame arriving on either to the
 /// other (ingress qdisc, u32 match-all filter, mirred egress redirect).
 async fn redirect(h: &Handle, link: &Link, tap: &str) -> Result<(), String> {
-    let tap_msg = h
-        .link()
-        .get()
-        .match_name(tap.to_string())
-        .execute()
-        .try_next()
+    let tap_index = index_of(h, tap)
         .await
-        .map_err(|e| format!("find {tap}: {e}"))?
         .ok_or_else(|| format!("{tap} vanished"))?;
-    let tap_index = tap_msg.header.index;
     h.link()
         .set(
             LinkUnspec::new_with_index(tap_index)
@@ -644,7 +633,8 @@ fn set_vnet_hdr(file: &File) -> std::io::Result<()> {
 }
 
 /// Opens a new (non-persistent) tap named `name` in the calling thread's network namespace,
-/// with virtio-net headers so QEMU can pass offloads through.
+/// with virtio-net headers so QEMU can pass offloads through. (std opens files close-on-exec:
+/// only QEMU, which is told to, inherits it.)
 ///
 /// Written here rather than taken from a tun crate: it is one ioctl, and the crates that wrap it
 /// also configure addresses and routes, which the tc redirect must not have.
@@ -652,21 +642,9 @@ fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags_cloexec()
         .open("/dev/net/tun")?;
     set_iff(&file, name)?;
     Ok(OwnedFd::from(file))
-}
-
-trait CloexecOpen {
-    fn custom_flags_cloexec(&mut self) -> &mut Self;
-}
-
-impl CloexecOpen for std::fs::OpenOptions {
-    fn custom_flags_cloexec(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_CLOEXEC)
-    }
 }
 
 /// Undoes what `network.json` in `sandbox_dir` records: removes the ingress qdiscs kite added
