@@ -31,14 +31,20 @@ fi
 
 # 3. kite: the shim on the host, the guest kernel and initrd.
 log "building kite"
-(cd "$here" && cargo build --release --locked -q -p kite-shim)
+(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter)
 install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
+# A running snapshotter keeps the old binary until it is restarted.
+if ! cmp -s "$here/target/release/kite-snapshotter" /usr/local/bin/kite-snapshotter; then
+  install -m 0755 "$here/target/release/kite-snapshotter" /usr/local/bin/
+  "$here/hack/snapshotter.sh" stop
+fi
 "$here/hack/build-guest.sh" /var/lib/kite/guest
 mkdir -p /etc/kite /run/kite
 [ -f /etc/kite/kite.toml ] || install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml
 install -m 0644 "$here/deploy/kite-macvtap.toml" /etc/kite/kite-macvtap.toml
 
-# 4. containerd with the kite runtime, and the pods' CNI network (bridge kite0, 10.88.0.0/16).
+# 4. kite-snapshotter (containerd's proxy plugin `kite`), containerd with the kite runtime,
+#    and the pods' CNI network (bridge kite0, 10.88.0.0/16).
 mkdir -p /etc/containerd /var/log/kite /etc/cni/net.d
 cmp -s "$here/deploy/cni/10-kite.conflist" /etc/cni/net.d/10-kite.conflist ||
   install -m 0644 "$here/deploy/cni/10-kite.conflist" /etc/cni/net.d/10-kite.conflist
@@ -46,6 +52,7 @@ if ! cmp -s "$here/deploy/containerd-config.toml" /etc/containerd/config.toml; t
   install -m 0644 "$here/deploy/containerd-config.toml" /etc/containerd/config.toml
   "$here/hack/containerd.sh" stop
 fi
+"$here/hack/snapshotter.sh" start
 "$here/hack/containerd.sh" start
 
 # 5. A local registry on 127.0.0.1:5000.

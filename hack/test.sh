@@ -16,7 +16,7 @@ echo "== unit tests"
 cargo test --workspace --exclude kite-e2e --locked
 
 echo "== end-to-end tests (containerd, QEMU $(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo TCG), registry)"
-# Each test checks its own sandbox for leaks, so they may run side by side; the restart test
-# restarts containerd and runs alone.
+# Each test checks its own sandbox for leaks, so they may run side by side; the restart tests
+# restart containerd and the snapshotter, and run alone.
 cargo test -p kite-e2e --locked --test shim --test failures --test network --test cri -- --test-threads=2
-cargo test -p kite-e2e --locked --test restart
+cargo test -p kite-e2e --locked --test restart --test snapshotter

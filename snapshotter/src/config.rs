@@ -34,6 +34,10 @@ pub struct SnapshotterConfig {
     pub background_fetch_bytes_per_sec: u64,
     /// Registries reached over plain HTTP (loopback ones always are).
     pub insecure_registries: Vec<String>,
+    /// Where Prometheus scrapes the daemon's metrics (host:port).
+    pub metrics_address: String,
+    /// Log filter (tracing `EnvFilter` syntax).
+    pub log_level: String,
 }
 
 impl Default for SnapshotterConfig {
@@ -45,6 +49,8 @@ impl Default for SnapshotterConfig {
             cache_max_bytes: 10 << 30,
             background_fetch_bytes_per_sec: 0,
             insecure_registries: Vec::new(),
+            metrics_address: "127.0.0.1:9471".into(),
+            log_level: "info".into(),
         }
     }
 }
@@ -69,6 +75,25 @@ impl SnapshotterConfig {
             });
         }
         Ok(config)
+    }
+
+    /// Loads `path` (or /etc/kite/kite.toml, or `KITE_CONFIG`); a missing file gives the
+    /// defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = path.map(Path::to_path_buf).unwrap_or_else(|| {
+            std::env::var_os("KITE_CONFIG")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/etc/kite/kite.toml"))
+        });
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(ConfigError::Invalid {
+                path,
+                key: "(file)",
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// Whether `host` (host[:port]) is reached over plain HTTP.

@@ -1,6 +1,14 @@
-//! `kite-snapshotter`: the lazy-pull containerd proxy snapshotter (eStargz over FUSE, verified
-//! chunk cache, prefetch at scheduling time). This crate holds what exists so far: the
-//! `[snapshotter]` section of /etc/kite/kite.toml. The daemon (`kite-snapshotter` binary)
-//! arrives with the lazy-pull work; nothing here serves containerd yet.
+//! `kite-snapshotter`: kite's containerd proxy snapshotter.
+//!
+//! - [`config`]: the `[snapshotter]` section of /etc/kite/kite.toml;
+//! - [`store`]: snapshot metadata, kept across restarts;
+//! - [`overlay`]: snapshots as containerd's overlayfs snapshotter makes them (ordinary layers);
+//! - [`metrics`]: the Prometheus endpoint.
+//!
+//! Lazy eStargz layers (FUSE, range reads, verified chunk cache) and the prefetch API come next
+//! (see the shared design); until then every layer is unpacked by containerd as usual.
 
 pub mod config;
+pub mod metrics;
+pub mod overlay;
+pub mod store;

@@ -1,0 +1,53 @@
+//! The Prometheus endpoint: `GET /metrics` on `metrics_address`, text format.
+//!
+//! Served by hand on a tokio listener: one route and a few gauges do not need an HTTP stack.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::warn;
+
+use crate::overlay::OverlaySnapshotter;
+
+/// Renders the metrics text.
+pub async fn render(sn: &OverlaySnapshotter) -> String {
+    let counts = sn.counts().await;
+    let mut out = String::from(
+        "# HELP kite_snapshotter_snapshots Snapshots the snapshotter holds, by kind.\n\
+         # TYPE kite_snapshotter_snapshots gauge\n",
+    );
+    for (kind, n) in counts {
+        out.push_str(&format!(
+            "kite_snapshotter_snapshots{{kind=\"{kind}\"}} {n}\n"
+        ));
+    }
+    out
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, sn: Arc<OverlaySnapshotter>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let sn = sn.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if request.starts_with("GET /metrics") {
+                ("200 OK", render(&sn).await)
+            } else {
+                ("404 Not Found", "not found: try /metrics\n".to_string())
+            };
+            let reply = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = conn.write_all(reply.as_bytes()).await {
+                warn!("metrics: {e}");
+            }
+        });
+    }
+}
