@@ -841,8 +841,10 @@ impl Task for KiteTask {
                 format!("{}: still running", p.name()),
             ));
         }
-        let sandbox = self.sandbox().await?;
-        if sandbox.is_running() && p.in_guest {
+        // The pod's sandbox container may have been deleted first (its VM with it): then
+        // there is nothing left in the guest or the share to release for this one.
+        let sandbox = self.sandbox().await.ok();
+        if let Some(sandbox) = sandbox.as_ref().filter(|s| s.is_running() && p.in_guest) {
             let removed = sandbox
                 .agent()
                 .remove_container(
@@ -858,7 +860,9 @@ impl Task for KiteTask {
             }
         }
         p.relays.lock().await.take();
-        rootfs::release(&sandbox.container_dir(&c.id));
+        if let Some(sandbox) = &sandbox {
+            rootfs::release(&sandbox.container_dir(&c.id));
+        }
         let remaining = {
             let mut map = self.containers.lock().await;
             map.remove(&c.id);
@@ -866,7 +870,7 @@ impl Task for KiteTask {
         };
         // The sandbox goes with its own container (a pod's sandbox container is deleted last)
         // or with the last container.
-        if remaining == 0 || sandbox.id == c.id {
+        if remaining == 0 || sandbox.as_ref().is_some_and(|s| s.id == c.id) {
             self.stop_sandbox().await;
         }
         let (exit_status, exited_at) = match st.exited_at {
