@@ -3,12 +3,14 @@
 //! - [`config`]: the `[snapshotter]` section of /etc/kite/kite.toml;
 //! - [`store`]: snapshot metadata, kept across restarts;
 //! - [`overlay`]: snapshots as containerd's overlayfs snapshotter makes them (ordinary layers);
+//! - [`estargz`]: the eStargz footer and TOC, validated into a layer index (for lazy layers);
 //! - [`metrics`]: the Prometheus endpoint.
 //!
 //! Lazy eStargz layers (FUSE, range reads, verified chunk cache) and the prefetch API come next
 //! (see the shared design); until then every layer is unpacked by containerd as usual.
 
 pub mod config;
+pub mod estargz;
 pub mod metrics;
 pub mod overlay;
 pub mod store;
