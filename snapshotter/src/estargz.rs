@@ -371,15 +371,7 @@ fn check_covered(inodes: &BTreeMap<String, Inode>, file: &str) -> Result<(), Est
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn footer(offset: u64) -> Vec<u8> {
-        let mut f = vec![
-            0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
-        ];
-        f.extend_from_slice(format!("{offset:016x}STARGZ").as_bytes());
-        f.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
-        f
-    }
+    use crate::estargz_writer::footer;
 
     fn toc(entries: serde_json::Value) -> Toc {
         serde_json::from_value(serde_json::json!({"version": 1, "entries": entries})).unwrap()

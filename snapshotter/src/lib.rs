@@ -4,6 +4,7 @@
 //! - [`store`]: snapshot metadata, kept across restarts;
 //! - [`overlay`]: snapshots as containerd's overlayfs snapshotter makes them (ordinary layers);
 //! - [`estargz`]: the eStargz footer and TOC, validated into a layer index (for lazy layers);
+//!   [`estargz_writer`]: converting a layer tar to eStargz, reading a blob's TOC back;
 //! - [`metrics`]: the Prometheus endpoint.
 //!
 //! Lazy eStargz layers (FUSE, range reads, verified chunk cache) and the prefetch API come next
@@ -11,6 +12,7 @@
 
 pub mod config;
 pub mod estargz;
+pub mod estargz_writer;
 pub mod metrics;
 pub mod overlay;
 pub mod store;
