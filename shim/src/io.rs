@@ -42,6 +42,17 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
+impl StdioPaths {
+    pub fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Self {
+        Self {
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("open {what} {path}: {source}")]
 pub struct OpenError {

@@ -311,18 +311,36 @@ impl Sandbox {
             }
         };
         let vm_to_agent = vm_started.elapsed();
-        if let Some(net) = guest_network {
-            if let Err(e) = agent
-                .configure_network(ctx(Some(Duration::from_secs(30))), &net)
-                .await
-            {
-                kill_all();
-                return Err(SandboxError::Boot {
-                    sandbox: id.to_string(),
-                    reason: format!("configure the pod network in the guest: {e}"),
-                    console: tail(&dir.join("guest.log"), 800),
-                });
+        // The guest's hostname is the pod's (its containers share the guest's UTS namespace).
+        let hostname = oci
+            .and_then(|s| s.hostname().clone())
+            .filter(|h| !h.is_empty());
+        let configured = async {
+            if let Some(net) = guest_network {
+                agent
+                    .configure_network(ctx(Some(Duration::from_secs(30))), &net)
+                    .await
+                    .map_err(|e| format!("configure the pod network in the guest: {e}"))?;
             }
+            if let Some(hostname) = hostname {
+                let req = kite_protocol::agent::HostnameRequest {
+                    hostname,
+                    ..Default::default()
+                };
+                agent
+                    .set_hostname(ctx(Some(Duration::from_secs(30))), &req)
+                    .await
+                    .map_err(|e| format!("set the guest's hostname: {e}"))?;
+            }
+            Ok::<(), String>(())
+        };
+        if let Err(reason) = configured.await {
+            kill_all();
+            return Err(SandboxError::Boot {
+                sandbox: id.to_string(),
+                reason,
+                console: tail(&dir.join("guest.log"), 800),
+            });
         }
         let timing = BootTiming {
             virtiofsd: virtiofsd_time,

@@ -333,25 +333,6 @@ impl KiteTask {
         let boot = booted_here.then_some(sandbox.timing);
         let boot_time = started.elapsed();
         if rootfs::is_pod_sandbox(&spec) {
-            if let Some(hostname) = spec.hostname().as_ref().filter(|h| !h.is_empty()) {
-                let set = sandbox
-                    .agent()
-                    .set_hostname(
-                        ctx(Some(CALL)),
-                        &proto::HostnameRequest {
-                            hostname: hostname.clone(),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(|e| agent_err(format!("pod {sandbox_id}: hostname"), e));
-                if let Err(e) = set {
-                    if booted_here {
-                        self.stop_sandbox().await;
-                    }
-                    return Err(e);
-                }
-            }
             return Ok(self
                 .create_pod_sandbox(&sandbox, req, boot, boot_time)
                 .await);
@@ -378,12 +359,7 @@ impl KiteTask {
         boot_time: Duration,
     ) -> u32 {
         let cid = req.id.clone();
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioPaths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let mut init = Proc::new(&cid, "", stdio, None);
         init.in_guest = false;
         let pid = sandbox.pid();
@@ -417,12 +393,7 @@ impl KiteTask {
         let cdir = sandbox.container_dir(&cid);
         rootfs::prepare(&cid, &cdir, bundle, &req.rootfs, spec)
             .map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioPaths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let spec_json = serde_json::to_vec(&spec).map_err(|e| {
             err(
                 ttrpc::Code::INTERNAL,
@@ -938,12 +909,7 @@ impl Task for KiteTask {
                 format!("container {}: exec {} exists", req.id, req.exec_id),
             ));
         }
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioPaths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         execs.insert(
             req.exec_id.clone(),
             Arc::new(Proc::new(&req.id, &req.exec_id, stdio, Some(spec))),
