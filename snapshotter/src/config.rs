@@ -1,8 +1,11 @@
 //! The `[snapshotter]` section of /etc/kite/kite.toml.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::registry::{Credential, RegistryOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,6 +37,16 @@ pub struct SnapshotterConfig {
     pub background_fetch_bytes_per_sec: u64,
     /// Registries reached over plain HTTP (loopback ones always are).
     pub insecure_registries: Vec<String>,
+    /// Mount eStargz layers lazily (false: every layer is unpacked by containerd).
+    pub lazy: bool,
+    /// Per registry host: `{ username, password }` for Basic auth or its token service.
+    pub credentials: BTreeMap<String, Credential>,
+    /// Extra CA certificates (PEM files) trusted for registries' HTTPS.
+    pub ca_files: Vec<PathBuf>,
+    /// Attempts of a registry request that fails transiently (network, 5xx) before a read
+    /// gets EIO; the wait doubles from `fetch_first_backoff_ms`.
+    pub fetch_attempts: u32,
+    pub fetch_first_backoff_ms: u64,
     /// Where Prometheus scrapes the daemon's metrics (host:port).
     pub metrics_address: String,
     /// Log filter (tracing `EnvFilter` syntax).
@@ -49,6 +62,11 @@ impl Default for SnapshotterConfig {
             cache_max_bytes: 10 << 30,
             background_fetch_bytes_per_sec: 0,
             insecure_registries: Vec::new(),
+            lazy: true,
+            credentials: BTreeMap::new(),
+            ca_files: Vec::new(),
+            fetch_attempts: 5,
+            fetch_first_backoff_ms: 200,
             metrics_address: "127.0.0.1:9471".into(),
             log_level: "info".into(),
         }
@@ -96,11 +114,23 @@ impl SnapshotterConfig {
         }
     }
 
-    /// Whether `host` (host[:port]) is reached over plain HTTP.
-    pub fn is_insecure(&self, host: &str) -> bool {
-        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        matches!(name, "localhost" | "127.0.0.1" | "[::1]")
-            || self.insecure_registries.iter().any(|r| r == host)
+    /// How the registry client reaches registries (reads the CA files).
+    pub fn registry_options(&self) -> Result<RegistryOptions, ConfigError> {
+        let mut ca_pems = Vec::new();
+        for f in &self.ca_files {
+            ca_pems.push(std::fs::read(f).map_err(|e| ConfigError::Invalid {
+                path: f.clone(),
+                key: "ca_files",
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(RegistryOptions {
+            insecure: self.insecure_registries.clone(),
+            credentials: self.credentials.clone(),
+            ca_pems,
+            attempts: self.fetch_attempts,
+            first_backoff: std::time::Duration::from_millis(self.fetch_first_backoff_ms),
+        })
     }
 }
 
@@ -118,8 +148,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.cache_max_bytes, 1 << 30);
-        assert!(c.is_insecure("reg:5000") && c.is_insecure("127.0.0.1:5000"));
-        assert!(!c.is_insecure("registry.example:443"));
+        assert_eq!(c.registry_options().unwrap().insecure, ["reg:5000"]);
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum EstargzError {
     Toc(String),
     #[error("eStargz TOC entry {name:?}: {reason}")]
     Entry { name: String, reason: String },
+    #[error("eStargz chunk at blob offset {offset}: {reason}")]
+    Chunk { offset: u64, reason: String },
 }
 
 /// Reads the TOC's offset from the blob's last [`FOOTER_SIZE`] bytes.
@@ -152,6 +154,10 @@ pub struct Index {
     pub inodes: BTreeMap<String, Inode>,
     /// Files to fetch first: those before the prefetch landmark, in blob order.
     pub prefetch: Vec<String>,
+    /// Where the payload ends (the TOC member starts).
+    pub toc_offset: u64,
+    /// Every chunk's blob offset, sorted: a chunk's gzip member ends before the next one.
+    member_starts: Vec<u64>,
 }
 
 /// Cleans a tar name as containerd's unpacker resolves it under the layer root: `.` and empty
@@ -297,8 +303,90 @@ impl Index {
         if let Some(file) = open_file.take() {
             check_covered(&inodes, &file)?;
         }
-        Ok(Index { inodes, prefetch })
+        let mut member_starts: Vec<u64> = toc
+            .entries
+            .iter()
+            .filter(|e| (e.kind == "reg" && e.size > 0) || e.kind == "chunk")
+            .map(|e| e.offset)
+            .collect();
+        member_starts.sort_unstable();
+        member_starts.dedup();
+        Ok(Index {
+            inodes,
+            prefetch,
+            toc_offset,
+            member_starts,
+        })
     }
+
+    /// The blob bytes to fetch for `chunk`: from its member's start to the next member's
+    /// (or the TOC's). Decompressing the start of that range gives the chunk's data.
+    pub fn compressed_range(&self, chunk: &Chunk) -> std::ops::Range<u64> {
+        let next = self
+            .member_starts
+            .partition_point(|o| *o <= chunk.blob_offset);
+        let end = self
+            .member_starts
+            .get(next)
+            .copied()
+            .unwrap_or(self.toc_offset);
+        chunk.blob_offset..end
+    }
+
+    /// Every chunk of the layer once (hard links share their target's), in blob order.
+    pub fn chunks_in_blob_order(&self) -> Vec<&Chunk> {
+        let mut all: Vec<&Chunk> = self
+            .inodes
+            .values()
+            .filter_map(|i| match &i.node {
+                Node::File { chunks, .. } => Some(chunks.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        all.sort_by_key(|c| c.blob_offset);
+        all.dedup_by_key(|c| c.blob_offset);
+        all
+    }
+
+    /// The regular file at `path` with its chunks (following a hard link).
+    pub fn file(&self, path: &str) -> Option<(u64, &[Chunk])> {
+        match &self.inodes.get(path)?.node {
+            Node::File { size, chunks } => Some((*size, chunks)),
+            Node::Hardlink { target } => self.file(target),
+            _ => None,
+        }
+    }
+}
+
+/// Decompresses `size` bytes of chunk data from the start of its compressed range and checks
+/// them against the chunk's digest: nothing unverified is ever served.
+pub fn decode_chunk(chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, EstargzError> {
+    use std::io::Read;
+    let bad = |reason: String| EstargzError::Chunk {
+        offset: chunk.blob_offset,
+        reason,
+    };
+    let mut data = Vec::with_capacity(chunk.size as usize);
+    flate2::read::GzDecoder::new(compressed)
+        .take(chunk.size)
+        .read_to_end(&mut data)
+        .map_err(|e| bad(format!("gzip: {e}")))?;
+    if data.len() as u64 != chunk.size {
+        return Err(bad(format!(
+            "{} bytes decompressed, the TOC says {}",
+            data.len(),
+            chunk.size
+        )));
+    }
+    let actual = format!("sha256:{:x}", Sha256::digest(&data));
+    if actual != chunk.digest {
+        return Err(bad(format!(
+            "digest {actual} does not match the TOC's {}",
+            chunk.digest
+        )));
+    }
+    Ok(data)
 }
 
 fn inode(e: &TocEntry, node: Node) -> Inode {
@@ -340,8 +428,8 @@ fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, Stri
     } else {
         e.chunk_digest.clone()
     };
-    if size > 0 && !digest.starts_with("sha256:") {
-        return Err(format!("chunk digest {digest:?} is not sha256"));
+    if size > 0 && crate::chunk_cache::digest_hex(&digest).is_err() {
+        return Err(format!("chunk digest {digest:?} is not sha256:<64 hex>"));
     }
     Ok(Chunk {
         file_offset: e.chunk_offset,

@@ -1,7 +1,7 @@
 //! The eStargz write side (the converter's core) and reading a blob's TOC back.
 //!
-//! [`convert`] turns an uncompressed layer tar into eStargz: every file's tar header and data
-//! start a new gzip member, files larger than the chunk size are cut into one member per chunk,
+//! [`convert`] turns an uncompressed layer tar into eStargz: every tar header is a gzip member
+//! and every file's data starts a new one, files larger than the chunk size are cut into one member per chunk,
 //! prioritized files come first followed by the prefetch landmark, then the TOC member
 //! (`stargz.index.json` as a tar entry, then the end of the archive) and the footer. The result
 //! is still one valid gzip'd tar, so any runtime can unpack it the ordinary way.
@@ -182,9 +182,11 @@ fn write_landmark<W: Write>(
     h.set_size(1);
     h.set_mode(0o644);
     h.set_cksum();
-    let mut bytes = h.as_bytes().to_vec();
-    bytes.push(0xf);
-    bytes.resize(1024, 0);
+    let head = h.as_bytes().to_vec();
+    raw.update(&head);
+    member(out, &head)?;
+    let mut bytes = vec![0xfu8];
+    bytes.resize(512, 0);
     let offset = out.written;
     raw.update(&bytes);
     member(out, &bytes)?;
@@ -276,14 +278,17 @@ fn write_item<W: Write>(
         });
         return Ok(());
     }
+    // As in every eStargz writer, the header closes its own member and each chunk's data
+    // starts a fresh one at the offset the TOC gives, so a chunk decompresses on its own.
+    raw.update(&head);
+    member(out, &head)?;
     let size = item.data.len() as u64;
     let chunk = chunk_size.max(1);
     let mut at = 0u64;
     while at < size {
         let len = chunk.min(size - at);
         let data = &item.data[at as usize..(at + len) as usize];
-        let mut bytes = if at == 0 { head.clone() } else { Vec::new() };
-        bytes.extend_from_slice(data);
+        let mut bytes = data.to_vec();
         if at + len == size {
             bytes.resize(bytes.len() + padding(size), 0);
         }
@@ -331,7 +336,14 @@ pub fn read_toc(blob: &[u8], max_json: u64) -> Result<(Toc, Vec<u8>, u64), Estar
             "TOC offset {toc_offset} is not before the footer at {end}"
         )));
     }
-    let gz = flate2::read::GzDecoder::new(&blob[toc_offset as usize..end as usize]);
+    let (toc, json) = decode_toc_member(&blob[toc_offset as usize..end as usize], max_json)?;
+    Ok((toc, json, toc_offset))
+}
+
+/// Decodes the TOC member (the blob from the TOC's offset, footer excluded), decompressing
+/// at most `max_json` bytes of JSON. Returns the TOC and its raw JSON.
+pub fn decode_toc_member(member: &[u8], max_json: u64) -> Result<(Toc, Vec<u8>), EstargzError> {
+    let gz = flate2::read::GzDecoder::new(member);
     // The tar header block plus the JSON, bounded.
     let mut limited = gz.take(max_json + 512);
     let mut archive = tar::Archive::new(&mut limited);
@@ -358,7 +370,7 @@ pub fn read_toc(blob: &[u8], max_json: u64) -> Result<(Toc, Vec<u8>, u64), Estar
         .map_err(|e| EstargzError::Toc(format!("TOC member: {e}")))?;
     let toc: Toc =
         serde_json::from_slice(&json).map_err(|e| EstargzError::Toc(format!("JSON: {e}")))?;
-    Ok((toc, json, toc_offset))
+    Ok((toc, json))
 }
 
 #[cfg(test)]
@@ -437,12 +449,12 @@ mod tests {
             let mut d = flate2::read::GzDecoder::new(&blob[ch.blob_offset as usize..]);
             let mut bytes = Vec::new();
             d.read_to_end(&mut bytes).unwrap();
-            let data = if i == 0 {
-                &bytes[512..512 + ch.size as usize]
-            } else {
-                &bytes[..ch.size as usize]
-            };
-            assert_eq!(format!("sha256:{:x}", Sha256::digest(data)), ch.digest);
+            let data = &bytes[..ch.size as usize];
+            assert_eq!(
+                format!("sha256:{:x}", Sha256::digest(data)),
+                ch.digest,
+                "chunk {i}"
+            );
         }
     }
 

@@ -10,9 +10,15 @@
 //! Lazy eStargz layers (FUSE, range reads, verified chunk cache) and the prefetch API come next
 //! (see the shared design); until then every layer is unpacked by containerd as usual.
 
+pub mod chunk_cache;
 pub mod config;
+pub mod convert;
 pub mod estargz;
 pub mod estargz_writer;
+pub mod lazy_fs;
+pub mod lazy_layer;
 pub mod metrics;
 pub mod overlay;
+pub mod registry;
+pub mod remote;
 pub mod store;

@@ -1,34 +1,61 @@
 //! kite-snapshotter: see the kite_snapshotter library.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
+use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::config::SnapshotterConfig;
+use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::overlay::OverlaySnapshotter;
+use kite_snapshotter::registry::{ImageRef, RegistryClient};
+use kite_snapshotter::remote::LazyLayers;
 use tracing::info;
 
 const HELP: &str = "\
-kite-snapshotter — kite's containerd proxy snapshotter
+kite-snapshotter — kite's containerd proxy snapshotter, with lazily pulled eStargz layers
 
 Serves containerd's snapshots API on a unix socket; containerd uses it as the proxy plugin
-`kite` (hack/setup.sh registers it):
+`kite` (hack/setup.sh registers it, and the CRI uses it with snapshot annotations on):
 
     [proxy_plugins.kite]
       type = \"snapshot\"
       address = \"/run/kite/snapshotter.sock\"
 
-    ctr images pull --snapshotter kite IMAGE;  ctr run --snapshotter kite IMAGE ID CMD...
+Ordinary layers behave as with containerd's overlayfs snapshotter. An eStargz layer (its
+manifest entry carries containerd.io/snapshot/stargz/toc.digest) pulled through the CRI is
+not downloaded: it is mounted at once as a read-only FUSE filesystem whose reads fetch the
+chunks they need with HTTP range requests, verify them against the TOC and keep them in an
+on-disk cache (bounded, least recently used out first). The layer's prioritized files are
+fetched first, the rest in the background. Snapshots and lazy layers survive restarts.
 
-Snapshots behave as with containerd's overlayfs snapshotter and survive restarts. Lazy
-eStargz layers and the prefetch API are the next step.
+Usage:
+    kite-snapshotter [--config FILE]
+        Run the daemon.
+    kite-snapshotter convert [--config FILE] [--chunk-size BYTES] [--prioritize PATH]... SRC DST
+        Convert image SRC to eStargz and push it as DST (both registry references). The
+        result is still a valid gzip'd-tar image. --prioritize puts the files an application
+        reads at start first (the lazy pull fetches them in one request).
 
-Usage: kite-snapshotter [--config FILE]
 Configuration: the [snapshotter] section of /etc/kite/kite.toml (or FILE, or KITE_CONFIG):
-root, socket, metrics_address (Prometheus, GET /metrics), log_level. SIGTERM or SIGINT stops it
-gracefully (in-flight calls finish; the socket is removed).";
+root, socket, metrics_address (Prometheus, GET /metrics), log_level, lazy, cache_max_bytes,
+background_fetch_bytes_per_sec, insecure_registries, credentials.\"host\" = { username,
+password }, ca_files, fetch_attempts, fetch_first_backoff_ms. SIGTERM or SIGINT stops the
+daemon gracefully (in-flight calls finish; the socket is removed).";
 
-fn args() -> anyhow::Result<Option<PathBuf>> {
+enum Command {
+    Serve,
+    Convert {
+        src: String,
+        dst: String,
+        options: ConvertOptions,
+    },
+}
+
+fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
     let mut config = None;
+    let mut positional = Vec::new();
+    let mut options = ConvertOptions::default();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -37,10 +64,35 @@ fn args() -> anyhow::Result<Option<PathBuf>> {
                 std::process::exit(0);
             }
             "--config" => config = Some(PathBuf::from(it.next().context("--config needs a file")?)),
-            other => anyhow::bail!("unknown argument {other:?} (see --help)"),
+            "--chunk-size" => {
+                options.chunk_size = it
+                    .next()
+                    .context("--chunk-size needs a number of bytes")?
+                    .parse()
+                    .context("--chunk-size needs a number of bytes")?
+            }
+            "--prioritize" => options
+                .prioritized
+                .push(it.next().context("--prioritize needs a path")?),
+            other if other.starts_with('-') => {
+                anyhow::bail!("unknown option {other:?} (see --help)")
+            }
+            other => positional.push(other.to_string()),
         }
     }
-    Ok(config)
+    let command = match positional.first().map(String::as_str) {
+        None => Command::Serve,
+        Some("convert") => match &positional[1..] {
+            [src, dst] => Command::Convert {
+                src: src.clone(),
+                dst: dst.clone(),
+                options,
+            },
+            _ => anyhow::bail!("convert needs SRC and DST (see --help)"),
+        },
+        Some(other) => anyhow::bail!("unknown command {other:?} (see --help)"),
+    };
+    Ok((config, command))
 }
 
 async fn shutdown() {
@@ -54,20 +106,60 @@ async fn shutdown() {
     info!("stopping");
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config_path = args()?;
-    let config = SnapshotterConfig::load(config_path.as_deref())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log_level)
-                .context("log_level is not a tracing filter")?,
+async fn convert(
+    config: &SnapshotterConfig,
+    src: &str,
+    dst: &str,
+    options: ConvertOptions,
+) -> anyhow::Result<()> {
+    let registry = RegistryClient::new(config.registry_options()?)?;
+    let (src, dst) = (ImageRef::parse(src)?, ImageRef::parse(dst)?);
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} layers, {elapsed}",
         )
-        .with_ansi(false)
-        .init();
-    let sn = OverlaySnapshotter::open(&config.root)
+        .expect("a progress template"),
+    );
+    bar.set_message(format!("{src} → {dst}"));
+    let progress = |done: usize, total: usize, _read: u64| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let converted = convert_image(&registry, &src, &dst, &options, &progress).await?;
+    bar.finish();
+    println!("{dst}@{}", converted.manifest_digest);
+    for l in &converted.layers {
+        println!(
+            "  {} {} bytes, TOC {}",
+            l.digest,
+            l.size,
+            l.annotations
+                .get(kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION)
+                .map_or("-", String::as_str)
+        );
+    }
+    Ok(())
+}
+
+async fn serve(config: SnapshotterConfig) -> anyhow::Result<()> {
+    let lazy = if config.lazy {
+        let cache_dir = config.root.join("cache");
+        let cache = ChunkCache::open(&cache_dir, config.cache_max_bytes)
+            .with_context(|| format!("open the chunk cache in {}", cache_dir.display()))?;
+        let registry = RegistryClient::new(config.registry_options()?)?;
+        Some(Arc::new(LazyLayers::new(
+            &config.root,
+            Arc::new(cache),
+            Arc::new(registry),
+            config.background_fetch_bytes_per_sec,
+        )))
+    } else {
+        None
+    };
+    let sn = OverlaySnapshotter::open_with(&config.root, lazy)
         .with_context(|| format!("open the snapshotter state in {}", config.root.display()))?;
     sn.cleanup().await?;
+    sn.remount_lazy().await;
 
     if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -80,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("metrics on {}", config.metrics_address))?;
     tokio::spawn(kite_snapshotter::metrics::serve(metrics, sn.clone()));
     info!(socket = %config.socket.display(), root = %config.root.display(),
-          metrics = %config.metrics_address, "serving");
+          metrics = %config.metrics_address, lazy = config.lazy, "serving");
 
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let served = containerd_snapshots::tonic::transport::Server::builder()
@@ -89,4 +181,22 @@ async fn main() -> anyhow::Result<()> {
         .await;
     let _ = std::fs::remove_file(&config.socket);
     served.context("serve the snapshots API")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (config_path, command) = args()?;
+    let config = SnapshotterConfig::load(config_path.as_deref())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log_level)
+                .context("log_level is not a tracing filter")?,
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Convert { src, dst, options } => convert(&config, &src, &dst, options).await,
+    }
 }

@@ -21,6 +21,72 @@ pub async fn render(sn: &OverlaySnapshotter) -> String {
             "kite_snapshotter_snapshots{{kind=\"{kind}\"}} {n}\n"
         ));
     }
+    if let Some(lazy) = sn.lazy() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = lazy.cache().stats();
+        let s = &lazy.stats;
+        let rows: [(&str, &str, &str, u64); 9] = [
+            (
+                "lazy_layers_mounted",
+                "gauge",
+                "Lazily mounted eStargz layers.",
+                lazy.mounted() as u64,
+            ),
+            (
+                "fetched_bytes_total",
+                "counter",
+                "Bytes fetched from registries for lazy layers (ranges, TOCs).",
+                s.bytes.load(Relaxed),
+            ),
+            (
+                "fetch_requests_total",
+                "counter",
+                "Range requests to registries.",
+                s.requests.load(Relaxed),
+            ),
+            (
+                "fetched_chunks_total",
+                "counter",
+                "Chunks fetched, verified and cached.",
+                s.chunks.load(Relaxed),
+            ),
+            (
+                "fetch_errors_total",
+                "counter",
+                "Fetches that failed (after retries) or did not verify.",
+                s.errors.load(Relaxed),
+            ),
+            (
+                "chunk_cache_bytes",
+                "gauge",
+                "Bytes in the on-disk chunk cache.",
+                c.bytes,
+            ),
+            (
+                "chunk_cache_hits_total",
+                "counter",
+                "Reads served from the chunk cache.",
+                c.hits,
+            ),
+            (
+                "chunk_cache_misses_total",
+                "counter",
+                "Reads that had to fetch.",
+                c.misses,
+            ),
+            (
+                "chunk_cache_evictions_total",
+                "counter",
+                "Chunks evicted (least recently used).",
+                c.evicted,
+            ),
+        ];
+        for (name, kind, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP kite_snapshotter_{name} {help}\n# TYPE kite_snapshotter_{name} {kind}\nkite_snapshotter_{name} {v}\n"
+            ));
+        }
+    }
     out
 }
 

@@ -16,8 +16,11 @@ use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic;
 use containerd_snapshots::{Info, Kind as ApiKind, Usage};
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::estargz::TOC_DIGEST_ANNOTATION;
+use crate::lazy_layer::LayerSource;
+use crate::remote::LazyLayers;
 use crate::store::{Kind, Snapshot, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +57,13 @@ impl From<SnapshotError> for tonic::Status {
 pub struct OverlaySnapshotter {
     root: PathBuf,
     store: Mutex<Store>,
+    lazy: Option<Arc<LazyLayers>>,
 }
+
+/// Labels containerd's unpacker and the CRI put on a layer's Prepare.
+pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
+pub const CRI_IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
+pub const CRI_LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
 
 fn api_kind(k: Kind) -> ApiKind {
     match k {
@@ -110,6 +119,14 @@ pub fn disk_usage(dir: &Path) -> std::io::Result<(i64, i64)> {
 impl OverlaySnapshotter {
     /// Opens (or creates) the snapshotter's state under `root`.
     pub fn open(root: &Path) -> Result<Arc<Self>, SnapshotError> {
+        Self::open_with(root, None)
+    }
+
+    /// Opens the state under `root`, mounting eStargz layers lazily through `lazy`.
+    pub fn open_with(
+        root: &Path,
+        lazy: Option<Arc<LazyLayers>>,
+    ) -> Result<Arc<Self>, SnapshotError> {
         let dir = root.join("snapshots");
         std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::Io {
             key: String::new(),
@@ -121,7 +138,128 @@ impl OverlaySnapshotter {
         Ok(Arc::new(Self {
             root: root.to_path_buf(),
             store: Mutex::new(store),
+            lazy,
         }))
+    }
+
+    pub fn lazy(&self) -> Option<&Arc<LazyLayers>> {
+        self.lazy.as_ref()
+    }
+
+    /// Mounts again every lazy layer the metadata names (after a restart): from the saved TOCs,
+    /// without the registry. A layer that fails is logged; its reads fail until it is removed.
+    pub async fn remount_lazy(&self) {
+        let Some(lazy) = &self.lazy else { return };
+        let remote: Vec<(String, u64, LayerSource)> = {
+            let store = self.store.lock().await;
+            store
+                .all()
+                .filter_map(|(k, s)| s.remote.clone().map(|r| (k.clone(), s.id, r)))
+                .collect()
+        };
+        for (key, id, src) in remote {
+            let fs = self.dir(id).join("fs");
+            let mounted = match lazy.load_index(&src).await {
+                Ok(index) => lazy.mount(&src, index, &fs),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = mounted {
+                error!(snapshot = %key, error = %e, "cannot mount a lazy layer again");
+            }
+        }
+    }
+
+    /// The layer a Prepare asks for, if it is a lazy candidate: containerd's unpacker names the
+    /// target (chain id), the CRI the image and layer, the manifest the TOC digest.
+    fn lazy_candidate(labels: &HashMap<String, String>) -> Option<(String, LayerSource)> {
+        let target = labels.get(TARGET_REF_LABEL)?;
+        Some((
+            target.clone(),
+            LayerSource {
+                image: labels.get(CRI_IMAGE_REF_LABEL)?.clone(),
+                layer_digest: labels.get(CRI_LAYER_DIGEST_LABEL)?.clone(),
+                toc_digest: labels.get(TOC_DIGEST_ANNOTATION)?.clone(),
+            },
+        ))
+    }
+
+    /// Makes `target` a committed snapshot whose files are the lazily mounted layer `src`.
+    /// Ok(false): the layer cannot be mounted lazily (containerd should unpack it).
+    async fn prepare_lazy(
+        &self,
+        lazy: &LazyLayers,
+        target: &str,
+        parent: &str,
+        labels: &HashMap<String, String>,
+        src: &LayerSource,
+    ) -> Result<bool, SnapshotError> {
+        // containerd finds the layer by its target label and parent; one mounted under the
+        // same target for another parent (another namespace's chain) cannot serve this one.
+        match self.store.lock().await.get(target) {
+            Some(s) if s.parent == parent => {
+                return Err(SnapshotError::AlreadyExists {
+                    key: target.to_string(),
+                })
+            }
+            Some(_) => return Ok(false),
+            None => {}
+        }
+        // The network part runs without the metadata lock.
+        let index = match lazy.load_index(src).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(layer = %src.layer_digest, error = %e, "not mounting lazily; unpacking");
+                return Ok(false);
+            }
+        };
+        let size: u64 = index
+            .inodes
+            .values()
+            .map(|i| match i.node {
+                crate::estargz::Node::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum();
+        let inodes = index.inodes.len() as i64;
+        let mut store = self.store.lock().await;
+        match store.get(target) {
+            Some(s) if s.parent == parent => {
+                return Err(SnapshotError::AlreadyExists {
+                    key: target.to_string(),
+                })
+            }
+            Some(_) => return Ok(false),
+            None => {}
+        }
+        if !parent.is_empty() && store.get(parent).map(|p| p.kind) != Some(Kind::Committed) {
+            return Ok(false);
+        }
+        // The target label stays: containerd looks the layer up by it (and the parent).
+        let labels: BTreeMap<String, String> = labels.clone().into_iter().collect();
+        let mut s = store.insert(target, Kind::Committed, parent, labels)?;
+        let dir = self.dir(s.id);
+        let made = ["fs", "work"]
+            .iter()
+            .try_for_each(|d| std::fs::create_dir_all(dir.join(d)));
+        let mounted = match made {
+            Ok(()) => lazy
+                .mount(src, index, &dir.join("fs"))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = mounted {
+            warn!(layer = %src.layer_digest, error = %e, "lazy mount failed; unpacking");
+            let _ = store.remove(target);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(false);
+        }
+        s.remote = Some(src.clone());
+        s.size = size as i64;
+        s.inodes = inodes;
+        store.replace(target, target, s)?;
+        info!(snapshot = %target, layer = %src.layer_digest, image = %src.image,
+              "layer mounted lazily; containerd skips its download");
+        Ok(true)
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -213,6 +351,7 @@ impl OverlaySnapshotter {
                 .is_none_or(|id| !ids.contains(&id));
             if orphan {
                 warn!(path = %e.path().display(), "removing a snapshot directory nothing names");
+                let _ = crate::lazy_fs::unmount(&e.path().join("fs"));
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -346,6 +485,16 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Self::Error> {
+        if let (Some(lazy), Some((target, src))) = (&self.lazy, Self::lazy_candidate(&labels)) {
+            if self
+                .prepare_lazy(lazy, &target, &parent, &labels, &src)
+                .await?
+            {
+                // containerd's unpacker takes this as "the layer is there": it stats the
+                // target and skips fetching and applying the layer.
+                return Err(SnapshotError::AlreadyExists { key: target });
+            }
+        }
         self.create(Kind::Active, key, parent, labels).await
     }
 
@@ -409,6 +558,13 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
         let s = store.remove(&key)?.expect("checked above");
         let dir = self.dir(s.id);
         drop(store);
+        if s.remote.is_some() {
+            if let Some(lazy) = &self.lazy {
+                if let Err(e) = lazy.unmount(&dir.join("fs")) {
+                    warn!(snapshot = %key, "unmount the lazy layer: {e}");
+                }
+            }
+        }
         // The record is gone first: a crash here leaves an orphan directory for Cleanup,
         // never a record without files.
         if let Err(e) = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))

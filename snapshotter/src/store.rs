@@ -33,6 +33,9 @@ pub struct Snapshot {
     /// Bytes and inodes of the snapshot's own layer, measured when it was committed.
     pub size: i64,
     pub inodes: i64,
+    /// For a lazily pulled layer: where its data comes from (it is re-mounted at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<crate::lazy_layer::LayerSource>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -140,6 +143,7 @@ impl Store {
             updated: now,
             size: 0,
             inodes: 0,
+            remote: None,
         };
         self.doc.snapshots.insert(key.to_string(), s.clone());
         if let Err(e) = self.save() {

@@ -71,6 +71,19 @@ impl Cri {
         Ok(r.into_inner().image_ref)
     }
 
+    /// RemoveImage (containerd deletes it synchronously: its snapshots go unless in use).
+    pub async fn remove_image(&mut self, image: &str) -> Result<(), tonic::Status> {
+        self.img
+            .remove_image(RemoveImageRequest {
+                image: Some(ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Runs a pod named `name` with `handler` ("kite" or "runc").
     pub async fn run_pod(
         &mut self,

@@ -1,0 +1,240 @@
+//! Lazy layers: resolving an eStargz layer's TOC from the registry (footer, then the TOC
+//! member, checked against the manifest's TOC digest), mounting it as a [`LazyFs`], and the
+//! background fetch that follows.
+//!
+//! TOCs are kept under `<root>/tocs/` by digest, so a restart re-mounts lazy layers without
+//! the registry.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+use crate::chunk_cache::{digest_hex, CacheError, ChunkCache};
+use crate::estargz::{parse_footer, verify_toc_digest, EstargzError, Index, FOOTER_SIZE};
+use crate::estargz_writer::decode_toc_member;
+use crate::lazy_fs::{LazyFs, LazyMount};
+use crate::lazy_layer::{FetchStats, LayerReader, LayerSource};
+use crate::registry::{ImageRef, RegistryClient, RegistryError};
+
+/// The largest TOC JSON accepted (a decompression bomb stops here).
+pub const MAX_TOC_JSON: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("layer {layer} of {image}: {source}")]
+    Registry {
+        image: String,
+        layer: String,
+        source: Box<RegistryError>,
+    },
+    #[error("layer {layer} of {image}: not eStargz or a bad TOC: {source}")]
+    Estargz {
+        image: String,
+        layer: String,
+        source: EstargzError,
+    },
+    #[error("layer {layer}: {source}")]
+    Cache { layer: String, source: CacheError },
+    #[error("layer {layer}: {op} {path}: {source}")]
+    Io {
+        layer: String,
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+struct Mounted {
+    _mount: LazyMount,
+    background: tokio::task::JoinHandle<()>,
+}
+
+pub struct LazyLayers {
+    tocs: PathBuf,
+    cache: Arc<ChunkCache>,
+    registry: Arc<RegistryClient>,
+    pub stats: Arc<FetchStats>,
+    background_bytes_per_sec: u64,
+    mounts: Mutex<HashMap<PathBuf, Mounted>>,
+}
+
+impl LazyLayers {
+    pub fn new(
+        root: &Path,
+        cache: Arc<ChunkCache>,
+        registry: Arc<RegistryClient>,
+        background_bytes_per_sec: u64,
+    ) -> LazyLayers {
+        LazyLayers {
+            tocs: root.join("tocs"),
+            cache,
+            registry,
+            stats: Arc::default(),
+            background_bytes_per_sec,
+            mounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    pub fn mounted(&self) -> usize {
+        self.mounts.lock().expect("mounts lock").len()
+    }
+
+    fn estargz_err(src: &LayerSource, source: EstargzError) -> RemoteError {
+        RemoteError::Estargz {
+            image: src.image.clone(),
+            layer: src.layer_digest.clone(),
+            source,
+        }
+    }
+
+    /// The layer's validated index: from the saved TOC, or fetched (footer, then the TOC
+    /// member) and checked against the TOC digest.
+    pub async fn load_index(&self, src: &LayerSource) -> Result<Index, RemoteError> {
+        let hex = digest_hex(&src.toc_digest).map_err(|source| RemoteError::Cache {
+            layer: src.layer_digest.clone(),
+            source,
+        })?;
+        let saved = self.tocs.join(format!("{hex}.json"));
+        let toc_offset_file = self.tocs.join(format!("{hex}.offset"));
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            let layer = src.layer_digest.clone();
+            move |source| RemoteError::Io {
+                layer,
+                op,
+                path,
+                source,
+            }
+        };
+        if let (Ok(json), Ok(offset)) = (
+            std::fs::read(&saved),
+            std::fs::read_to_string(&toc_offset_file),
+        ) {
+            if verify_toc_digest(&json, &src.toc_digest).is_ok() {
+                if let Ok(toc_offset) = offset.trim().parse::<u64>() {
+                    let toc = serde_json::from_slice(&json)
+                        .map_err(|e| EstargzError::Toc(format!("JSON: {e}")))
+                        .map_err(|e| Self::estargz_err(src, e))?;
+                    return Index::from_toc(&toc, toc_offset)
+                        .map_err(|e| Self::estargz_err(src, e));
+                }
+            }
+            warn!(path = %saved.display(), "saved TOC does not match its digest; fetching it");
+        }
+        let image = ImageRef::parse(&src.image).map_err(|source| RemoteError::Registry {
+            image: src.image.clone(),
+            layer: src.layer_digest.clone(),
+            source: Box::new(source),
+        })?;
+        let reg = |source| RemoteError::Registry {
+            image: src.image.clone(),
+            layer: src.layer_digest.clone(),
+            source: Box::new(source),
+        };
+        let size = self
+            .registry
+            .blob_size(&image, &src.layer_digest)
+            .await
+            .map_err(reg)?;
+        if size < FOOTER_SIZE as u64 {
+            return Err(Self::estargz_err(
+                src,
+                EstargzError::Footer("blob shorter than a footer".into()),
+            ));
+        }
+        let footer = self
+            .registry
+            .blob_range(&image, &src.layer_digest, size - FOOTER_SIZE as u64..size)
+            .await
+            .map_err(reg)?;
+        let toc_offset = parse_footer(&footer).map_err(|e| Self::estargz_err(src, e))?;
+        let end = size - FOOTER_SIZE as u64;
+        if toc_offset >= end {
+            return Err(Self::estargz_err(
+                src,
+                EstargzError::Footer(format!(
+                    "TOC offset {toc_offset} is not before the footer at {end}"
+                )),
+            ));
+        }
+        let member = self
+            .registry
+            .blob_range(&image, &src.layer_digest, toc_offset..end)
+            .await
+            .map_err(reg)?;
+        self.stats.bytes.fetch_add(
+            (footer.len() + member.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let (toc, json) =
+            decode_toc_member(&member, MAX_TOC_JSON).map_err(|e| Self::estargz_err(src, e))?;
+        verify_toc_digest(&json, &src.toc_digest).map_err(|e| Self::estargz_err(src, e))?;
+        let index = Index::from_toc(&toc, toc_offset).map_err(|e| Self::estargz_err(src, e))?;
+        std::fs::create_dir_all(&self.tocs).map_err(io("create", &self.tocs))?;
+        let tmp = saved.with_extension("tmp");
+        std::fs::write(&tmp, &json).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, &saved).map_err(io("rename", &saved))?;
+        std::fs::write(&toc_offset_file, toc_offset.to_string())
+            .map_err(io("write", &toc_offset_file))?;
+        Ok(index)
+    }
+
+    /// Mounts the layer `src` (indexed as `index`) at `mountpoint` and starts fetching it:
+    /// prioritized files first, then the rest at the configured rate.
+    pub fn mount(
+        &self,
+        src: &LayerSource,
+        index: Index,
+        mountpoint: &Path,
+    ) -> Result<(), RemoteError> {
+        let image = ImageRef::parse(&src.image).map_err(|source| RemoteError::Registry {
+            image: src.image.clone(),
+            layer: src.layer_digest.clone(),
+            source: Box::new(source),
+        })?;
+        let reader = Arc::new(LayerReader::new(
+            src.clone(),
+            image,
+            Arc::new(index),
+            self.cache.clone(),
+            self.registry.clone(),
+            self.stats.clone(),
+        ));
+        let rt = tokio::runtime::Handle::current();
+        // A mount left by a previous run (its server gone) is replaced.
+        let _ = crate::lazy_fs::unmount(mountpoint);
+        let mount = crate::lazy_fs::mount(mountpoint, LazyFs::new(reader.clone(), rt)).map_err(
+            |source| RemoteError::Io {
+                layer: src.layer_digest.clone(),
+                op: "mount",
+                path: mountpoint.to_path_buf(),
+                source,
+            },
+        )?;
+        let background = tokio::spawn(reader.fetch_all(self.background_bytes_per_sec));
+        info!(layer = %src.layer_digest, image = %src.image, mountpoint = %mountpoint.display(),
+              "lazy layer mounted");
+        self.mounts.lock().expect("mounts lock").insert(
+            mountpoint.to_path_buf(),
+            Mounted {
+                _mount: mount,
+                background,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops the layer's background fetch and detaches its mount.
+    pub fn unmount(&self, mountpoint: &Path) -> std::io::Result<()> {
+        if let Some(m) = self.mounts.lock().expect("mounts lock").remove(mountpoint) {
+            m.background.abort();
+        }
+        crate::lazy_fs::unmount(mountpoint)
+    }
+}
