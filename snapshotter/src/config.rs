@@ -33,7 +33,9 @@ pub struct SnapshotterConfig {
     pub prefetch_socket: PathBuf,
     /// Upper bound of the on-disk chunk cache; least recently used chunks go first.
     pub cache_max_bytes: u64,
-    /// Rate of the background fetch of a lazily mounted layer (0: unlimited).
+    /// Fetch the rest of a lazily mounted layer in the background (after its prioritized
+    /// files), at `background_fetch_bytes_per_sec` (0: unlimited).
+    pub background_fetch: bool,
     pub background_fetch_bytes_per_sec: u64,
     /// Registries reached over plain HTTP (loopback ones always are).
     pub insecure_registries: Vec<String>,
@@ -60,6 +62,7 @@ impl Default for SnapshotterConfig {
             socket: "/run/kite/snapshotter.sock".into(),
             prefetch_socket: "/run/kite/prefetch.sock".into(),
             cache_max_bytes: 10 << 30,
+            background_fetch: true,
             background_fetch_bytes_per_sec: 0,
             insecure_registries: Vec::new(),
             lazy: true,

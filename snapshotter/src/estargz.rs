@@ -303,6 +303,10 @@ impl Index {
         if let Some(file) = open_file.take() {
             check_covered(&inodes, &file)?;
         }
+        // Without a landmark nothing was prioritized.
+        if !landmark {
+            prefetch.clear();
+        }
         let mut member_starts: Vec<u64> = toc
             .entries
             .iter()

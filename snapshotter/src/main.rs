@@ -39,7 +39,7 @@ Usage:
 
 Configuration: the [snapshotter] section of /etc/kite/kite.toml (or FILE, or KITE_CONFIG):
 root, socket, metrics_address (Prometheus, GET /metrics), log_level, lazy, cache_max_bytes,
-background_fetch_bytes_per_sec, insecure_registries, credentials.\"host\" = { username,
+background_fetch, background_fetch_bytes_per_sec, insecure_registries, credentials.\"host\" = { username,
 password }, ca_files, fetch_attempts, fetch_first_backoff_ms. SIGTERM or SIGINT stops the
 daemon gracefully (in-flight calls finish; the socket is removed).";
 
@@ -151,7 +151,9 @@ async fn serve(config: SnapshotterConfig) -> anyhow::Result<()> {
             &config.root,
             Arc::new(cache),
             Arc::new(registry),
-            config.background_fetch_bytes_per_sec,
+            config
+                .background_fetch
+                .then_some(config.background_fetch_bytes_per_sec),
         )))
     } else {
         None

@@ -56,7 +56,8 @@ pub struct LazyLayers {
     cache: Arc<ChunkCache>,
     registry: Arc<RegistryClient>,
     pub stats: Arc<FetchStats>,
-    background_bytes_per_sec: u64,
+    /// None: no background fetch (reads and the prioritized files only).
+    background_bytes_per_sec: Option<u64>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
 }
 
@@ -65,7 +66,7 @@ impl LazyLayers {
         root: &Path,
         cache: Arc<ChunkCache>,
         registry: Arc<RegistryClient>,
-        background_bytes_per_sec: u64,
+        background_bytes_per_sec: Option<u64>,
     ) -> LazyLayers {
         LazyLayers {
             tocs: root.join("tocs"),
@@ -217,7 +218,15 @@ impl LazyLayers {
                 source,
             },
         )?;
-        let background = tokio::spawn(reader.fetch_all(self.background_bytes_per_sec));
+        let background = match self.background_bytes_per_sec {
+            Some(rate) => tokio::spawn(reader.fetch_all(rate)),
+            None => tokio::spawn(async move {
+                let first = reader.prefetch_chunks();
+                if let Err(e) = reader.ensure(&first).await {
+                    tracing::warn!(error = %e, "prefetch of the prioritized files failed");
+                }
+            }),
+        };
         info!(layer = %src.layer_digest, image = %src.image, mountpoint = %mountpoint.display(),
               "lazy layer mounted");
         self.mounts.lock().expect("mounts lock").insert(

@@ -1,7 +1,8 @@
 //! Lazy pulling through kite-snapshotter, against the real registry and containerd's CRI: an
 //! image converted to eStargz (`kite-snapshotter convert`) is pulled without downloading its
 //! layer (the layer is a FUSE mount whose reads fetch verified chunks), runs under runc and
-//! under kite, and every file reads back exactly as from a normal pull of the original image.
+//! under kite, and every file reads back exactly as from a normal pull of the original image;
+//! a snapshotter restart mounts it again.
 //! One test: it removes and pulls an image the steps share.
 
 use std::process::Command;
@@ -119,7 +120,22 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
     assert!(metric("chunk_cache_bytes") > 0);
     assert_eq!(metric("fetch_errors_total"), 0);
 
-    // 4. Removing the image removes its snapshots, and with them the lazy mount.
+    // 4. A snapshotter restart mounts the lazy layer again (from its saved TOC); containers
+    //    start from it as before.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
+    let restarted =
+        tokio::task::spawn_blocking(move || Command::new(script).arg("restart").status().unwrap())
+            .await
+            .unwrap();
+    assert!(restarted.success(), "restart kite-snapshotter");
+    assert_eq!(metric("lazy_layers_mounted"), mounted_before + 1);
+    let after_restart = listing(&mut c, RUNC, LAZY_IMAGE, "lazy-restarted").await;
+    assert_eq!(
+        after_restart, normal,
+        "the lazy layer differs after a restart"
+    );
+
+    // 5. Removing the image removes its snapshots, and with them the lazy mount.
     c.remove_image(LAZY_IMAGE)
         .await
         .unwrap_or_else(|e| panic!("remove {LAZY_IMAGE}: {}", status_message(&e)));
