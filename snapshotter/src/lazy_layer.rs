@@ -58,6 +58,8 @@ pub struct FetchStats {
     pub requests: AtomicU64,
     pub chunks: AtomicU64,
     pub errors: AtomicU64,
+    /// Prefetches started through the prefetch API (joined ones not counted).
+    pub prefetches: AtomicU64,
 }
 
 pub struct LayerReader {

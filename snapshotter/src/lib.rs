@@ -2,13 +2,17 @@
 //!
 //! - [`config`]: the `[snapshotter]` section of /etc/kite/kite.toml;
 //! - [`store`]: snapshot metadata, kept across restarts;
-//! - [`overlay`]: snapshots as containerd's overlayfs snapshotter makes them (ordinary layers);
-//! - [`estargz`]: the eStargz footer and TOC, validated into a layer index (for lazy layers);
+//! - [`overlay`]: the snapshots API: snapshots as containerd's overlayfs snapshotter makes them,
+//!   and the remote-snapshot Prepare that mounts an eStargz layer lazily;
+//! - [`estargz`]: the eStargz footer and TOC, validated into a layer index;
 //!   [`estargz_writer`]: converting a layer tar to eStargz, reading a blob's TOC back;
+//!   [`convert`]: an image to eStargz, registry to registry;
+//! - [`registry`]: the Registry v2 client (auth, ranged reads, uploads);
+//! - [`chunk_cache`]: verified chunks on disk, bounded, LRU;
+//! - [`lazy_layer`]: a lazy layer's chunks (fetch, verify, cache, prefetch, background);
+//!   [`lazy_fs`]: the layer as a FUSE filesystem; [`remote`]: TOCs and mounts;
+//! - [`prefetch`]: the prefetch API (a local socket) and its client;
 //! - [`metrics`]: the Prometheus endpoint.
-//!
-//! Lazy eStargz layers (FUSE, range reads, verified chunk cache) and the prefetch API come next
-//! (see the shared design); until then every layer is unpacked by containerd as usual.
 
 pub mod chunk_cache;
 pub mod config;
@@ -19,6 +23,7 @@ pub mod lazy_fs;
 pub mod lazy_layer;
 pub mod metrics;
 pub mod overlay;
+pub mod prefetch;
 pub mod registry;
 pub mod remote;
 pub mod store;

@@ -32,6 +32,11 @@ fetched first, the rest in the background. Snapshots and lazy layers survive res
 Usage:
     kite-snapshotter [--config FILE]
         Run the daemon.
+    kite-snapshotter prefetch [--config FILE] IMAGE
+        Ask the running daemon (prefetch_socket) to fetch IMAGE's manifest, eStargz TOCs and
+        prioritized files now, ahead of the pull; prints progress as JSON lines. Requests for
+        an image already being prefetched join that prefetch. (The node agent calls the same
+        API when a pod is bound to the node.)
     kite-snapshotter convert [--config FILE] [--chunk-size BYTES] [--prioritize PATH]... SRC DST
         Convert image SRC to eStargz and push it as DST (both registry references). The
         result is still a valid gzip'd-tar image. --prioritize puts the files an application
@@ -45,6 +50,9 @@ daemon gracefully (in-flight calls finish; the socket is removed).";
 
 enum Command {
     Serve,
+    Prefetch {
+        image: String,
+    },
     Convert {
         src: String,
         dst: String,
@@ -82,6 +90,12 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
     }
     let command = match positional.first().map(String::as_str) {
         None => Command::Serve,
+        Some("prefetch") => match &positional[1..] {
+            [image] => Command::Prefetch {
+                image: image.clone(),
+            },
+            _ => anyhow::bail!("prefetch needs one IMAGE (see --help)"),
+        },
         Some("convert") => match &positional[1..] {
             [src, dst] => Command::Convert {
                 src: src.clone(),
@@ -158,6 +172,18 @@ async fn serve(config: SnapshotterConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    if let Some(lazy) = &lazy {
+        if let Some(dir) = config.prefetch_socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&config.prefetch_socket);
+        let listener = tokio::net::UnixListener::bind(&config.prefetch_socket)
+            .with_context(|| format!("listen on {}", config.prefetch_socket.display()))?;
+        tokio::spawn(kite_snapshotter::prefetch::serve(
+            listener,
+            kite_snapshotter::prefetch::Prefetcher::new(lazy.clone()),
+        ));
+    }
     let sn = OverlaySnapshotter::open_with(&config.root, lazy)
         .with_context(|| format!("open the snapshotter state in {}", config.root.display()))?;
     sn.cleanup().await?;
@@ -182,6 +208,7 @@ async fn serve(config: SnapshotterConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(incoming, shutdown())
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    let _ = std::fs::remove_file(&config.prefetch_socket);
     served.context("serve the snapshots API")
 }
 
@@ -200,5 +227,21 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
         Command::Convert { src, dst, options } => convert(&config, &src, &dst, options).await,
+        Command::Prefetch { image } => {
+            let last = kite_snapshotter::prefetch::request(&config.prefetch_socket, &image, |p| {
+                println!("{}", serde_json::to_string(p).expect("progress serializes"))
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "prefetch {image} through {} (is the daemon running with lazy = true?)",
+                    config.prefetch_socket.display()
+                )
+            })?;
+            if last.state != "done" {
+                anyhow::bail!("prefetch {image}: {}", last.error);
+            }
+            Ok(())
+        }
     }
 }

@@ -25,7 +25,13 @@ pub async fn render(sn: &OverlaySnapshotter) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         let c = lazy.cache().stats();
         let s = &lazy.stats;
-        let rows: [(&str, &str, &str, u64); 9] = [
+        let rows: [(&str, &str, &str, u64); 10] = [
+            (
+                "prefetches_total",
+                "counter",
+                "Image prefetches started by the prefetch API (joined requests not counted).",
+                s.prefetches.load(Relaxed),
+            ),
             (
                 "lazy_layers_mounted",
                 "gauge",

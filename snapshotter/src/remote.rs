@@ -82,6 +82,27 @@ impl LazyLayers {
         &self.cache
     }
 
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
+    /// A reader of layer `src` (indexed as `index`): its chunks, fetched and cached.
+    pub fn reader(&self, src: &LayerSource, index: Index) -> Result<Arc<LayerReader>, RemoteError> {
+        let image = ImageRef::parse(&src.image).map_err(|source| RemoteError::Registry {
+            image: src.image.clone(),
+            layer: src.layer_digest.clone(),
+            source: Box::new(source),
+        })?;
+        Ok(Arc::new(LayerReader::new(
+            src.clone(),
+            image,
+            Arc::new(index),
+            self.cache.clone(),
+            self.registry.clone(),
+            self.stats.clone(),
+        )))
+    }
+
     pub fn mounted(&self) -> usize {
         self.mounts.lock().expect("mounts lock").len()
     }
@@ -194,19 +215,7 @@ impl LazyLayers {
         index: Index,
         mountpoint: &Path,
     ) -> Result<(), RemoteError> {
-        let image = ImageRef::parse(&src.image).map_err(|source| RemoteError::Registry {
-            image: src.image.clone(),
-            layer: src.layer_digest.clone(),
-            source: Box::new(source),
-        })?;
-        let reader = Arc::new(LayerReader::new(
-            src.clone(),
-            image,
-            Arc::new(index),
-            self.cache.clone(),
-            self.registry.clone(),
-            self.stats.clone(),
-        ));
+        let reader = self.reader(src, index)?;
         let rt = tokio::runtime::Handle::current();
         // A mount left by a previous run (its server gone) is replaced.
         let _ = crate::lazy_fs::unmount(mountpoint);

@@ -2,7 +2,8 @@
 //! image converted to eStargz (`kite-snapshotter convert`) is pulled without downloading its
 //! layer (the layer is a FUSE mount whose reads fetch verified chunks), runs under runc and
 //! under kite, and every file reads back exactly as from a normal pull of the original image;
-//! a snapshotter restart mounts it again.
+//! the prefetch API fetches its start-up files ahead of the pull; a snapshotter restart mounts
+//! it again.
 //! One test: it removes and pulls an image the steps share.
 
 use std::process::Command;
@@ -88,9 +89,39 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
         .expect("the converted layer's digest")
         .to_string();
 
-    // 2. Pull through the CRI, from scratch: the layer is mounted, not downloaded.
+    // 2. Prefetch ahead of the pull, as the node agent does when a pod is bound: the TOC and
+    //    busybox (the prioritized file) are fetched now.
     let mut c = Cri::connect().await;
     let _ = c.remove_image(LAZY_IMAGE).await;
+    let prefetches = metric("prefetches_total");
+    let out = Command::new(SNAPSHOTTER)
+        .args(["prefetch", LAZY_IMAGE])
+        .output()
+        .expect("run kite-snapshotter prefetch");
+    let progress = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "prefetch: {progress}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(progress.lines().last().expect("progress lines")).unwrap();
+    assert_eq!(last["state"], "done", "{progress}");
+    assert_eq!(last["lazy_layers"], 1, "{progress}");
+    assert!(
+        last["prefetched_bytes"].as_u64().unwrap() > 1 << 20,
+        "{progress}"
+    );
+    assert_eq!(metric("prefetches_total"), prefetches + 1);
+    let bad = Command::new(SNAPSHOTTER)
+        .args(["prefetch", "127.0.0.1:5000/kite/no-such-image:1"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let said = String::from_utf8_lossy(&bad.stderr).into_owned();
+    assert!(said.contains("no-such-image"), "{said}");
+
+    // 3. Pull through the CRI, from scratch: the layer is mounted, not downloaded.
     let mounted_before = metric("lazy_layers_mounted");
     c.pull(IMAGE)
         .await
@@ -107,7 +138,7 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
         "containerd downloaded the lazy layer {layer}"
     );
 
-    // 3. The same files, byte for byte, as a normal pull of the original image: under runc
+    // 4. The same files, byte for byte, as a normal pull of the original image: under runc
     //    over the lazy layer, and under kite (virtio-fs of that overlay).
     let normal = listing(&mut c, RUNC, IMAGE, "lazy-normal").await;
     assert!(normal.contains("./bin/busybox|regular file"), "{normal}");
@@ -120,7 +151,7 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
     assert!(metric("chunk_cache_bytes") > 0);
     assert_eq!(metric("fetch_errors_total"), 0);
 
-    // 4. A snapshotter restart mounts the lazy layer again (from its saved TOC); containers
+    // 5. A snapshotter restart mounts the lazy layer again (from its saved TOC); containers
     //    start from it as before.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
     let restarted =
@@ -135,7 +166,7 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
         "the lazy layer differs after a restart"
     );
 
-    // 5. Removing the image removes its snapshots, and with them the lazy mount.
+    // 6. Removing the image removes its snapshots, and with them the lazy mount.
     c.remove_image(LAZY_IMAGE)
         .await
         .unwrap_or_else(|e| panic!("remove {LAZY_IMAGE}: {}", status_message(&e)));

@@ -2,12 +2,14 @@
 //! test on a port of its own so it can be stopped: reads of cached chunks go on while the
 //! registry is down, a read that needs it fails with EIO after the retries (never with wrong
 //! bytes) and works again when the registry is back; a layer whose data does not match its TOC,
-//! and a TOC that does not match its digest, are refused.
+//! and a TOC that does not match its digest, are refused; prefetch requests share one fetch and
+//! report a registry outage.
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION;
 use kite_snapshotter::lazy_layer::LayerSource;
+use kite_snapshotter::prefetch::{Prefetcher, Progress};
 use kite_snapshotter::registry::{ImageRef, RegistryClient, RegistryOptions};
 use kite_snapshotter::remote::LazyLayers;
 
@@ -267,4 +270,52 @@ async fn outages_give_eio_never_wrong_bytes_and_bad_layers_are_refused() {
     };
     let e = lazy2.load_index(&lying).await.unwrap_err().to_string();
     assert!(e.contains("digest") && e.contains(&src.layer_digest), "{e}");
+
+    // Prefetch: requests for an image under way join it (one fetch); with the registry down
+    // it fails after the retries, with the reason; once it is back the prioritized file is
+    // fetched into the cache.
+    let prio = ImageRef::parse(&format!("127.0.0.1:{PORT}/kite/prefetch:1")).unwrap();
+    let options = ConvertOptions {
+        chunk_size: CHUNK,
+        prioritized: vec!["bin/busybox".into()],
+    };
+    convert_image(
+        &client,
+        &ImageRef::parse(IMAGE).unwrap(),
+        &prio,
+        &options,
+        &|_, _, _| {},
+    )
+    .await
+    .unwrap();
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache3"), 64 << 20).unwrap());
+    let lazy3 = Arc::new(LazyLayers::new(dir.path(), cache, client.clone(), None));
+    let prefetcher = Prefetcher::new(lazy3.clone());
+    registry.down();
+    let (mut first, joined_first) = prefetcher.start(&prio.to_string());
+    let (mut second, joined_second) = prefetcher.start(&prio.to_string());
+    assert!(!joined_first && joined_second);
+    let failed = finish(&mut first).await;
+    assert_eq!(failed.state, "failed");
+    assert!(failed.error.contains("127.0.0.1:5077"), "{}", failed.error);
+    assert_eq!(finish(&mut second).await, failed);
+    assert_eq!(lazy3.stats.prefetches.load(Ordering::Relaxed), 1);
+    registry.up();
+    let (mut again, _) = prefetcher.start(&prio.to_string());
+    let done = finish(&mut again).await;
+    assert_eq!(done.state, "done", "{}", done.error);
+    assert_eq!((done.lazy_layers, done.layers_done), (1, 1));
+    assert_eq!(done.prefetched_bytes, reference.len() as u64);
+    assert!(lazy3.cache().stats().bytes >= reference.len() as u64);
+}
+
+async fn finish(rx: &mut tokio::sync::watch::Receiver<Progress>) -> Progress {
+    loop {
+        if rx.borrow_and_update().finished() {
+            return rx.borrow().clone();
+        }
+        if rx.changed().await.is_err() {
+            return rx.borrow().clone();
+        }
+    }
 }
