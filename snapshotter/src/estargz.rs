@@ -102,6 +102,8 @@ pub struct TocEntry {
     pub chunk_digest: String,
     pub digest: String,
     pub xattrs: BTreeMap<String, String>,
+    /// RFC 3339 (as Go's time.Time marshals).
+    pub modtime: String,
 }
 
 /// A file's data chunk: where in the file, where in the blob, and the digest to verify.
@@ -146,6 +148,8 @@ pub struct Inode {
     pub uid: u32,
     pub gid: u32,
     pub xattrs: BTreeMap<String, String>,
+    /// Modification time, seconds since the epoch (0 when the TOC gives none).
+    pub mtime: i64,
 }
 
 /// A layer's validated index: cleaned path → inode, and the prefetch order.
@@ -393,6 +397,21 @@ pub fn decode_chunk(chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>, Estargz
     Ok(data)
 }
 
+/// Seconds since the epoch of an RFC 3339 time; 0 for none or a malformed one (a file time
+/// is not worth refusing a layer over).
+pub fn parse_modtime(t: &str) -> i64 {
+    if t.is_empty() {
+        return 0;
+    }
+    match humantime::parse_rfc3339_weak(t) {
+        Ok(st) => match st.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        },
+        Err(_) => 0,
+    }
+}
+
 fn inode(e: &TocEntry, node: Node) -> Inode {
     Inode {
         node,
@@ -400,6 +419,7 @@ fn inode(e: &TocEntry, node: Node) -> Inode {
         uid: e.uid,
         gid: e.gid,
         xattrs: e.xattrs.clone(),
+        mtime: parse_modtime(&e.modtime),
     }
 }
 

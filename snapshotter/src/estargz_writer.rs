@@ -54,6 +54,8 @@ struct OutEntry {
     dev_major: u64,
     #[serde(skip_serializing_if = "is_zero")]
     dev_minor: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    modtime: String,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -204,6 +206,7 @@ fn write_landmark<W: Write>(
         chunk_digest: format!("sha256:{:x}", Sha256::digest([0xfu8])),
         dev_major: 0,
         dev_minor: 0,
+        modtime: String::new(),
     });
     Ok(())
 }
@@ -246,6 +249,13 @@ fn write_item<W: Write>(
         chunk_digest: String::new(),
         dev_major: h.device_major().ok().flatten().unwrap_or(0) as u64,
         dev_minor: h.device_minor().ok().flatten().unwrap_or(0) as u64,
+        modtime: match h.mtime() {
+            Ok(t) if t > 0 => humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+            )
+            .to_string(),
+            _ => String::new(),
+        },
     };
     // The header is written anew with the entry's full name; a name too long for a ustar
     // header goes first as a GNU long-name record. (Pax records, such as xattrs, are not
@@ -456,6 +466,23 @@ mod tests {
                 "chunk {i}"
             );
         }
+    }
+
+    #[test]
+    fn without_a_landmark_nothing_is_prefetched_and_file_times_are_kept() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(3);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, "a", &b"abc"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut blob = Vec::new();
+        convert(&tar[..], &mut blob, 4096, &[]).unwrap();
+        let (toc, _, toc_offset) = read_toc(&blob, 1 << 20).unwrap();
+        let index = Index::from_toc(&toc, toc_offset).unwrap();
+        assert!(index.prefetch.is_empty());
+        assert_eq!(index.inodes["a"].mtime, 1_700_000_000);
     }
 
     #[test]

@@ -171,7 +171,15 @@ impl LayerTree {
                 Node::Hardlink { .. } => unreachable!("handled above"),
             };
             let nlink = n.attr.nlink;
+            let mtime = if inode.mtime >= 0 {
+                UNIX_EPOCH + Duration::from_secs(inode.mtime as u64)
+            } else {
+                UNIX_EPOCH
+            };
             n.attr = FileAttr {
+                mtime,
+                ctime: mtime,
+                atime: mtime,
                 uid: inode.uid,
                 gid: inode.gid,
                 rdev,
@@ -490,7 +498,8 @@ mod tests {
     fn the_tree_is_what_an_unpack_would_make() {
         let toc: Toc = serde_json::from_value(serde_json::json!({"version": 1, "entries": [
             {"name": "bin/", "type": "dir", "mode": 493},
-            {"name": "bin/app", "type": "reg", "size": 10, "offset": 100, "chunkDigest": D, "mode": 493},
+            {"name": "bin/app", "type": "reg", "size": 10, "offset": 100, "chunkDigest": D, "mode": 493,
+             "modtime": "2023-11-14T22:13:20Z"},
             {"name": "bin/app2", "type": "hardlink", "linkName": "bin/app"},
             {"name": "usr/lib/x.so", "type": "reg", "size": 0},
             {"name": "etc/", "type": "dir", "mode": 493},
@@ -505,6 +514,10 @@ mod tests {
         let n = |p| &t.nodes[t.lookup_path(p).unwrap() as usize];
         assert_eq!(n("bin/app").attr.size, 10);
         assert_eq!(n("bin/app").attr.perm, 0o755);
+        assert_eq!(
+            n("bin/app").attr.mtime,
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
         assert_eq!(t.lookup_path("bin/app"), t.lookup_path("bin/app2"));
         assert_eq!(n("bin/app").attr.nlink, 2);
         // usr/ and usr/lib/ were implicit.

@@ -59,6 +59,7 @@ pub struct LazyLayers {
     /// None: no background fetch (reads and the prioritized files only).
     background_bytes_per_sec: Option<u64>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    readers: Mutex<HashMap<String, std::sync::Weak<LayerReader>>>,
 }
 
 impl LazyLayers {
@@ -75,6 +76,7 @@ impl LazyLayers {
             stats: Arc::default(),
             background_bytes_per_sec,
             mounts: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -86,8 +88,22 @@ impl LazyLayers {
         &self.registry
     }
 
-    /// A reader of layer `src` (indexed as `index`): its chunks, fetched and cached.
+    /// The reader of layer `src` (indexed as `index`): its chunks, fetched and cached. A layer
+    /// of an image has one live reader, so a prefetch and a mount of it share their fetches.
     pub fn reader(&self, src: &LayerSource, index: Index) -> Result<Arc<LayerReader>, RemoteError> {
+        let mut readers = self.readers.lock().expect("readers lock");
+        readers.retain(|_, r| r.strong_count() > 0);
+        // By image too: another image's copy of the layer may live on another registry.
+        let key = format!("{}@{}", src.image, src.layer_digest);
+        if let Some(r) = readers.get(&key).and_then(|r| r.upgrade()) {
+            return Ok(r);
+        }
+        let r = self.new_reader(src, index)?;
+        readers.insert(key, Arc::downgrade(&r));
+        Ok(r)
+    }
+
+    fn new_reader(&self, src: &LayerSource, index: Index) -> Result<Arc<LayerReader>, RemoteError> {
         let image = ImageRef::parse(&src.image).map_err(|source| RemoteError::Registry {
             image: src.image.clone(),
             layer: src.layer_digest.clone(),

@@ -15,12 +15,13 @@ use kite_e2e::{require_setup, IMAGE};
 const LAZY_IMAGE: &str = "127.0.0.1:5000/kite/busybox-esgz:e2e";
 const SNAPSHOTTER: &str = "/usr/local/bin/kite-snapshotter";
 
-/// Every non-directory of the root filesystem (this mount only) with its type, mode, size and
-/// link count, symlink targets, and the checksum of each singly linked file and of busybox
-/// (every other hard link of the image is busybox). The files CRI bind-mounts are left out.
+/// Every non-directory of the root filesystem (this mount only) with its type, mode, size,
+/// link count, owner, modification time and symlink target, and the checksum of each singly
+/// linked file and of busybox (every other hard link of the image is busybox). The files the
+/// CRI bind-mounts are left out.
 const LISTING: &str = "cd / && \
     find . -xdev ! -type d ! -path ./etc/hosts ! -path ./etc/hostname ! -path ./etc/resolv.conf \
-      | sort | xargs stat -c '%n|%F|%a|%s|%h|%u:%g|%N' && \
+      | sort | xargs stat -c '%n|%F|%a|%s|%h|%u:%g|%Y|%N' && \
     find . -xdev -type f -links 1 ! -path ./etc/hosts ! -path ./etc/hostname \
       ! -path ./etc/resolv.conf | sort | xargs sha256sum && sha256sum bin/busybox";
 
@@ -159,6 +160,20 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
             .await
             .unwrap();
     assert!(restarted.success(), "restart kite-snapshotter");
+    // containerd redials the proxy plugin with a backoff.
+    tokio::task::spawn_blocking(|| {
+        kite_e2e::wait_until(
+            "containerd reaches the snapshotter",
+            Duration::from_secs(30),
+            || {
+                kite_e2e::ctr(&["snapshots", "--snapshotter", "kite", "ls"])
+                    .status
+                    .success()
+            },
+        )
+    })
+    .await
+    .unwrap();
     assert_eq!(metric("lazy_layers_mounted"), mounted_before + 1);
     let after_restart = listing(&mut c, RUNC, LAZY_IMAGE, "lazy-restarted").await;
     assert_eq!(

@@ -1,0 +1,485 @@
+//! Lazy pull benchmark through the CRI (hack/bench-lazy.sh runs it), all variants in one run:
+//!
+//! - an image generated here: busybox plus an app layer of TOTAL MiB of incompressible files, of
+//!   which the container's start reads START MiB (`cat /app/start.dat; echo ready`);
+//! - pulled through a registry link throttled to RATE MB/s (a pacing proxy on 127.0.0.1:5050 in
+//!   front of the local registry: this kernel has no shaping qdiscs);
+//! - time from PullImage to the container's first output (runc), N rounds of: the full image
+//!   (containerd downloads and unpacks it), the eStargz image (lazy), and the eStargz image
+//!   with its start-up files prioritized and the prefetch API called when the pull starts;
+//!   the chunk cache and TOCs are emptied before each;
+//! - bytes fetched from the registry before the first output;
+//! - read throughput of the app files through the lazy layer's FUSE mount (chunks cached,
+//!   page cache dropped) against the same files unpacked on the overlayfs-style snapshot.
+//!
+//!     cargo run --release -p kite-e2e --example lazy_bench -- [N] [TOTAL_MIB] [START_MIB] [RATE_MB]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes_util::random_fill;
+use kite_e2e::cri::{status_message, Cri, RemoveOnDrop, RUNC};
+use kite_e2e::IMAGE;
+use kite_snapshotter::convert::{convert_image, ConvertOptions};
+use kite_snapshotter::registry::{Descriptor, ImageRef, Manifest, RegistryClient, RegistryOptions};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PROXY_PORT: u16 = 5050;
+const FILE_MIB: usize = 64;
+const ROOT: &str = "/var/lib/kite/snapshotter";
+
+mod bytes_util {
+    /// Incompressible bytes, fast (xorshift64*), reproducible per seed.
+    pub fn random_fill(buf: &mut [u8], seed: u64) {
+        let mut x = seed | 1;
+        for chunk in buf.chunks_mut(8) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// median, min, max
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+/// A TCP proxy to the registry whose responses share one link of `rate` bytes/s.
+async fn throttling_proxy(rate: f64) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))
+        .await
+        .expect("bind the throttling proxy");
+    let link = Arc::new(Mutex::new(Instant::now()));
+    loop {
+        let (client, _) = listener.accept().await.unwrap();
+        let link = link.clone();
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5000").await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                let _ = sw.shutdown().await;
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // Reserve the link for n bytes after whatever is queued on it.
+                let at = {
+                    let mut next = link.lock().unwrap();
+                    let at = (*next).max(Instant::now());
+                    *next = at + Duration::from_secs_f64(n as f64 / rate);
+                    *next
+                };
+                tokio::time::sleep_until(at.into()).await;
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = cw.shutdown().await;
+            up.abort();
+        });
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Pushes busybox + the app layer as `name:tag` (on the real registry); returns the app
+/// layer's compressed size.
+async fn push_full_image(
+    client: &RegistryClient,
+    dst: &ImageRef,
+    total_mib: usize,
+    start_mib: usize,
+) -> u64 {
+    let base = ImageRef::parse(IMAGE).unwrap();
+    let resolved = client.resolve(&base).await.unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, mib: usize, seed: u64| {
+        let mut data = vec![0u8; mib << 20];
+        random_fill(&mut data, seed);
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    };
+    add("app/start.dat", start_mib, 1);
+    let mut left = total_mib.saturating_sub(start_mib);
+    let mut n = 0;
+    while left > 0 {
+        let mib = left.min(FILE_MIB);
+        add(&format!("app/data/blob-{n:03}"), mib, 100 + n as u64);
+        left -= mib;
+        n += 1;
+    }
+    let tar = b.into_inner().unwrap();
+    let diff_id = format!("sha256:{:x}", Sha256::digest(&tar));
+    let layer = gzip(&tar);
+    let size = layer.len() as u64;
+    let mut layers = Vec::new();
+    for l in &resolved.manifest.layers {
+        let blob = client.blob(&base, &l.digest).await.unwrap();
+        client.push_blob(dst, blob).await.unwrap();
+        layers.push(l.clone());
+    }
+    let digest = client.push_blob(dst, layer.into()).await.unwrap();
+    layers.push(Descriptor {
+        media_type: kite_snapshotter::registry::OCI_LAYER_GZIP.into(),
+        digest,
+        size,
+        ..Default::default()
+    });
+    let config_raw = client
+        .blob(&base, &resolved.manifest.config.digest)
+        .await
+        .unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&config_raw).unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(diff_id.into());
+    let config = bytes::Bytes::from(serde_json::to_vec(&config).unwrap());
+    let config_size = config.len() as u64;
+    let config_digest = client.push_blob(dst, config).await.unwrap();
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: kite_snapshotter::registry::OCI_MANIFEST.into(),
+        config: Descriptor {
+            media_type: "application/vnd.oci.image.config.v1+json".into(),
+            digest: config_digest,
+            size: config_size,
+            ..Default::default()
+        },
+        layers,
+        annotations: Default::default(),
+    };
+    client
+        .push_manifest(
+            dst,
+            kite_snapshotter::registry::OCI_MANIFEST,
+            serde_json::to_vec(&manifest).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    size
+}
+
+fn metric(name: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sf", "http://127.0.0.1:9471/metrics"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("kite_snapshotter_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn snapshotter(action: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
+    assert!(Command::new(script).arg(action).status().unwrap().success());
+}
+
+/// Every image of the benchmark gone, the chunk cache and TOCs empty, the snapshotter fresh.
+async fn reset(c: &mut Cri, images: &[String]) {
+    for i in images {
+        let _ = c.remove_image(i).await;
+    }
+    tokio::task::spawn_blocking(|| {
+        snapshotter("stop");
+        for d in ["cache", "tocs"] {
+            let _ = std::fs::remove_dir_all(Path::new(ROOT).join(d));
+        }
+        snapshotter("start");
+        // containerd redials the proxy plugin with a backoff: wait until it answers again.
+        kite_e2e::wait_until(
+            "containerd reaches the snapshotter",
+            Duration::from_secs(30),
+            || {
+                kite_e2e::ctr(&["snapshots", "--snapshotter", "kite", "ls"])
+                    .status
+                    .success()
+            },
+        );
+    })
+    .await
+    .unwrap();
+}
+
+struct Round {
+    first_output: f64,
+    pull: f64,
+    fetched: u64,
+}
+
+async fn round(c: &mut Cri, image: &str, prefetch: bool, name: &str) -> Round {
+    let t0 = Instant::now();
+    let fetched0 = metric("fetched_bytes_total");
+    if prefetch {
+        let image = image.to_string();
+        tokio::spawn(async move {
+            let socket = Path::new("/run/kite/prefetch.sock");
+            let last = kite_snapshotter::prefetch::request(socket, &image, |_| {}).await;
+            if let Ok(p) = last {
+                if p.state != "done" {
+                    eprintln!("prefetch {image}: {}", p.error);
+                }
+            }
+        });
+    }
+    c.pull(image)
+        .await
+        .unwrap_or_else(|e| panic!("pull {image}: {}", status_message(&e)));
+    let pull = ms(t0.elapsed());
+    let pod = c
+        .run_pod(name, RUNC, &[])
+        .await
+        .unwrap_or_else(|e| panic!("run pod: {}", status_message(&e)));
+    let _cleanup = RemoveOnDrop(pod.id.clone());
+    c.run_container(
+        &pod,
+        "app",
+        0,
+        image,
+        &[
+            "sh",
+            "-c",
+            "cat /app/start.dat > /dev/null; echo ready; exec sleep 100000",
+        ],
+    )
+    .await;
+    let log = pod.log_dir().join("app/0.log");
+    loop {
+        if std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ready")) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "no output from {image}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_output = ms(t0.elapsed());
+    let fetched = metric("fetched_bytes_total") - fetched0;
+    c.remove_pod(&pod.id).await.unwrap();
+    Round {
+        first_output,
+        pull,
+        fetched,
+    }
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// MB/s reading every file under `dir` once.
+fn read_throughput(dir: &Path) -> f64 {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    let t = Instant::now();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut f = std::fs::File::open(f).unwrap();
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+        }
+    }
+    bytes as f64 / 1e6 / t.elapsed().as_secs_f64()
+}
+
+/// The app directory of the snapshot holding it: lazy (a fuse.kite mount) or unpacked.
+fn app_dirs() -> (Option<PathBuf>, Option<PathBuf>) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let (mut lazy, mut unpacked) = (None, None);
+    for e in std::fs::read_dir(Path::new(ROOT).join("snapshots"))
+        .unwrap()
+        .flatten()
+    {
+        let fs = e.path().join("fs");
+        if !fs.join("app/start.dat").exists() {
+            continue;
+        }
+        let is_fuse = mounts
+            .lines()
+            .any(|l| l.contains(" - fuse.kite ") && l.split(' ').nth(4) == fs.to_str());
+        if is_fuse {
+            lazy = Some(fs.join("app"));
+        } else {
+            unpacked = Some(fs.join("app"));
+        }
+    }
+    (lazy, unpacked)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    let (rounds, total, start, rate) = (arg(0, 3), arg(1, 1024), arg(2, 20), arg(3, 50));
+    kite_e2e::require_setup();
+    let client = RegistryClient::new(RegistryOptions {
+        attempts: 3,
+        first_backoff: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .unwrap();
+    let tag = format!("{total}m-{start}m");
+    let at = |port: u16, name: &str| format!("127.0.0.1:{port}/kite/lazybench:{name}-{tag}");
+    let full = ImageRef::parse(&at(5000, "full")).unwrap();
+    eprintln!("building {full} ({total} MiB app layer, {start} MiB read at start)");
+    let app_size = push_full_image(&client, &full, total, start).await;
+    let t = Instant::now();
+    let lazy = ImageRef::parse(&at(5000, "esgz")).unwrap();
+    convert_image(
+        &client,
+        &full,
+        &lazy,
+        &ConvertOptions::default(),
+        &|_, _, _| {},
+    )
+    .await
+    .unwrap();
+    let prio = ImageRef::parse(&at(5000, "esgz-prio")).unwrap();
+    let options = ConvertOptions {
+        prioritized: vec!["bin/busybox".into(), "app/start.dat".into()],
+        ..Default::default()
+    };
+    convert_image(&client, &full, &prio, &options, &|_, _, _| {})
+        .await
+        .unwrap();
+    eprintln!("converted both in {:.1} s", t.elapsed().as_secs_f64());
+
+    tokio::spawn(throttling_proxy(rate as f64 * 1e6));
+    let variants = [
+        ("full pull", at(PROXY_PORT, "full"), false),
+        ("lazy", at(PROXY_PORT, "esgz"), false),
+        ("lazy+prefetch", at(PROXY_PORT, "esgz-prio"), true),
+    ];
+    let images: Vec<String> = variants.iter().map(|v| v.1.clone()).collect();
+    let mut c = Cri::connect().await;
+    let mut results: Vec<Vec<Round>> = variants.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        for (i, (label, image, prefetch)) in variants.iter().enumerate() {
+            reset(&mut c, &images).await;
+            let out = round(&mut c, image, *prefetch, &format!("lazybench-{r}-{i}")).await;
+            eprintln!(
+                "round {r} {label}: first output {:.0} ms (pull {:.0} ms), fetched {:.1} MB",
+                out.first_output,
+                out.pull,
+                out.fetched as f64 / 1e6
+            );
+            results[i].push(out);
+        }
+    }
+
+    println!(
+        "\nlazy pull, {total} MiB app layer ({:.0} MB compressed), {start} MiB read at start, \
+         registry link {rate} MB/s, runc, {rounds} rounds (median [min–max])",
+        app_size as f64 / 1e6
+    );
+    let full_median = spread(
+        &results[0]
+            .iter()
+            .map(|r| r.first_output)
+            .collect::<Vec<_>>(),
+    )
+    .0;
+    for (i, (label, _, _)) in variants.iter().enumerate() {
+        let (m, lo, hi) = spread(
+            &results[i]
+                .iter()
+                .map(|r| r.first_output)
+                .collect::<Vec<_>>(),
+        );
+        let (p, _, _) = spread(&results[i].iter().map(|r| r.pull).collect::<Vec<_>>());
+        let fetched = spread(
+            &results[i]
+                .iter()
+                .map(|r| r.fetched as f64 / 1e6)
+                .collect::<Vec<_>>(),
+        )
+        .0;
+        let fetched = if i == 0 {
+            "all (containerd downloads it)".to_string()
+        } else {
+            format!("{fetched:.1} MB")
+        };
+        println!(
+            "  {label:14} first output {m:8.0} ms [{lo:.0}–{hi:.0}]  pull {p:8.0} ms  \
+             {:5.1}% of full  fetched before output: {fetched}",
+            100.0 * m / full_median
+        );
+    }
+
+    // Read throughput: the lazy layer fully cached vs the same files unpacked.
+    reset(&mut c, &images).await;
+    c.pull(&at(PROXY_PORT, "full")).await.unwrap();
+    c.pull(&at(PROXY_PORT, "esgz-prio")).await.unwrap();
+    let (lazy_dir, unpacked_dir) = tokio::task::spawn_blocking(app_dirs).await.unwrap();
+    let (lazy_dir, unpacked_dir) = (
+        lazy_dir.expect("a lazy app layer"),
+        unpacked_dir.expect("an unpacked app layer"),
+    );
+    let (fuse, overlay, fuse_warm, overlay_warm) = tokio::task::spawn_blocking(move || {
+        read_throughput(&lazy_dir); // fetches whatever the background has not
+        drop_page_cache();
+        let fuse = read_throughput(&lazy_dir);
+        let fuse_warm = read_throughput(&lazy_dir);
+        drop_page_cache();
+        let overlay = read_throughput(&unpacked_dir);
+        let overlay_warm = read_throughput(&unpacked_dir);
+        (fuse, overlay, fuse_warm, overlay_warm)
+    })
+    .await
+    .unwrap();
+    println!(
+        "  read {total} MiB, page cache dropped: FUSE (chunks cached) {fuse:.0} MB/s, unpacked \
+         {overlay:.0} MB/s ({:.0}%); page cache warm: FUSE {fuse_warm:.0} MB/s, unpacked \
+         {overlay_warm:.0} MB/s ({:.0}%)",
+        100.0 * fuse / overlay,
+        100.0 * fuse_warm / overlay_warm
+    );
+    for i in &images {
+        let _ = c.remove_image(i).await;
+    }
+}
