@@ -38,6 +38,12 @@ if ! cmp -s "$here/target/release/kite-snapshotter" /usr/local/bin/kite-snapshot
   install -m 0755 "$here/target/release/kite-snapshotter" /usr/local/bin/
   "$here/hack/snapshotter.sh" stop
 fi
+# kite-lazyfs serves lazy layers and outlives the snapshotter; a new one ends the old mounts
+# (the snapshotter mounts them again).
+if ! cmp -s "$here/target/release/kite-lazyfs" /usr/local/bin/kite-lazyfs; then
+  install -m 0755 "$here/target/release/kite-lazyfs" /usr/local/bin/
+  "$here/hack/snapshotter.sh" stop-all
+fi
 "$here/hack/build-guest.sh" /var/lib/kite/guest
 mkdir -p /etc/kite /run/kite
 [ -f /etc/kite/kite.toml ] || install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml

@@ -66,7 +66,7 @@ impl State {
 }
 
 /// Counters for the metrics endpoint.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     pub bytes: u64,
     pub chunks: u64,

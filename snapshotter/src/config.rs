@@ -31,6 +31,10 @@ pub struct SnapshotterConfig {
     pub socket: PathBuf,
     /// The prefetch API's socket (the node agent calls it when a pod is bound).
     pub prefetch_socket: PathBuf,
+    /// Where `kite-lazyfs` (the process serving lazy layers) answers the snapshots service.
+    pub lazyfs_socket: PathBuf,
+    /// The `kite-lazyfs` program ("": next to `kite-snapshotter`).
+    pub lazyfs_path: PathBuf,
     /// Upper bound of the on-disk chunk cache; least recently used chunks go first.
     pub cache_max_bytes: u64,
     /// Fetch the rest of a lazily mounted layer in the background (after its prioritized
@@ -61,6 +65,8 @@ impl Default for SnapshotterConfig {
             root: "/var/lib/kite/snapshotter".into(),
             socket: "/run/kite/snapshotter.sock".into(),
             prefetch_socket: "/run/kite/prefetch.sock".into(),
+            lazyfs_socket: "/run/kite/lazyfs.sock".into(),
+            lazyfs_path: PathBuf::new(),
             cache_max_bytes: 10 << 30,
             background_fetch: true,
             background_fetch_bytes_per_sec: 0,

@@ -11,6 +11,7 @@
 //! - [`chunk_cache`]: verified chunks on disk, bounded, LRU;
 //! - [`lazy_layer`]: a lazy layer's chunks (fetch, verify, cache, prefetch, background);
 //!   [`lazy_fs`]: the layer as a FUSE filesystem; [`remote`]: TOCs and mounts;
+//!   [`lazyfs_rpc`]: the snapshots service ↔ `kite-lazyfs` (which serves them) channel;
 //! - [`prefetch`]: the prefetch API (a local socket) and its client;
 //! - [`metrics`]: the Prometheus endpoint.
 
@@ -21,9 +22,11 @@ pub mod estargz;
 pub mod estargz_writer;
 pub mod lazy_fs;
 pub mod lazy_layer;
+pub mod lazyfs_rpc;
 pub mod metrics;
 pub mod overlay;
 pub mod prefetch;
 pub mod registry;
 pub mod remote;
+pub mod shutdown;
 pub mod store;

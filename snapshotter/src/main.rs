@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::config::SnapshotterConfig;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
+use kite_snapshotter::lazyfs_rpc::{Launch, LazyFsClient};
 use kite_snapshotter::overlay::OverlaySnapshotter;
 use kite_snapshotter::registry::{ImageRef, RegistryClient};
-use kite_snapshotter::remote::LazyLayers;
-use tracing::info;
+use kite_snapshotter::remote::LazyBackend;
+use tracing::{error, info};
 
 const HELP: &str = "\
 kite-snapshotter — kite's containerd proxy snapshotter, with lazily pulled eStargz layers
@@ -27,7 +27,9 @@ manifest entry carries containerd.io/snapshot/stargz/toc.digest) pulled through 
 not downloaded: it is mounted at once as a read-only FUSE filesystem whose reads fetch the
 chunks they need with HTTP range requests, verify them against the TOC and keep them in an
 on-disk cache (bounded, least recently used out first). The layer's prioritized files are
-fetched first, the rest in the background. Snapshots and lazy layers survive restarts.
+fetched first, the rest in the background. Lazy layers are served by kite-lazyfs, which this
+daemon starts when it is not running and which outlives it: restarting kite-snapshotter
+leaves running containers' layers served. Snapshots survive restarts.
 
 Usage:
     kite-snapshotter [--config FILE]
@@ -109,17 +111,6 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
     Ok((config, command))
 }
 
-async fn shutdown() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    info!("stopping");
-}
-
 async fn convert(
     config: &SnapshotterConfig,
     src: &str,
@@ -155,35 +146,30 @@ async fn convert(
     Ok(())
 }
 
-async fn serve(config: SnapshotterConfig) -> anyhow::Result<()> {
-    let lazy = if config.lazy {
-        let cache_dir = config.root.join("cache");
-        let cache = ChunkCache::open(&cache_dir, config.cache_max_bytes)
-            .with_context(|| format!("open the chunk cache in {}", cache_dir.display()))?;
-        let registry = RegistryClient::new(config.registry_options()?)?;
-        Some(Arc::new(LazyLayers::new(
-            &config.root,
-            Arc::new(cache),
-            Arc::new(registry),
-            config
-                .background_fetch
-                .then_some(config.background_fetch_bytes_per_sec),
-        )))
+async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let lazy: Option<Arc<dyn LazyBackend>> = if config.lazy {
+        let program = if config.lazyfs_path.as_os_str().is_empty() {
+            std::env::current_exe()
+                .context("find kite-snapshotter's own path")?
+                .with_file_name("kite-lazyfs")
+        } else {
+            config.lazyfs_path.clone()
+        };
+        let client = LazyFsClient::new(
+            &config.lazyfs_socket,
+            Some(Launch {
+                program,
+                config: config_path,
+            }),
+        );
+        if let Err(e) = client.ensure_running().await {
+            // Not fatal: ordinary layers work, and each lazy Prepare tries to start it again.
+            error!(error = %e, "kite-lazyfs is not running; eStargz layers will be unpacked");
+        }
+        Some(Arc::new(client))
     } else {
         None
     };
-    if let Some(lazy) = &lazy {
-        if let Some(dir) = config.prefetch_socket.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        }
-        let _ = std::fs::remove_file(&config.prefetch_socket);
-        let listener = tokio::net::UnixListener::bind(&config.prefetch_socket)
-            .with_context(|| format!("listen on {}", config.prefetch_socket.display()))?;
-        tokio::spawn(kite_snapshotter::prefetch::serve(
-            listener,
-            kite_snapshotter::prefetch::Prefetcher::new(lazy.clone()),
-        ));
-    }
     let sn = OverlaySnapshotter::open_with(&config.root, lazy)
         .with_context(|| format!("open the snapshotter state in {}", config.root.display()))?;
     sn.cleanup().await?;
@@ -205,10 +191,9 @@ async fn serve(config: SnapshotterConfig) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let served = containerd_snapshots::tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(sn))
-        .serve_with_incoming_shutdown(incoming, shutdown())
+        .serve_with_incoming_shutdown(incoming, kite_snapshotter::shutdown::requested())
         .await;
     let _ = std::fs::remove_file(&config.socket);
-    let _ = std::fs::remove_file(&config.prefetch_socket);
     served.context("serve the snapshots API")
 }
 
@@ -225,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match command {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config, config_path).await,
         Command::Convert { src, dst, options } => convert(&config, &src, &dst, options).await,
         Command::Prefetch { image } => {
             let last = kite_snapshotter::prefetch::request(&config.prefetch_socket, &image, |p| {

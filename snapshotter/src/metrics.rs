@@ -22,51 +22,65 @@ pub async fn render(sn: &OverlaySnapshotter) -> String {
         ));
     }
     if let Some(lazy) = sn.lazy() {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = lazy.cache().stats();
-        let s = &lazy.stats;
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let (up, s) = match lazy.stats().await {
+            Ok(s) => (1, s),
+            Err(_) => (0, Default::default()),
+        };
+        let c = s.cache;
+        let rows: [(&str, &str, &str, u64); 12] = [
+            (
+                "lazyfs_up",
+                "gauge",
+                "Whether kite-lazyfs (which serves lazy layers) answers.",
+                up,
+            ),
             (
                 "prefetches_total",
                 "counter",
                 "Image prefetches started by the prefetch API (joined requests not counted).",
-                s.prefetches.load(Relaxed),
+                s.prefetches,
             ),
             (
                 "lazy_layers_mounted",
                 "gauge",
                 "Lazily mounted eStargz layers.",
-                lazy.mounted() as u64,
+                s.mounted,
             ),
             (
                 "fetched_bytes_total",
                 "counter",
                 "Bytes fetched from registries for lazy layers (ranges, TOCs).",
-                s.bytes.load(Relaxed),
+                s.fetched_bytes,
             ),
             (
                 "fetch_requests_total",
                 "counter",
                 "Range requests to registries.",
-                s.requests.load(Relaxed),
+                s.fetch_requests,
             ),
             (
                 "fetched_chunks_total",
                 "counter",
                 "Chunks fetched, verified and cached.",
-                s.chunks.load(Relaxed),
+                s.fetched_chunks,
             ),
             (
                 "fetch_errors_total",
                 "counter",
                 "Fetches that failed (after retries) or did not verify.",
-                s.errors.load(Relaxed),
+                s.fetch_errors,
             ),
             (
                 "chunk_cache_bytes",
                 "gauge",
                 "Bytes in the on-disk chunk cache.",
                 c.bytes,
+            ),
+            (
+                "chunk_cache_chunks",
+                "gauge",
+                "Chunks in the on-disk chunk cache.",
+                c.chunks,
             ),
             (
                 "chunk_cache_hits_total",

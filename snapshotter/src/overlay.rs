@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::estargz::TOC_DIGEST_ANNOTATION;
 use crate::lazy_layer::LayerSource;
-use crate::remote::LazyLayers;
+use crate::remote::LazyBackend;
 use crate::store::{Kind, Snapshot, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,7 @@ impl From<SnapshotError> for tonic::Status {
 pub struct OverlaySnapshotter {
     root: PathBuf,
     store: Mutex<Store>,
-    lazy: Option<Arc<LazyLayers>>,
+    lazy: Option<Arc<dyn LazyBackend>>,
 }
 
 /// Labels containerd's unpacker and the CRI put on a layer's Prepare.
@@ -125,7 +125,7 @@ impl OverlaySnapshotter {
     /// Opens the state under `root`, mounting eStargz layers lazily through `lazy`.
     pub fn open_with(
         root: &Path,
-        lazy: Option<Arc<LazyLayers>>,
+        lazy: Option<Arc<dyn LazyBackend>>,
     ) -> Result<Arc<Self>, SnapshotError> {
         let dir = root.join("snapshots");
         std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::Io {
@@ -142,14 +142,23 @@ impl OverlaySnapshotter {
         }))
     }
 
-    pub fn lazy(&self) -> Option<&Arc<LazyLayers>> {
+    pub fn lazy(&self) -> Option<&Arc<dyn LazyBackend>> {
         self.lazy.as_ref()
     }
 
-    /// Mounts again every lazy layer the metadata names (after a restart): from the saved TOCs,
-    /// without the registry. A layer that fails is logged; its reads fail until it is removed.
+    /// Mounts every lazy layer the metadata names that is not being served (after a restart
+    /// of `kite-lazyfs`, or of the machine): from the saved TOCs, without the registry. Layers
+    /// still served (this service restarted, `kite-lazyfs` did not) are left as they are, so
+    /// running containers keep reading them. A layer that fails is logged.
     pub async fn remount_lazy(&self) {
         let Some(lazy) = &self.lazy else { return };
+        let served: std::collections::HashSet<PathBuf> = match lazy.mounted().await {
+            Ok(m) => m.into_iter().collect(),
+            Err(e) => {
+                error!(error = %e, "cannot reach kite-lazyfs; lazy layers are not mounted");
+                return;
+            }
+        };
         let remote: Vec<(String, u64, LayerSource)> = {
             let store = self.store.lock().await;
             store
@@ -159,11 +168,10 @@ impl OverlaySnapshotter {
         };
         for (key, id, src) in remote {
             let fs = self.dir(id).join("fs");
-            let mounted = match lazy.load_index(&src).await {
-                Ok(index) => lazy.mount(&src, index, &fs),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = mounted {
+            if served.contains(&fs) {
+                continue;
+            }
+            if let Err(e) = lazy.mount(&src, &fs).await {
                 error!(snapshot = %key, error = %e, "cannot mount a lazy layer again");
             }
         }
@@ -187,7 +195,7 @@ impl OverlaySnapshotter {
     /// Ok(false): the layer cannot be mounted lazily (containerd should unpack it).
     async fn prepare_lazy(
         &self,
-        lazy: &LazyLayers,
+        lazy: &dyn LazyBackend,
         target: &str,
         parent: &str,
         labels: &HashMap<String, String>,
@@ -205,22 +213,13 @@ impl OverlaySnapshotter {
             None => {}
         }
         // The network part runs without the metadata lock.
-        let index = match lazy.load_index(src).await {
-            Ok(i) => i,
+        let usage = match lazy.prepare(src).await {
+            Ok(u) => u,
             Err(e) => {
                 warn!(layer = %src.layer_digest, error = %e, "not mounting lazily; unpacking");
                 return Ok(false);
             }
         };
-        let size: u64 = index
-            .inodes
-            .values()
-            .map(|i| match i.node {
-                crate::estargz::Node::File { size, .. } => size,
-                _ => 0,
-            })
-            .sum();
-        let inodes = index.inodes.len() as i64;
         let mut store = self.store.lock().await;
         match store.get(target) {
             Some(s) if s.parent == parent => {
@@ -242,9 +241,7 @@ impl OverlaySnapshotter {
             .iter()
             .try_for_each(|d| std::fs::create_dir_all(dir.join(d)));
         let mounted = match made {
-            Ok(()) => lazy
-                .mount(src, index, &dir.join("fs"))
-                .map_err(|e| e.to_string()),
+            Ok(()) => lazy.mount(src, &dir.join("fs")).await,
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = mounted {
@@ -254,8 +251,8 @@ impl OverlaySnapshotter {
             return Ok(false);
         }
         s.remote = Some(src.clone());
-        s.size = size as i64;
-        s.inodes = inodes;
+        s.size = usage.size as i64;
+        s.inodes = usage.inodes;
         store.replace(target, target, s)?;
         info!(snapshot = %target, layer = %src.layer_digest, image = %src.image,
               "layer mounted lazily; containerd skips its download");
@@ -487,7 +484,7 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
     ) -> Result<Vec<Mount>, Self::Error> {
         if let (Some(lazy), Some((target, src))) = (&self.lazy, Self::lazy_candidate(&labels)) {
             if self
-                .prepare_lazy(lazy, &target, &parent, &labels, &src)
+                .prepare_lazy(lazy.as_ref(), &target, &parent, &labels, &src)
                 .await?
             {
                 // containerd's unpacker takes this as "the layer is there": it stats the
@@ -560,7 +557,7 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
         drop(store);
         if s.remote.is_some() {
             if let Some(lazy) = &self.lazy {
-                if let Err(e) = lazy.unmount(&dir.join("fs")) {
+                if let Err(e) = lazy.unmount(&dir.join("fs")).await {
                     warn!(snapshot = %key, "unmount the lazy layer: {e}");
                 }
             }

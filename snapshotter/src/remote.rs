@@ -119,7 +119,7 @@ impl LazyLayers {
         )))
     }
 
-    pub fn mounted(&self) -> usize {
+    pub fn mount_count(&self) -> usize {
         self.mounts.lock().expect("mounts lock").len()
     }
 
@@ -231,6 +231,15 @@ impl LazyLayers {
         index: Index,
         mountpoint: &Path,
     ) -> Result<(), RemoteError> {
+        if self
+            .mounts
+            .lock()
+            .expect("mounts lock")
+            .contains_key(mountpoint)
+        {
+            // Already served (running containers may be reading it): nothing to do.
+            return Ok(());
+        }
         let reader = self.reader(src, index)?;
         let rt = tokio::runtime::Handle::current();
         // A mount left by a previous run (its server gone) is replaced.
@@ -270,5 +279,100 @@ impl LazyLayers {
             m.background.abort();
         }
         crate::lazy_fs::unmount(mountpoint)
+    }
+}
+
+/// What a lazy layer holds, for the snapshot's usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerUsage {
+    pub size: u64,
+    pub inodes: i64,
+}
+
+impl LayerUsage {
+    pub fn of(index: &Index) -> LayerUsage {
+        LayerUsage {
+            size: index
+                .inodes
+                .values()
+                .map(|i| match i.node {
+                    crate::estargz::Node::File { size, .. } => size,
+                    _ => 0,
+                })
+                .sum(),
+            inodes: index.inodes.len() as i64,
+        }
+    }
+}
+
+/// The lazy layers' counters, as the metrics endpoint shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LazyStats {
+    pub mounted: u64,
+    pub fetched_bytes: u64,
+    pub fetch_requests: u64,
+    pub fetched_chunks: u64,
+    pub fetch_errors: u64,
+    pub prefetches: u64,
+    pub cache: crate::chunk_cache::CacheStats,
+}
+
+/// What the snapshots service needs of lazy layers: the in-process [`LazyLayers`], or the
+/// `kite-lazyfs` process that serves them across snapshotter restarts
+/// ([`crate::lazyfs_rpc::LazyFsClient`]). Errors are messages: they are logged, and a layer
+/// that cannot be mounted lazily is unpacked by containerd.
+#[async_trait::async_trait]
+pub trait LazyBackend: Send + Sync {
+    /// Fetches, checks and saves the layer's TOC; what the layer holds.
+    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, String>;
+    /// Mounts the layer (its TOC saved by `prepare`) at `mountpoint`, and starts fetching it.
+    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), String>;
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), String>;
+    /// The mount points being served.
+    async fn mounted(&self) -> Result<Vec<PathBuf>, String>;
+    async fn stats(&self) -> Result<LazyStats, String>;
+}
+
+#[async_trait::async_trait]
+impl LazyBackend for LazyLayers {
+    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, String> {
+        self.load_index(src)
+            .await
+            .map(|i| LayerUsage::of(&i))
+            .map_err(|e| e.to_string())
+    }
+
+    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), String> {
+        let index = self.load_index(src).await.map_err(|e| e.to_string())?;
+        LazyLayers::mount(self, src, index, mountpoint).map_err(|e| e.to_string())
+    }
+
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), String> {
+        LazyLayers::unmount(self, mountpoint)
+            .map_err(|e| format!("unmount {}: {e}", mountpoint.display()))
+    }
+
+    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+        Ok(self
+            .mounts
+            .lock()
+            .expect("mounts lock")
+            .keys()
+            .cloned()
+            .collect())
+    }
+
+    async fn stats(&self) -> Result<LazyStats, String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        Ok(LazyStats {
+            mounted: self.mount_count() as u64,
+            fetched_bytes: s.bytes.load(Relaxed),
+            fetch_requests: s.requests.load(Relaxed),
+            fetched_chunks: s.chunks.load(Relaxed),
+            fetch_errors: s.errors.load(Relaxed),
+            prefetches: s.prefetches.load(Relaxed),
+            cache: self.cache.stats(),
+        })
     }
 }

@@ -48,23 +48,71 @@ fn lazy_mounts() -> usize {
 /// Runs a pod with `handler`, a container of `image` sleeping in it, and returns the listing
 /// from inside it.
 async fn listing(c: &mut Cri, handler: &str, image: &str, name: &str) -> String {
+    let (pod, id) = start_lister(c, handler, image, name).await;
+    let _cleanup = RemoveOnDrop(pod.clone());
+    let out = list_in(c, &id).await;
+    c.remove_pod(&pod)
+        .await
+        .unwrap_or_else(|e| panic!("remove pod {name}: {}", status_message(&e)));
+    out
+}
+
+/// A pod with `handler` and a container of `image` sleeping in it: (pod id, container id).
+async fn start_lister(c: &mut Cri, handler: &str, image: &str, name: &str) -> (String, String) {
     let pod = c
         .run_pod(name, handler, &[])
         .await
         .unwrap_or_else(|e| panic!("run pod {name}: {}", status_message(&e)));
-    let _cleanup = RemoveOnDrop(pod.id.clone());
     let id = c
         .run_container(&pod, "lister", 0, image, &["sleep", "3600"])
         .await;
+    (pod.id, id)
+}
+
+async fn list_in(c: &mut Cri, id: &str) -> String {
     let (code, out, err) = c
-        .exec_sync(&id, &["sh", "-c", LISTING], Duration::from_secs(120))
+        .exec_sync(id, &["sh", "-c", LISTING], Duration::from_secs(120))
         .await
-        .unwrap_or_else(|e| panic!("exec in {name}: {}", status_message(&e)));
-    assert_eq!(code, 0, "listing in {name} failed: {err}");
-    c.remove_pod(&pod.id)
-        .await
-        .unwrap_or_else(|e| panic!("remove pod {name}: {}", status_message(&e)));
+        .unwrap_or_else(|e| panic!("exec in {id}: {}", status_message(&e)));
+    assert_eq!(code, 0, "listing in {id} failed: {err}");
     out
+}
+
+/// Runs hack/snapshotter.sh `action`.
+async fn script(action: &'static str) {
+    tokio::task::spawn_blocking(move || {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
+        let st = Command::new(script).arg(action).status().unwrap();
+        assert!(st.success(), "snapshotter.sh {action}");
+    })
+    .await
+    .unwrap();
+}
+
+/// Runs hack/snapshotter.sh `action`, then waits until containerd reaches the snapshotter
+/// again (it redials a proxy plugin with a backoff).
+async fn snapshotter(action: &'static str) {
+    script(action).await;
+    tokio::task::spawn_blocking(|| {
+        kite_e2e::wait_until(
+            "containerd reaches the snapshotter",
+            Duration::from_secs(30),
+            || {
+                kite_e2e::ctr(&["snapshots", "--snapshotter", "kite", "ls"])
+                    .status
+                    .success()
+            },
+        )
+    })
+    .await
+    .unwrap();
+}
+
+/// Empties the page cache, so the next reads of the lazy layer go to its FUSE server.
+async fn drop_page_cache() {
+    tokio::task::spawn_blocking(|| std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,33 +200,46 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
     assert!(metric("chunk_cache_bytes") > 0);
     assert_eq!(metric("fetch_errors_total"), 0);
 
-    // 5. A snapshotter restart mounts the lazy layer again (from its saved TOC); containers
-    //    start from it as before.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
-    let restarted =
-        tokio::task::spawn_blocking(move || Command::new(script).arg("restart").status().unwrap())
-            .await
-            .unwrap();
-    assert!(restarted.success(), "restart kite-snapshotter");
-    // containerd redials the proxy plugin with a backoff.
-    tokio::task::spawn_blocking(|| {
-        kite_e2e::wait_until(
-            "containerd reaches the snapshotter",
-            Duration::from_secs(30),
-            || {
-                kite_e2e::ctr(&["snapshots", "--snapshotter", "kite", "ls"])
-                    .status
-                    .success()
-            },
-        )
-    })
-    .await
-    .unwrap();
+    // 5. Restarts: a container running over the lazy layer keeps reading it (kite-lazyfs
+    //    serves it while kite-snapshotter restarts, gracefully or after a crash), and new
+    //    containers start from it.
+    let (running_pod, running) = start_lister(&mut c, RUNC, LAZY_IMAGE, "lazy-running").await;
+    let _running_cleanup = RemoveOnDrop(running_pod.clone());
+    snapshotter("restart").await;
     assert_eq!(metric("lazy_layers_mounted"), mounted_before + 1);
+    drop_page_cache().await;
+    assert_eq!(
+        list_in(&mut c, &running).await,
+        normal,
+        "a running container's lazy layer after a restart"
+    );
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-x", "kite-snapshotte"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill kite-snapshotter");
+    snapshotter("start").await;
+    drop_page_cache().await;
+    assert_eq!(
+        list_in(&mut c, &running).await,
+        normal,
+        "a running container's lazy layer after a crash"
+    );
+    c.remove_pod(&running_pod).await.unwrap();
     let after_restart = listing(&mut c, RUNC, LAZY_IMAGE, "lazy-restarted").await;
     assert_eq!(
         after_restart, normal,
         "the lazy layer differs after a restart"
+    );
+    // kite-lazyfs itself stopped (an upgrade): the snapshotter mounts the layer again when it
+    // starts, from the saved TOC.
+    script("stop-all").await;
+    snapshotter("start").await;
+    assert_eq!(metric("lazy_layers_mounted"), mounted_before + 1);
+    let after_lazyfs = listing(&mut c, RUNC, LAZY_IMAGE, "lazy-remounted").await;
+    assert_eq!(
+        after_lazyfs, normal,
+        "the lazy layer after kite-lazyfs restarted"
     );
 
     // 6. Removing the image removes its snapshots, and with them the lazy mount.
