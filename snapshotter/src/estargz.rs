@@ -18,6 +18,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 pub const FOOTER_SIZE: usize = 51;
+/// The largest chunk accepted: a chunk is decompressed and verified in memory as a whole
+/// (eStargz writers cut files into 4 MiB chunks by default).
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// The annotation on an image layer that names the digest of its TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// Files before this entry are prefetched first (the start-up working set).
@@ -431,6 +434,12 @@ fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, Stri
     } else {
         e.chunk_size
     };
+    if size > MAX_CHUNK_SIZE {
+        return Err(format!(
+            "a chunk of {size} bytes (more than {MAX_CHUNK_SIZE}: it would be decompressed in \
+             memory at once)"
+        ));
+    }
     let end = e
         .chunk_offset
         .checked_add(size)
@@ -594,6 +603,14 @@ mod tests {
             1000,
         );
         assert!(e.contains("expected 6"), "{e}");
+        // A chunk claiming more than a chunk's bound (a bomb in one member).
+        let e = rejected(
+            serde_json::json!([
+                {"name": "f", "type": "reg", "size": 1u64 << 40, "offset": 1, "chunkDigest": D}
+            ]),
+            1000,
+        );
+        assert!(e.contains("decompressed in memory"), "{e}");
         let e = rejected(
             serde_json::json!([
                 {"name": "f", "type": "reg", "size": 10, "offset": 1, "chunkSize": 60, "chunkDigest": D}

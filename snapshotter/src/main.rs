@@ -90,6 +90,10 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
             other => positional.push(other.to_string()),
         }
     }
+    let max = kite_snapshotter::estargz::MAX_CHUNK_SIZE;
+    if options.chunk_size == 0 || options.chunk_size > max {
+        anyhow::bail!("--chunk-size must be 1..={max} bytes (lazy reads verify a chunk in memory)");
+    }
     let command = match positional.first().map(String::as_str) {
         None => Command::Serve,
         Some("prefetch") => match &positional[1..] {
