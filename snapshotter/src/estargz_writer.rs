@@ -130,11 +130,34 @@ pub fn convert<R: Read, W: Write>(
             data,
         });
     }
-    // Prioritized files first, in the order given; the rest keep their order.
+    // Prioritized files first, in the order given; the rest keep their order. A prioritized
+    // hard link brings its target just before it: the data is the target's, and a link must
+    // follow its target in the tar.
+    let key = |n: &str| n.trim_start_matches("./").to_string();
+    let link_target: std::collections::HashMap<String, String> = items
+        .iter()
+        .filter(|i| i.header.entry_type() == tar::EntryType::Link)
+        .map(|i| (key(&i.name), key(&i.link)))
+        .collect();
+    let mut order: Vec<String> = Vec::new();
+    for p in prioritized {
+        let mut chain = vec![key(p)];
+        while let Some(t) = link_target.get(chain.last().expect("not empty")) {
+            if chain.contains(t) || chain.len() > 8 {
+                break;
+            }
+            chain.push(t.clone());
+        }
+        for n in chain.into_iter().rev() {
+            if !order.contains(&n) {
+                order.push(n);
+            }
+        }
+    }
     let rank = |i: &Item| {
-        prioritized
+        order
             .iter()
-            .position(|p| p.trim_start_matches("./") == i.name.trim_start_matches("./"))
+            .position(|p| *p == key(&i.name))
             .unwrap_or(usize::MAX)
     };
     items.sort_by_key(rank);
@@ -483,6 +506,39 @@ mod tests {
         let index = Index::from_toc(&toc, toc_offset).unwrap();
         assert!(index.prefetch.is_empty());
         assert_eq!(index.inodes["a"].mtime, 1_700_000_000);
+    }
+
+    #[test]
+    fn a_prioritized_hard_link_brings_its_target_first() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o755);
+        h.set_size(4);
+        b.append_data(&mut h, "bin/busybox", &b"\x7fELF"[..])
+            .unwrap();
+        let mut l = tar::Header::new_ustar();
+        l.set_entry_type(tar::EntryType::Link);
+        l.set_size(0);
+        b.append_link(&mut l, "bin/cat", "bin/busybox").unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(1);
+        b.append_data(&mut h, "etc/x", &b"x"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut blob = Vec::new();
+        convert(&tar[..], &mut blob, 4096, &["bin/cat".into()]).unwrap();
+        let (toc, _, toc_offset) = read_toc(&blob, 1 << 20).unwrap();
+        let index = Index::from_toc(&toc, toc_offset).expect("links follow their targets");
+        assert_eq!(index.prefetch, ["bin/busybox"]);
+        // An ordinary unpack of the result works too (the link after its target).
+        let dir = tempfile::tempdir().unwrap();
+        tar::Archive::new(flate2::read::MultiGzDecoder::new(&blob[..]))
+            .unpack(dir.path())
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("bin/cat")).unwrap(),
+            b"\x7fELF"
+        );
     }
 
     #[test]
