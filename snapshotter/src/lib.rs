@@ -6,7 +6,8 @@
 //!   and the remote-snapshot Prepare that mounts an eStargz layer lazily;
 //! - [`estargz`]: the eStargz footer and TOC, validated into a layer index;
 //!   [`estargz_writer`]: converting a layer tar to eStargz, reading a blob's TOC back;
-//!   [`convert`]: an image to eStargz, registry to registry;
+//!   [`convert`]: an image to eStargz, registry to registry; [`record`]: the files an
+//!   image's command opens at start (`convert --record`);
 //! - [`registry`]: the Registry v2 client (auth, ranged reads, uploads);
 //! - [`chunk_cache`]: verified chunks on disk, bounded, LRU;
 //! - [`lazy_layer`]: a lazy layer's chunks (fetch, verify, cache, prefetch, background);
@@ -26,6 +27,7 @@ pub mod lazyfs_rpc;
 pub mod metrics;
 pub mod overlay;
 pub mod prefetch;
+pub mod record;
 pub mod registry;
 pub mod remote;
 pub mod shutdown;

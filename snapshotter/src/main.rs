@@ -8,6 +8,7 @@ use kite_snapshotter::config::SnapshotterConfig;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::lazyfs_rpc::{Launch, LazyFsClient};
 use kite_snapshotter::overlay::OverlaySnapshotter;
+use kite_snapshotter::record::RecordOptions;
 use kite_snapshotter::registry::{ImageRef, RegistryClient};
 use kite_snapshotter::remote::LazyBackend;
 use tracing::{error, info};
@@ -39,10 +40,15 @@ Usage:
         prioritized files now, ahead of the pull; prints progress as JSON lines. Requests for
         an image already being prefetched join that prefetch. (The node agent calls the same
         API when a pod is bound to the node.)
-    kite-snapshotter convert [--config FILE] [--chunk-size BYTES] [--prioritize PATH]... SRC DST
+    kite-snapshotter convert [--config FILE] [--chunk-size BYTES] [--prioritize PATH]...
+                             [--record [--record-command CMD] [--record-secs N]] SRC DST
         Convert image SRC to eStargz and push it as DST (both registry references). The
         result is still a valid gzip'd-tar image. --prioritize puts the files an application
-        reads at start first (the lazy pull fetches them in one request).
+        reads at start first (the lazy pull fetches them in one request). --record runs the
+        image's command (or --record-command CMD: words, or a JSON array) for up to
+        --record-secs (10) in namespaces of its own on an unpacked copy, records the files it
+        opens (fanotify) and puts those first. The command runs as root: record images you
+        would run.
 
 Configuration: the [snapshotter] section of /etc/kite/kite.toml (or FILE, or KITE_CONFIG):
 root, socket, metrics_address (Prometheus, GET /metrics), log_level, lazy, cache_max_bytes,
@@ -59,6 +65,7 @@ enum Command {
         src: String,
         dst: String,
         options: ConvertOptions,
+        record: Option<RecordOptions>,
     },
 }
 
@@ -66,6 +73,7 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
     let mut config = None;
     let mut positional = Vec::new();
     let mut options = ConvertOptions::default();
+    let mut record: Option<RecordOptions> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -84,6 +92,28 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
             "--prioritize" => options
                 .prioritized
                 .push(it.next().context("--prioritize needs a path")?),
+            "--record" => {
+                record.get_or_insert_with(RecordOptions::default);
+            }
+            "--record-command" => {
+                let c = it.next().context("--record-command needs a command")?;
+                // A JSON array for arguments with spaces, else words.
+                let words: Vec<String> = if c.trim_start().starts_with('[') {
+                    serde_json::from_str(&c).context("--record-command: a JSON array of strings")?
+                } else {
+                    c.split_whitespace().map(str::to_string).collect()
+                };
+                record.get_or_insert_with(RecordOptions::default).command = Some(words);
+            }
+            "--record-secs" => {
+                let secs: u64 = it
+                    .next()
+                    .context("--record-secs needs seconds")?
+                    .parse()
+                    .context("--record-secs needs seconds")?;
+                record.get_or_insert_with(RecordOptions::default).duration =
+                    std::time::Duration::from_secs(secs);
+            }
             other if other.starts_with('-') => {
                 anyhow::bail!("unknown option {other:?} (see --help)")
             }
@@ -107,6 +137,7 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
                 src: src.clone(),
                 dst: dst.clone(),
                 options,
+                record,
             },
             _ => anyhow::bail!("convert needs SRC and DST (see --help)"),
         },
@@ -119,10 +150,20 @@ async fn convert(
     config: &SnapshotterConfig,
     src: &str,
     dst: &str,
-    options: ConvertOptions,
+    mut options: ConvertOptions,
+    record: Option<RecordOptions>,
 ) -> anyhow::Result<()> {
     let registry = RegistryClient::new(config.registry_options()?)?;
     let (src, dst) = (ImageRef::parse(src)?, ImageRef::parse(dst)?);
+    if let Some(r) = record {
+        let opened = kite_snapshotter::record::record(&registry, &src, &r).await?;
+        eprintln!("recorded {} files opened at start", opened.len());
+        for f in opened {
+            if !options.prioritized.contains(&f) {
+                options.prioritized.push(f);
+            }
+        }
+    }
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} {msg} [{bar:30}] {pos}/{len} layers, {elapsed}",
@@ -215,7 +256,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match command {
         Command::Serve => serve(config, config_path).await,
-        Command::Convert { src, dst, options } => convert(&config, &src, &dst, options).await,
+        Command::Convert {
+            src,
+            dst,
+            options,
+            record,
+        } => convert(&config, &src, &dst, options, record).await,
         Command::Prefetch { image } => {
             let last = kite_snapshotter::prefetch::request(&config.prefetch_socket, &image, |p| {
                 println!("{}", serde_json::to_string(p).expect("progress serializes"))
