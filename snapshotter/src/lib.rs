@@ -19,6 +19,7 @@
 pub mod chunk_cache;
 pub mod config;
 pub mod convert;
+pub mod daemon;
 pub mod estargz;
 pub mod estargz_writer;
 pub mod lazy_fs;
@@ -30,5 +31,4 @@ pub mod prefetch;
 pub mod record;
 pub mod registry;
 pub mod remote;
-pub mod shutdown;
 pub mod store;

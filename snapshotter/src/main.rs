@@ -236,7 +236,7 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let served = containerd_snapshots::tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(sn))
-        .serve_with_incoming_shutdown(incoming, kite_snapshotter::shutdown::requested())
+        .serve_with_incoming_shutdown(incoming, kite_snapshotter::daemon::stop_requested())
         .await;
     let _ = std::fs::remove_file(&config.socket);
     served.context("serve the snapshots API")
@@ -246,14 +246,8 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
 async fn main() -> anyhow::Result<()> {
     let (config_path, command) = args()?;
     let config = SnapshotterConfig::load(config_path.as_deref())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log_level)
-                .context("log_level is not a tracing filter")?,
-        )
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    kite_snapshotter::daemon::init_logging(&config.log_level)
+        .context("log_level is not a tracing filter")?;
     match command {
         Command::Serve => serve(config, config_path).await,
         Command::Convert {

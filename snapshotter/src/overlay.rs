@@ -253,7 +253,13 @@ impl OverlaySnapshotter {
         s.remote = Some(src.clone());
         s.size = usage.size as i64;
         s.inodes = usage.inodes;
-        store.replace(target, target, s)?;
+        if let Err(e) = store.replace(target, target, s) {
+            // Unrecorded, the mount would never be released.
+            let _ = lazy.unmount(&dir.join("fs")).await;
+            let _ = store.remove(target);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
         info!(snapshot = %target, layer = %src.layer_digest, image = %src.image,
               "layer mounted lazily; containerd skips its download");
         Ok(true)
@@ -558,7 +564,10 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
         if s.remote.is_some() {
             if let Some(lazy) = &self.lazy {
                 if let Err(e) = lazy.unmount(&dir.join("fs")).await {
+                    // kite-lazyfs unreachable: detach the mount here, so the directory's
+                    // removal below never walks into a FUSE mount.
                     warn!(snapshot = %key, "unmount the lazy layer: {e}");
+                    let _ = crate::lazy_fs::unmount(&dir.join("fs"));
                 }
             }
         }

@@ -355,8 +355,38 @@ impl RegistryClient {
         }
     }
 
-    fn url(&self, host: &str, repo: &str, tail: &str) -> String {
-        format!("{}://{host}/v2/{repo}/{tail}", self.scheme(host))
+    fn url(&self, image: &ImageRef, tail: &str) -> String {
+        let host = image.api_host();
+        format!(
+            "{}://{host}/v2/{}/{tail}",
+            self.scheme(host),
+            image.repository
+        )
+    }
+
+    /// A pull-side request that must succeed (auth answered, non-2xx an error).
+    async fn get_ok(
+        &self,
+        image: &ImageRef,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let resp = self
+            .send(image, method.clone(), url, headers, None, false)
+            .await?;
+        Self::check(method, url, resp).await
+    }
+
+    /// A response's whole body.
+    async fn body(url: &str, resp: reqwest::Response) -> Result<Bytes, RegistryError> {
+        resp.bytes()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                method: Method::GET,
+                url: url.to_string(),
+                source,
+            })
     }
 
     /// Sends a request (built afresh for each try), answering an auth challenge once.
@@ -536,11 +566,7 @@ impl RegistryClient {
         image: &ImageRef,
         reference: &str,
     ) -> Result<(String, Bytes, String), RegistryError> {
-        let url = self.url(
-            image.api_host(),
-            &image.repository,
-            &format!("manifests/{reference}"),
-        );
+        let url = self.url(image, &format!("manifests/{reference}"));
         let mut headers = HeaderMap::new();
         headers.insert(
             ACCEPT,
@@ -551,23 +577,15 @@ impl RegistryClient {
         );
         self.retrying(&url, || async {
             let resp = self
-                .send(image, Method::GET, &url, headers.clone(), None, false)
+                .get_ok(image, Method::GET, &url, headers.clone())
                 .await?;
-            let resp = Self::check(Method::GET, &url, resp).await?;
             let media_type = resp
                 .headers()
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let raw = resp
-                .bytes()
-                .await
-                .map_err(|source| RegistryError::Transport {
-                    method: Method::GET,
-                    url: url.clone(),
-                    source,
-                })?;
+            let raw = Self::body(&url, resp).await?;
             let digest = sha256(&raw);
             Ok((media_type, raw, digest))
         })
@@ -636,11 +654,7 @@ impl RegistryClient {
         digest: &str,
         range: Range<u64>,
     ) -> Result<Bytes, RegistryError> {
-        let url = self.url(
-            image.api_host(),
-            &image.repository,
-            &format!("blobs/{digest}"),
-        );
+        let url = self.url(image, &format!("blobs/{digest}"));
         let want = range.end.saturating_sub(range.start);
         if want == 0 {
             return Ok(Bytes::new());
@@ -653,18 +667,10 @@ impl RegistryClient {
         );
         self.retrying(&url, || async {
             let resp = self
-                .send(image, Method::GET, &url, headers.clone(), None, false)
+                .get_ok(image, Method::GET, &url, headers.clone())
                 .await?;
-            let resp = Self::check(Method::GET, &url, resp).await?;
             let whole = resp.status() == StatusCode::OK;
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|source| RegistryError::Transport {
-                    method: Method::GET,
-                    url: url.clone(),
-                    source,
-                })?;
+            let body = Self::body(&url, resp).await?;
             // A server that ignores Range sends the whole blob.
             let body = if whole && body.len() as u64 >= range.end {
                 body.slice(range.start as usize..range.end as usize)
@@ -685,16 +691,11 @@ impl RegistryClient {
 
     /// The size of blob `digest`.
     pub async fn blob_size(&self, image: &ImageRef, digest: &str) -> Result<u64, RegistryError> {
-        let url = self.url(
-            image.api_host(),
-            &image.repository,
-            &format!("blobs/{digest}"),
-        );
+        let url = self.url(image, &format!("blobs/{digest}"));
         self.retrying(&url, || async {
             let resp = self
-                .send(image, Method::HEAD, &url, HeaderMap::new(), None, false)
+                .get_ok(image, Method::HEAD, &url, HeaderMap::new())
                 .await?;
-            let resp = Self::check(Method::HEAD, &url, resp).await?;
             resp.headers()
                 .get(reqwest::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
@@ -711,24 +712,13 @@ impl RegistryClient {
 
     /// The whole blob `digest`, checked against its digest.
     pub async fn blob(&self, image: &ImageRef, digest: &str) -> Result<Bytes, RegistryError> {
-        let url = self.url(
-            image.api_host(),
-            &image.repository,
-            &format!("blobs/{digest}"),
-        );
+        let url = self.url(image, &format!("blobs/{digest}"));
         let body = self
             .retrying(&url, || async {
                 let resp = self
-                    .send(image, Method::GET, &url, HeaderMap::new(), None, false)
+                    .get_ok(image, Method::GET, &url, HeaderMap::new())
                     .await?;
-                let resp = Self::check(Method::GET, &url, resp).await?;
-                resp.bytes()
-                    .await
-                    .map_err(|source| RegistryError::Transport {
-                        method: Method::GET,
-                        url: url.clone(),
-                        source,
-                    })
+                Self::body(&url, resp).await
             })
             .await?;
         let actual = sha256(&body);
@@ -746,15 +736,15 @@ impl RegistryClient {
     /// returns its digest.
     pub async fn push_blob(&self, image: &ImageRef, data: Bytes) -> Result<String, RegistryError> {
         let digest = sha256(&data);
-        let (host, repo) = (image.api_host(), image.repository.as_str());
-        let head = self.url(host, repo, &format!("blobs/{digest}"));
+        let host = image.api_host();
+        let head = self.url(image, &format!("blobs/{digest}"));
         let resp = self
             .send(image, Method::HEAD, &head, HeaderMap::new(), None, true)
             .await?;
         if resp.status().is_success() {
             return Ok(digest);
         }
-        let start = self.url(host, repo, "blobs/uploads/");
+        let start = self.url(image, "blobs/uploads/");
         let resp = self
             .send(image, Method::POST, &start, HeaderMap::new(), None, true)
             .await?;
@@ -796,8 +786,7 @@ impl RegistryClient {
         raw: Bytes,
     ) -> Result<String, RegistryError> {
         let digest = sha256(&raw);
-        let (host, repo) = (image.api_host(), image.repository.as_str());
-        let url = self.url(host, repo, &format!("manifests/{}", image.reference()));
+        let url = self.url(image, &format!("manifests/{}", image.reference()));
         let mut headers = HeaderMap::new();
         headers.insert(
             CONTENT_TYPE,

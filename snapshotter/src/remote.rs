@@ -60,6 +60,9 @@ pub struct LazyLayers {
     background_bytes_per_sec: Option<u64>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     readers: Mutex<HashMap<String, std::sync::Weak<LayerReader>>>,
+    /// Indexes `prepare` built, by TOC digest, for the `mount` that follows it (a TOC is
+    /// parsed and validated once per pull, not twice).
+    prepared: Mutex<HashMap<String, Index>>,
 }
 
 impl LazyLayers {
@@ -77,6 +80,7 @@ impl LazyLayers {
             background_bytes_per_sec,
             mounts: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -336,14 +340,28 @@ pub trait LazyBackend: Send + Sync {
 #[async_trait::async_trait]
 impl LazyBackend for LazyLayers {
     async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, String> {
-        self.load_index(src)
-            .await
-            .map(|i| LayerUsage::of(&i))
-            .map_err(|e| e.to_string())
+        let index = self.load_index(src).await.map_err(|e| e.to_string())?;
+        let usage = LayerUsage::of(&index);
+        let mut prepared = self.prepared.lock().expect("prepared lock");
+        // A prepare whose mount never came (the layer was unpacked after all) is not kept
+        // beyond a few.
+        if prepared.len() >= 16 {
+            prepared.clear();
+        }
+        prepared.insert(src.toc_digest.clone(), index);
+        Ok(usage)
     }
 
     async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), String> {
-        let index = self.load_index(src).await.map_err(|e| e.to_string())?;
+        let prepared = self
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .remove(&src.toc_digest);
+        let index = match prepared {
+            Some(i) => i,
+            None => self.load_index(src).await.map_err(|e| e.to_string())?,
+        };
         LazyLayers::mount(self, src, index, mountpoint).map_err(|e| e.to_string())
     }
 

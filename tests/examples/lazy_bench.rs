@@ -199,32 +199,19 @@ fn metric(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn snapshotter(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
-    assert!(Command::new(script).arg(action).status().unwrap().success());
-}
-
 /// Every image of the benchmark gone, the chunk cache and TOCs empty, the snapshotter fresh.
 async fn reset(c: &mut Cri, images: &[String]) {
     for i in images {
         let _ = c.remove_image(i).await;
     }
     tokio::task::spawn_blocking(|| {
-        snapshotter("stop");
+        // kite-lazyfs owns the chunk cache: it stops too, and starts again empty.
+        kite_e2e::snapshotter_script("stop-all");
         for d in ["cache", "tocs"] {
             let _ = std::fs::remove_dir_all(Path::new(ROOT).join(d));
         }
-        snapshotter("start");
-        // containerd redials the proxy plugin with a backoff: wait until it answers again.
-        kite_e2e::wait_until(
-            "containerd reaches the snapshotter",
-            Duration::from_secs(30),
-            || {
-                kite_e2e::ctr(&["snapshots", "--snapshotter", "kite", "ls"])
-                    .status
-                    .success()
-            },
-        );
+        kite_e2e::snapshotter_script("start");
+        kite_e2e::wait_snapshotter_reachable();
     })
     .await
     .unwrap();

@@ -242,3 +242,78 @@ pub fn write_config(name: &str, shim_section: &str) -> PathBuf {
     path
 }
 pub mod cri;
+
+/// Runs `hack/snapshotter.sh ACTION` (start, restart, stop, stop-all); panics if it fails.
+pub fn snapshotter_script(action: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
+    let st = Command::new(script).arg(action).status().unwrap();
+    assert!(st.success(), "hack/snapshotter.sh {action}");
+}
+
+/// Waits until containerd reaches the kite snapshotter again (after a restart it redials a
+/// proxy plugin with a backoff).
+pub fn wait_snapshotter_reachable() {
+    wait_until(
+        "containerd reaches the snapshotter",
+        Duration::from_secs(30),
+        || {
+            ctr(&["snapshots", "--snapshotter", "kite", "ls"])
+                .status
+                .success()
+        },
+    );
+}
+
+/// A docker-registry of a test's own, serving `config` on `addr`: tests stop and start it to
+/// make outages. Stopped when dropped.
+pub struct RegistryProcess {
+    config: PathBuf,
+    addr: String,
+    child: Option<std::process::Child>,
+}
+
+impl RegistryProcess {
+    /// Starts it and waits until `addr` accepts connections.
+    pub fn start(config: &Path, addr: &str) -> RegistryProcess {
+        let mut r = RegistryProcess {
+            config: config.to_path_buf(),
+            addr: addr.to_string(),
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    pub fn up(&mut self) {
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry (hack/setup.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the test registry did not start on {}",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        self.down();
+    }
+}

@@ -80,32 +80,17 @@ async fn list_in(c: &mut Cri, id: &str) -> String {
 
 /// Runs hack/snapshotter.sh `action`.
 async fn script(action: &'static str) {
-    tokio::task::spawn_blocking(move || {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
-        let st = Command::new(script).arg(action).status().unwrap();
-        assert!(st.success(), "snapshotter.sh {action}");
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || kite_e2e::snapshotter_script(action))
+        .await
+        .unwrap();
 }
 
-/// Runs hack/snapshotter.sh `action`, then waits until containerd reaches the snapshotter
-/// again (it redials a proxy plugin with a backoff).
+/// Runs hack/snapshotter.sh `action`, then waits until containerd reaches the snapshotter.
 async fn snapshotter(action: &'static str) {
     script(action).await;
-    tokio::task::spawn_blocking(|| {
-        kite_e2e::wait_until(
-            "containerd reaches the snapshotter",
-            Duration::from_secs(30),
-            || {
-                kite_e2e::ctr(&["snapshots", "--snapshotter", "kite", "ls"])
-                    .status
-                    .success()
-            },
-        )
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(kite_e2e::wait_snapshotter_reachable)
+        .await
+        .unwrap();
 }
 
 /// Empties the page cache, so the next reads of the lazy layer go to its FUSE server.

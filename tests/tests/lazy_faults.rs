@@ -7,13 +7,12 @@
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kite_e2e::{require_setup, IMAGE};
+use kite_e2e::{require_setup, RegistryProcess, IMAGE};
 use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION;
@@ -25,59 +24,19 @@ use kite_snapshotter::remote::LazyLayers;
 const PORT: u16 = 5077;
 const CHUNK: u64 = 64 << 10;
 
-struct Registry {
-    config: PathBuf,
-    child: Option<Child>,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{PORT}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let mut r = Registry {
-            config,
-            child: None,
-        };
-        r.up();
-        r
-    }
-
-    fn up(&mut self) {
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry (hack/setup.sh installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() {
-            assert!(Instant::now() < deadline, "the test registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.down();
-    }
+/// The test's own registry (plain HTTP on loopback), storing under `dir`.
+fn start_registry(dir: &Path) -> RegistryProcess {
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{PORT}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    RegistryProcess::start(&config, &format!("127.0.0.1:{PORT}"))
 }
 
 /// bin/busybox as the original image has it (the reference bytes).
@@ -127,7 +86,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 async fn outages_give_eio_never_wrong_bytes_and_bad_layers_are_refused() {
     blocking(require_setup).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut registry = Registry::start(dir.path());
+    let mut registry = start_registry(dir.path());
     let client = Arc::new(
         RegistryClient::new(RegistryOptions {
             attempts: 3,

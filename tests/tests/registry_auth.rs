@@ -4,11 +4,11 @@
 //! CA, the errors say what failed and where.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kite_e2e::{require_setup, IMAGE};
+use kite_e2e::{require_setup, RegistryProcess, IMAGE};
 use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION;
@@ -18,15 +18,6 @@ use kite_snapshotter::remote::LazyLayers;
 
 /// A loopback address that is not 127.0.0.1, so the client speaks HTTPS to it.
 const HOST: &str = "127.0.0.2:5079";
-
-struct Registry(Child);
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn options(ca: Option<&[u8]>, user: Option<(&str, &str)>) -> RegistryOptions {
     let mut credentials = BTreeMap::new();
@@ -130,20 +121,7 @@ async fn https_and_basic_auth_work_and_fail_clearly() {
         ),
     )
     .unwrap();
-    let _registry = Registry(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(HOST).is_err() {
-        assert!(Instant::now() < deadline, "the test registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _registry = RegistryProcess::start(&config, HOST);
     let ca = std::fs::read(&ca_cert).unwrap();
     let dst = ImageRef::parse(&format!("{HOST}/kite/auth:1")).unwrap();
     let src = ImageRef::parse(IMAGE).unwrap();

@@ -4,12 +4,12 @@
 //! root certificate), and pushes (convert), pulls and range reads work with the token; without
 //! credentials the token service's refusal is the error.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use kite_e2e::{require_setup, IMAGE};
+use kite_e2e::{require_setup, RegistryProcess, IMAGE};
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::registry::{Credential, ImageRef, RegistryClient, RegistryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,15 +18,6 @@ const REGISTRY: &str = "127.0.0.1:5080";
 const TOKENS: &str = "127.0.0.1:5081";
 const ISSUER: &str = "kite-test-issuer";
 const SERVICE: &str = "kite-test-registry";
-
-struct Registry(Child);
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The token service: `GET /token?scope=repository:NAME:ACTIONS&service=…` with Basic
 /// `kite:s3cret` gets a JWT granting those actions; anything else gets 401.
@@ -160,20 +151,7 @@ async fn bearer_tokens_from_the_registrys_token_service() {
         ),
     )
     .unwrap();
-    let _registry = Registry(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(REGISTRY).is_err() {
-        assert!(Instant::now() < deadline, "the test registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _registry = RegistryProcess::start(&config, REGISTRY);
 
     let good = Arc::new(client(Some(("kite", "s3cret"))));
     let dst = ImageRef::parse(&format!("{REGISTRY}/kite/bearer:1")).unwrap();

@@ -2,9 +2,6 @@
 //! pulled and unpacked through it runs under runc and under kite, snapshots survive a
 //! snapshotter restart, and the API behaves as containerd's overlayfs snapshotter does.
 //! One test: it restarts the snapshotter, which the other steps use.
-
-use std::time::Duration;
-
 use kite_e2e::*;
 
 fn ctr_ok(args: &[&str]) -> String {
@@ -71,11 +68,7 @@ fn images_unpack_and_run_through_the_kite_snapshotter() {
         .status()
         .unwrap();
     assert!(st.success(), "restart kite-snapshotter");
-    wait_until("snapshotter answers", Duration::from_secs(20), || {
-        ctr(&["snapshots", "--snapshotter", "kite", "ls"])
-            .status
-            .success()
-    });
+    wait_snapshotter_reachable();
     let relisted = ctr_ok(&["snapshots", "--snapshotter", "kite", "ls"]);
     assert_eq!(relisted, listed, "snapshots changed across a restart");
     let again = unique_id("snap-again");

@@ -52,14 +52,8 @@ fn listen(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
 async fn main() -> anyhow::Result<()> {
     let config_path = args()?;
     let config = SnapshotterConfig::load(config_path.as_deref())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log_level)
-                .context("log_level is not a tracing filter")?,
-        )
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    kite_snapshotter::daemon::init_logging(&config.log_level)
+        .context("log_level is not a tracing filter")?;
     let cache_dir = config.root.join("cache");
     let cache = ChunkCache::open(&cache_dir, config.cache_max_bytes)
         .with_context(|| format!("open the chunk cache in {}", cache_dir.display()))?;
@@ -81,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(kite_snapshotter::lazyfs_rpc::serve(calls, lazy));
     info!(socket = %config.lazyfs_socket.display(), prefetch = %config.prefetch_socket.display(),
           "serving lazy layers");
-    kite_snapshotter::shutdown::requested().await;
+    kite_snapshotter::daemon::stop_requested().await;
     let _ = std::fs::remove_file(&config.lazyfs_socket);
     let _ = std::fs::remove_file(&config.prefetch_socket);
     Ok(())
