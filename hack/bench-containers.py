@@ -4,16 +4,17 @@
     hack/bench-containers.py [N]        (default 10; needs hack/setup.sh first)
 
 For each runtime it times `ctr run --rm IMAGE ID echo ready` to the first output and to the
-end, and for kite reads the shim's per-stage timings (containerd's log, "kite-timings"). Then it
+end, and for kite reads the shim's per-stage timings (its structured record, one JSON line per
+container start in /run/kite/timings.jsonl, `timings_file` in [shim]). Then it
 starts one idle container per runtime and reads the resident memory of the shim, QEMU and
 virtiofsd. Prints medians with the spread (min, p90, max) and names the accelerator.
 """
-import calendar, os, re, statistics, subprocess, sys, time
+import json, os, re, statistics, subprocess, sys, time
 
 last_wall_start = 0.0
 
 IMAGE = "127.0.0.1:5000/kite/busybox:latest"
-LOG = "/var/log/kite/containerd.log"
+TIMINGS = "/run/kite/timings.jsonl"
 RUNTIMES = {"runc": "io.containerd.runc.v2", "kite": "io.containerd.kite.v2"}
 
 
@@ -38,19 +39,20 @@ def timed_run(runtime, cid):
 
 
 def timings(cid, wall_start):
-    """The shim's stage line for `cid`, plus shim_start_ms: from `ctr run` to the shim serving
-    containerd's Create (containerd's work, `shim start`, the shim's own start-up)."""
-    found = {}
-    for line in reversed(open(LOG, errors="replace").read().splitlines()):
-        if "kite-timings" in line and f"container={cid} " in line:
-            found.update({k: float(v) for k, v in re.findall(r"(\w+_ms)=([0-9.]+)", line)})
-        if "kite_shim::task: create" in line and f"container={cid} " in line:
-            stamp = line.split()[0]
-            t = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
-            t += float("0." + stamp[20:].rstrip("Z")) if len(stamp) > 20 else 0.0
-            found["shim_start_ms"] = (t - wall_start) * 1000
-            break
-    return found
+    """The shim's record of `cid`'s start, plus shim_start_ms: from `ctr run` to the shim
+    receiving containerd's Create (containerd's work, `shim start`, the shim's own start-up)."""
+    for path in (TIMINGS, TIMINGS + ".1"):
+        try:
+            lines = open(path).read().splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            record = json.loads(line)
+            if record.get("container") == cid:
+                found = {k: float(v) for k, v in record.items() if k.endswith("_ms")}
+                found["shim_start_ms"] = record["create_received_unix_ms"] - wall_start * 1000
+                return found
+    return {}
 
 
 def rss_kib(pid):

@@ -15,8 +15,9 @@ start=$(date +%s%N)
 out=$(ctr run --rm --runtime io.containerd.kite.v2 "$image" "$id" sh -c 'echo "guest kernel: $(uname -r)"; echo "guest memory: $(free -m | awk "/Mem:/{print \$2}") MiB"')
 total_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 echo "$out"
-line=$(grep "kite-timings container=$id " /var/log/kite/containerd.log | tail -1)
-field() { echo "$line" | grep -o " $1=[0-9.]*" | cut -d= -f2 | awk '{printf "%.0f", $1}'; }
+# The shim records each start's stages as a JSON line (timings_file in [shim]).
+record=$(grep -F "\"container\":\"$id\"" /run/kite/timings.jsonl | tail -1)
+field() { python3 -c 'import json, sys; print(round(json.loads(sys.argv[1])[sys.argv[2]]))' "$record" "$1"; }
 accel=$(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo "TCG (software emulation: this host's CPU exposes no vmx/svm)")
 cat <<TXT
 

@@ -60,6 +60,9 @@ if ! cmp -s "$here/deploy/containerd-config.toml" /etc/containerd/config.toml; t
 fi
 "$here/hack/snapshotter.sh" start
 "$here/hack/containerd.sh" start
+# containerd redials a proxy snapshotter that went away with a backoff (up to a few seconds):
+# ready means a call through containerd reaches it.
+"$here/hack/snapshotter.sh" wait-containerd
 
 # 5. A local registry on 127.0.0.1:5000.
 if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then

@@ -2,12 +2,19 @@
 # Starts (or restarts, or stops) kite-snapshotter for machines without a service manager; it
 # logs to /var/log/kite/snapshotter.log, and starts kite-lazyfs (lazy layers), which outlives
 # it: restart and stop leave kite-lazyfs serving running containers; stop-all stops it too.
-#   hack/snapshotter.sh start|restart|stop|stop-all
+# wait-containerd waits until containerd reaches it (after a restart containerd redials with a
+# backoff of up to a few seconds).
+#   hack/snapshotter.sh start|restart|stop|stop-all|wait-containerd
 set -euo pipefail
 action=${1:-start}
 socket=/run/kite/snapshotter.sock
 alive_pids() { ps -eo pid=,stat=,comm= | awk '$3=="kite-snapshotte" && $2 !~ /^Z/ {print $1}'; }
-answers() { [ -S "$socket" ] && [ -n "$(alive_pids)" ]; }
+# Serving means a connect to the socket succeeds: a crashed daemon leaves its socket file behind,
+# and a starting one renames its socket into place only when it is about to serve.
+answers() {
+  python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' \
+    "$socket" 2>/dev/null
+}
 stop() {
   local pids; pids=$(alive_pids)
   [ -n "$pids" ] || return 0
@@ -15,13 +22,20 @@ stop() {
   for _ in $(seq 100); do [ -z "$(alive_pids)" ] && return 0; sleep 0.1; done
   echo "snapshotter.sh: kite-snapshotter did not stop" >&2; return 1
 }
+wait_answers() { for _ in $(seq "$1"); do answers && return 0; sleep 0.1; done; return 1; }
 start() {
   mkdir -p /var/log/kite /run/kite
-  if ! answers; then
-    [ -z "$(alive_pids)" ] || stop
-    setsid nohup /usr/local/bin/kite-snapshotter >>/var/log/kite/snapshotter.log 2>&1 < /dev/null &
-  fi
-  for _ in $(seq 100); do answers && return 0; sleep 0.1; done
+  answers && return 0
+  # One still starting (it mounts lazy layers again before it listens) is given time, one going
+  # away (killed a moment ago) is waited for, one that never answers is replaced.
+  for _ in $(seq 100); do
+    [ -n "$(alive_pids)" ] || break
+    answers && return 0
+    sleep 0.1
+  done
+  [ -z "$(alive_pids)" ] || stop
+  setsid nohup /usr/local/bin/kite-snapshotter >>/var/log/kite/snapshotter.log 2>&1 < /dev/null &
+  wait_answers 300 && return 0
   echo "snapshotter.sh: kite-snapshotter did not start (see /var/log/kite/snapshotter.log)" >&2
   return 1
 }
@@ -33,10 +47,23 @@ stop_lazyfs() {
   for _ in $(seq 100); do [ -z "$(lazyfs_pids)" ] && return 0; sleep 0.1; done
   echo "snapshotter.sh: kite-lazyfs did not stop" >&2; return 1
 }
+# containerd reaches the snapshotter when a Prepare through containerd works. (`ctr snapshots ls`
+# proves nothing: containerd answers it from its own metadata without calling the snapshotter.)
+reaches() {
+  local key="kite-ready-$$-$RANDOM"
+  ctr -n kite-probe snapshots --snapshotter kite prepare "$key" >/dev/null 2>&1 || return 1
+  ctr -n kite-probe snapshots --snapshotter kite rm "$key" >/dev/null 2>&1 || true
+}
+wait_containerd() {
+  for _ in $(seq 150); do reaches && return 0; sleep 0.2; done
+  echo "snapshotter.sh: containerd does not reach kite-snapshotter (see /var/log/kite/containerd.log)" >&2
+  return 1
+}
 case "$action" in
   start) start ;;
   stop) stop ;;
   stop-all) stop; stop_lazyfs ;;
   restart) stop; start ;;
-  *) echo "usage: $0 start|restart|stop|stop-all" >&2; exit 2 ;;
+  wait-containerd) wait_containerd ;;
+  *) echo "usage: $0 start|restart|stop|stop-all|wait-containerd" >&2; exit 2 ;;
 esac

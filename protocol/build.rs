@@ -1,11 +1,18 @@
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
+/// The protocols, each one definition in proto/: shim ↔ guest agent, kite-snapshotter ↔
+/// kite-lazyfs, and the prefetch API.
+const PROTOS: [&str; 3] = ["agent", "lazyfs", "prefetch"];
+
 fn main() {
-    println!("cargo:rerun-if-changed=proto/agent.proto");
     let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");
+    let inputs: Vec<String> = PROTOS.iter().map(|p| format!("proto/{p}.proto")).collect();
+    for input in &inputs {
+        println!("cargo:rerun-if-changed={input}");
+    }
     Codegen::new()
         .out_dir(&out)
-        .input("proto/agent.proto")
+        .inputs(&inputs)
         .include("proto")
         .rust_protobuf()
         .customize(Customize {
@@ -14,16 +21,18 @@ fn main() {
         })
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
         .run()
-        .expect("generate the agent protocol from proto/agent.proto");
+        .expect("generate the protocols from proto/");
     // The generated files carry inner attributes (`#![...]`), which `include!` cannot take;
     // the modules in lib.rs set their own.
-    for name in ["agent.rs", "agent_ttrpc.rs"] {
-        let path = std::path::Path::new(&out).join(name);
-        let text = std::fs::read_to_string(&path).expect("read generated protocol code");
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
-            .collect();
-        std::fs::write(&path, kept.join("\n")).expect("write generated protocol code");
+    for proto in PROTOS {
+        for name in [format!("{proto}.rs"), format!("{proto}_ttrpc.rs")] {
+            let path = std::path::Path::new(&out).join(name);
+            let text = std::fs::read_to_string(&path).expect("read generated protocol code");
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+                .collect();
+            std::fs::write(&path, kept.join("\n")).expect("write generated protocol code");
+        }
     }
 }

@@ -4,14 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("parse config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-}
+pub use kite_config::ConfigError;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -43,15 +36,7 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Parses the `[agent]` section of a kite.toml text; other sections are ignored.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let parse = |source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        };
-        let table: toml::Table = toml::from_str(text).map_err(parse)?;
-        match table.get("agent") {
-            Some(v) => v.clone().try_into::<AgentConfig>().map_err(parse),
-            None => Ok(AgentConfig::default()),
-        }
+        kite_config::parse_section(text, path, "agent")
     }
 }
 
@@ -64,9 +49,8 @@ mod tests {
         let c = AgentConfig::from_toml("[agent]\nwarm_sandboxes = 2\n", Path::new("/k")).unwrap();
         assert_eq!(c.warm_sandboxes, 2);
         assert_eq!(c.runtime_handler, "kite");
-        let err = AgentConfig::from_toml("[agent]\nwarm = 2\n", Path::new("/k.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = AgentConfig::from_toml("[agent]\nwarm = 2\n", Path::new("/k.toml")).unwrap_err();
+        let err = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(err.contains("/k.toml") && err.contains("warm"), "{err}");
     }
 }

@@ -16,7 +16,7 @@ const MODULE_BASE: &str = "/lib/modules";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("mount {fstype} on {target}: {source}")]
+    #[error("mount {fstype} on {target}")]
     Mount {
         fstype: String,
         target: String,
@@ -26,7 +26,7 @@ pub enum BootError {
     SwitchRoot(nix::Error),
     #[error(transparent)]
     Modules(#[from] modules::ModuleError),
-    #[error("mount the sandbox share {tag} on {target}: {source} (waited {waited:?})")]
+    #[error("mount the sandbox share {tag} on {target} (waited {waited:?})")]
     Share {
         tag: String,
         target: String,
@@ -151,6 +151,10 @@ pub fn mount_share(tag: &str, target: &str, timeout: Duration) -> Result<(), Boo
 /// Monotonic clock in nanoseconds (CLOCK_MONOTONIC counts from the guest kernel's boot).
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        .map(|ts| {
+            // CLOCK_MONOTONIC is never negative.
+            let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+            secs * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+        })
         .unwrap_or_default()
 }

@@ -59,7 +59,7 @@ fn power_off() -> ! {
 
 pub fn run() -> ! {
     if let Err(e) = boot::leave_initramfs() {
-        eprintln!("kite-guest: {e}");
+        eprintln!("kite-guest: {}", kite_protocol::errors::error_chain(&e));
         power_off();
     }
     let started_ns = boot::monotonic_ns();

@@ -15,17 +15,17 @@ use nix::kmod::{finit_module, ModuleInitFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
-    #[error("read module list {path}: {source}")]
+    #[error("read module list {path}")]
     List {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("open module {path}: {source}")]
+    #[error("open module {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("load module {path}: {source}")]
+    #[error("load module {path}")]
     Load { path: PathBuf, source: Errno },
 }
 

@@ -20,8 +20,9 @@ const UNCLAIMED_TTL: Duration = Duration::from_secs(120);
 /// The status a runtime reports for a wait status: the exit code, or 128 + the signal number.
 pub fn exit_code(status: WaitStatus) -> Option<u32> {
     match status {
-        WaitStatus::Exited(_, code) => Some(code as u32),
-        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as u32),
+        // An exit code is 0..=255 and a signal number positive.
+        WaitStatus::Exited(_, code) => Some(u32::try_from(code).unwrap_or(255)),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + u32::try_from(sig as i32).unwrap_or(0)),
         _ => None,
     }
 }

@@ -28,13 +28,13 @@ pub const BUNDLES: &str = "/run/kite/containers";
 pub enum RuntimeError {
     #[error("container {id}: invalid OCI spec: {reason}")]
     Spec { id: String, reason: String },
-    #[error("container {id}: {op}: {source}")]
+    #[error("container {id}: {op}")]
     Io {
         id: String,
         op: &'static str,
         source: std::io::Error,
     },
-    #[error("container {id}: {op}: {source}")]
+    #[error("container {id}: {op}")]
     Container {
         id: String,
         op: &'static str,
@@ -236,28 +236,16 @@ pub fn helper_main(args: &[String]) -> i32 {
     };
     let (code, out) = match result {
         Ok(pid) => (0, HelperResult::Pid(pid)),
-        Err(e) => (1, HelperResult::Error(error_chain(&e))),
+        Err(e) => (
+            1,
+            HelperResult::Error(kite_protocol::errors::error_chain(&e)),
+        ),
     };
     let text = serde_json::to_string(&out).unwrap_or_default();
     if std::fs::write(result_path, text).is_err() {
         return 3;
     }
     code
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

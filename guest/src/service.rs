@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kite_protocol::agent::*;
 use kite_protocol::agent_ttrpc;
+use kite_protocol::errors::{rpc_status, rpc_status_text as status};
 use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -33,10 +34,6 @@ pub struct AgentService {
     info: PingResponse,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     oom: Mutex<tokio::sync::mpsc::Receiver<String>>,
-}
-
-fn status(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
 }
 
 fn internal(message: impl std::fmt::Display) -> ttrpc::Error {
@@ -150,7 +147,9 @@ impl AgentService {
         // The helper's ends of the pipes were moved into `cmd`; drop them so the process's
         // exit closes its streams.
         drop(cmd);
-        let helper_exit = self.reaper.register(child.id() as i32);
+        let helper_exit = self
+            .reaper
+            .register(i32::try_from(child.id()).expect("pids fit an i32"));
 
         let master = if let Some((listener, path)) = console {
             let got = tokio::select! {
@@ -323,7 +322,7 @@ impl agent_ttrpc::Agent for AgentService {
             ));
         }
         runtime::adapt_spec(&id, &mut spec, &rootfs)
-            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+            .map_err(|e| rpc_status(ttrpc::Code::INVALID_ARGUMENT, &e))?;
         if let Some(p) = spec.process_mut() {
             p.set_terminal(Some(req.terminal));
         }
@@ -353,7 +352,7 @@ impl agent_ttrpc::Agent for AgentService {
                 return Err(e);
             }
         };
-        let pid = process.pid as u32;
+        let pid = u32::try_from(process.pid).unwrap_or(0);
         info!(container = %id, pid, "created");
         let mut procs = HashMap::new();
         procs.insert(String::new(), Arc::new(process));
@@ -379,10 +378,10 @@ impl agent_ttrpc::Agent for AgentService {
         tokio::task::spawn_blocking(move || runtime::start(&id))
             .await
             .map_err(internal)?
-            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
+            .map_err(|e| rpc_status(ttrpc::Code::FAILED_PRECONDITION, &e))?;
         info!(container = %req.container_id, "started");
         Ok(StartResponse {
-            pid: process.pid as u32,
+            pid: u32::try_from(process.pid).unwrap_or(0),
             ..Default::default()
         })
     }
@@ -397,7 +396,7 @@ impl agent_ttrpc::Agent for AgentService {
         tokio::task::spawn_blocking(move || runtime::delete(&id))
             .await
             .map_err(internal)?
-            .map_err(|e| internal(e.to_string()))?;
+            .map_err(|e| rpc_status(ttrpc::Code::INTERNAL, &e))?;
         if removed.is_none() {
             return Err(status(
                 ttrpc::Code::NOT_FOUND,
@@ -443,7 +442,7 @@ impl agent_ttrpc::Agent for AgentService {
             .await;
         let _ = std::fs::remove_file(&file);
         let process = result?;
-        let pid = process.pid as u32;
+        let pid = u32::try_from(process.pid).unwrap_or(0);
         container
             .processes
             .lock()
@@ -470,12 +469,15 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: SignalRequest,
     ) -> ttrpc::Result<Empty> {
-        let signal = Signal::try_from(req.signal as i32).map_err(|_| {
-            status(
-                ttrpc::Code::INVALID_ARGUMENT,
-                format!("signal {} is not valid", req.signal),
-            )
-        })?;
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .and_then(|n| Signal::try_from(n).ok())
+            .ok_or_else(|| {
+                status(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("signal {} is not valid", req.signal),
+                )
+            })?;
         let process = self.process(&req.container_id, &req.exec_id).await?;
         if req.all && req.exec_id.is_empty() {
             let id = req.container_id.clone();
@@ -483,7 +485,7 @@ impl agent_ttrpc::Agent for AgentService {
                 .await
                 .map_err(internal)?
                 .map(|_| Empty::default())
-                .map_err(|e| internal(e.to_string()));
+                .map_err(|e| rpc_status(ttrpc::Code::INTERNAL, &e));
         }
         if process.exit().is_some() {
             return Err(status(
@@ -572,7 +574,10 @@ impl agent_ttrpc::Agent for AgentService {
             .get_all_pids()
             .map_err(|e| internal(format!("container {}: pids: {e}", req.container_id)))?;
         Ok(PidsResponse {
-            pids: pids.into_iter().map(|p| p.as_raw() as u32).collect(),
+            pids: pids
+                .into_iter()
+                .filter_map(|p| u32::try_from(p.as_raw()).ok())
+                .collect(),
             ..Default::default()
         })
     }

@@ -1,7 +1,12 @@
-//! The protocol between the kite shim (host) and `kite-guest` (PID 1 in the VM).
+//! kite's protocols, each generated from one protobuf definition in `proto/`, spoken over ttrpc:
 //!
-//! One definition, `proto/agent.proto`; both sides use the code generated from it here.
-//! The transport is ttrpc over a virtio-serial port (vsock where the host has it).
+//! - [`agent`]: the shim (host) ↔ `kite-guest` (PID 1 in the VM), over a virtio-serial port
+//!   (vsock where the host has it);
+//! - [`lazyfs`]: `kite-snapshotter` ↔ `kite-lazyfs` (the process serving lazy layers);
+//! - [`prefetch`]: the prefetch API of `kite-lazyfs` (`kite.prefetch.v1`), with its client
+//!   ([`prefetch_client`]) for the node agent and the CLI.
+//!
+//! Clients link this crate without any server side.
 
 #[allow(warnings, clippy::all)]
 pub mod agent {
@@ -11,6 +16,114 @@ pub mod agent {
 #[allow(warnings, clippy::all)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+#[allow(warnings, clippy::all)]
+pub mod lazyfs {
+    include!(concat!(env!("OUT_DIR"), "/lazyfs.rs"));
+}
+
+#[allow(warnings, clippy::all)]
+pub mod lazyfs_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/lazyfs_ttrpc.rs"));
+}
+
+#[allow(warnings, clippy::all)]
+pub mod prefetch {
+    include!(concat!(env!("OUT_DIR"), "/prefetch.rs"));
+}
+
+#[allow(warnings, clippy::all)]
+pub mod prefetch_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/prefetch_ttrpc.rs"));
+}
+
+pub mod prefetch_client;
+
+/// Errors on the wire: every kite component renders an error for an RPC status, a log field or
+/// an answer the same way, one cause after another on one line.
+pub mod errors {
+    /// Renders an error and its causes on one line (`outer: cause: root cause`). A cause whose
+    /// text the line already holds (some libraries repeat their source) is not added again.
+    pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+        let mut text = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            let next = cause.to_string();
+            if !text.contains(&next) {
+                text.push_str(": ");
+                text.push_str(&next);
+            }
+            source = cause.source();
+        }
+        text
+    }
+
+    /// A failed ttrpc call as the caller reads it: the server's status (its code and message:
+    /// the server's whole chain), or the channel to it broke.
+    #[derive(Debug, thiserror::Error)]
+    pub enum RpcError {
+        #[error("{message}")]
+        Status { code: ttrpc::Code, message: String },
+        #[error("the connection failed")]
+        Channel(#[source] ttrpc::Error),
+    }
+
+    impl From<ttrpc::Error> for RpcError {
+        fn from(e: ttrpc::Error) -> Self {
+            match e {
+                ttrpc::Error::RpcStatus(s) => RpcError::Status {
+                    code: s.code(),
+                    message: s.message().to_string(),
+                },
+                other => RpcError::Channel(other),
+            }
+        }
+    }
+
+    impl RpcError {
+        /// The server's code, or UNAVAILABLE when the channel broke.
+        pub fn code(&self) -> ttrpc::Code {
+            match self {
+                RpcError::Status { code, .. } => *code,
+                RpcError::Channel(_) => ttrpc::Code::UNAVAILABLE,
+            }
+        }
+    }
+
+    /// A ttrpc status with `code` and the whole chain of `error` as its message.
+    pub fn rpc_status(
+        code: ttrpc::Code,
+        error: &(dyn std::error::Error + 'static),
+    ) -> ttrpc::Error {
+        rpc_status_text(code, error_chain(error))
+    }
+
+    /// A ttrpc status with `code` and `message`.
+    pub fn rpc_status_text(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("start virtiofsd")]
+        struct Outer(#[source] std::io::Error);
+
+        #[test]
+        fn a_chain_reads_outer_to_root_once() {
+            let e = Outer(std::io::Error::other("no such file"));
+            assert_eq!(error_chain(&e), "start virtiofsd: no such file");
+            let status = rpc_status(ttrpc::Code::NOT_FOUND, &e);
+            let ttrpc::Error::RpcStatus(s) = status else {
+                panic!("a status")
+            };
+            assert_eq!(s.message(), "start virtiofsd: no such file");
+            assert_eq!(s.code(), ttrpc::Code::NOT_FOUND);
+        }
+    }
 }
 
 /// Name of the virtio-serial port that carries the agent channel (guest: /dev/virtio-ports/NAME).

@@ -4,66 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kite_vmm::VmConfig;
 use serde::Deserialize;
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/kite/kite.toml";
+pub use kite_config::ConfigError;
+pub use kite_vmm::{AcceleratorChoice, ChannelChoice, MachineType, NetworkMode};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("parse config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("config {key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AcceleratorChoice {
-    /// KVM when /dev/kvm opens and the CPU has vmx/svm, TCG otherwise.
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ChannelChoice {
-    /// vsock when the host has /dev/vhost-vsock, virtio-serial otherwise.
-    #[default]
-    Auto,
-    Serial,
-    Vsock,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MachineType {
-    /// QEMU's microvm machine (virtio-mmio): fewest devices, fastest boot.
-    #[default]
-    Microvm,
-    /// The i440FX pc machine (virtio-pci).
-    Pc,
-}
-
-/// How a pod's interfaces (other than PCI functions passed through) reach its VM.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// A tap per interface, tc redirect both ways (works on any interface).
-    #[default]
-    Tc,
-    /// A passthru macvtap on each interface.
-    Macvtap,
-}
+/// The section of kite.toml this file reads.
+const SECTION: &str = "shim";
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -99,6 +47,8 @@ pub struct ShimConfig {
     pub network_mode: NetworkMode,
     /// A virtio-balloon with free page reporting: memory the guest frees returns to the host.
     pub free_page_reporting: bool,
+    /// Each container start's stages as a JSON line ("": none); rotated past 1 MiB.
+    pub timings_file: PathBuf,
 }
 
 impl Default for ShimConfig {
@@ -123,6 +73,7 @@ impl Default for ShimConfig {
             vfio_passthrough: true,
             network_mode: NetworkMode::Tc,
             free_page_reporting: true,
+            timings_file: "/run/kite/timings.jsonl".into(),
         }
     }
 }
@@ -132,67 +83,71 @@ impl ShimConfig {
         Duration::from_secs(self.boot_timeout_secs)
     }
 
+    /// The parts of the configuration the VM layer reads.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            qemu_path: self.qemu_path.clone(),
+            virtiofsd_path: self.virtiofsd_path.clone(),
+            kernel_path: self.kernel_path.clone(),
+            initrd_path: self.initrd_path.clone(),
+            accelerator: self.accelerator,
+            machine: self.machine,
+            agent_channel: self.agent_channel,
+            kernel_params: self.kernel_params.clone(),
+            qemu_sandbox: self.qemu_sandbox,
+            free_page_reporting: self.free_page_reporting,
+            boot_timeout: self.boot_timeout(),
+        }
+    }
+
     /// Parses the `[shim]` section of a kite.toml text (other sections belong to the other
     /// components and are ignored here).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let file: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let shim = match file.get("shim") {
-            Some(v) => v
-                .clone()
-                .try_into::<ShimConfig>()
-                .map_err(|source| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    source,
-                })?,
-            None => ShimConfig::default(),
-        };
-        shim.validate()?;
+        let shim: ShimConfig = kite_config::parse_section(text, path, SECTION)?;
+        shim.validate(path)?;
         Ok(shim)
     }
 
-    /// Loads the configuration from `path` (a runtime's `ConfigPath` option), then the
-    /// environment overrides.
+    /// Loads the configuration from `path` (a runtime's `ConfigPath` option, which must
+    /// exist), then the environment overrides.
     pub fn load_from(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut config = Self::from_toml(&text, path)?;
-        config.apply_env(|k| std::env::var(k).ok())?;
-        config.validate()?;
-        Ok(config)
+        Self::load_path(path, false)
     }
 
     /// Loads the configuration: `KITE_CONFIG` or /etc/kite/kite.toml when it exists, then the
     /// environment overrides.
     pub fn load() -> Result<Self, ConfigError> {
-        let path = std::env::var_os("KITE_CONFIG")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-        let mut config = match std::fs::read_to_string(&path) {
-            Ok(text) => Self::from_toml(&text, &path)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
-            Err(source) => return Err(ConfigError::Read { path, source }),
-        };
-        config.apply_env(|k| std::env::var(k).ok())?;
-        config.validate()?;
+        Self::load_path(&kite_config::config_path(None), true)
+    }
+
+    fn load_path(path: &Path, missing_is_default: bool) -> Result<Self, ConfigError> {
+        let mut config: ShimConfig = kite_config::load_section(path, SECTION, missing_is_default)?;
+        config.apply_env(path, |k| std::env::var(k).ok())?;
+        config.validate(path)?;
         Ok(config)
     }
 
-    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    fn apply_env(
+        &mut self,
+        path: &Path,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let invalid = |key, reason| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            section: SECTION,
+            key,
+            reason,
+        };
         if let Some(v) = get("KITE_SHIM_ACCELERATOR") {
             self.accelerator = match v.as_str() {
                 "auto" => AcceleratorChoice::Auto,
                 "kvm" => AcceleratorChoice::Kvm,
                 "tcg" => AcceleratorChoice::Tcg,
                 other => {
-                    return Err(ConfigError::Invalid {
-                        key: "KITE_SHIM_ACCELERATOR",
-                        reason: format!("{other:?} is not auto, kvm or tcg"),
-                    })
+                    return Err(invalid(
+                        "KITE_SHIM_ACCELERATOR",
+                        format!("{other:?} is not auto, kvm or tcg"),
+                    ))
                 }
             };
         }
@@ -203,9 +158,11 @@ impl ShimConfig {
             self.initrd_path = v.into();
         }
         if let Some(v) = get("KITE_SHIM_BOOT_TIMEOUT_SECS") {
-            self.boot_timeout_secs = v.parse().map_err(|_| ConfigError::Invalid {
-                key: "KITE_SHIM_BOOT_TIMEOUT_SECS",
-                reason: format!("{v:?} is not a number of seconds"),
+            self.boot_timeout_secs = v.parse().map_err(|_| {
+                invalid(
+                    "KITE_SHIM_BOOT_TIMEOUT_SECS",
+                    format!("{v:?} is not a number of seconds"),
+                )
             })?;
         }
         if let Some(v) = get("KITE_SHIM_LOG") {
@@ -214,9 +171,12 @@ impl ShimConfig {
         Ok(())
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the values against each other; `path` is named in the error.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| {
             Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                section: SECTION,
                 key,
                 reason: reason.to_string(),
             })
@@ -305,8 +265,8 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_errors_naming_the_file() {
         let err = ShimConfig::from_toml("[shim]\nacelerator = \"tcg\"", Path::new("/k.toml"))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        let err = kite_protocol::errors::error_chain(&err);
         assert!(
             err.contains("/k.toml") && err.contains("acelerator"),
             "{err}"
@@ -320,11 +280,16 @@ mod tests {
     #[test]
     fn environment_overrides_the_file() {
         let mut c = ShimConfig::default();
-        c.apply_env(|k| (k == "KITE_SHIM_ACCELERATOR").then(|| "kvm".to_string()))
-            .unwrap();
+        let path = Path::new("/k.toml");
+        c.apply_env(path, |k| {
+            (k == "KITE_SHIM_ACCELERATOR").then(|| "kvm".to_string())
+        })
+        .unwrap();
         assert_eq!(c.accelerator, AcceleratorChoice::Kvm);
         let err = c
-            .apply_env(|k| (k == "KITE_SHIM_ACCELERATOR").then(|| "xen".to_string()))
+            .apply_env(path, |k| {
+                (k == "KITE_SHIM_ACCELERATOR").then(|| "xen".to_string())
+            })
             .unwrap_err();
         assert!(err.to_string().contains("xen"));
     }

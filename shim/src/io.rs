@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::sandbox::ctx;
+use kite_vmm::rpc_context as ctx;
 
 /// Largest chunk asked of the agent at once.
 const CHUNK: u32 = 64 * 1024;
@@ -54,10 +54,11 @@ impl StdioPaths {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("open {what} {path}: {source}")]
+#[error("open {what} {path}")]
 pub struct OpenError {
     what: &'static str,
     path: String,
+    #[source]
     source: std::io::Error,
 }
 
@@ -200,6 +201,15 @@ async fn pump_stdin(
 }
 
 impl Relays {
+    /// No relays: a process whose stdio nobody reads (and the unit tests' fakes).
+    pub fn none() -> Relays {
+        Relays {
+            stdin_close: None,
+            stdin: None,
+            output: None,
+        }
+    }
+
     /// Opens containerd's end of the stdio and starts relaying.
     pub async fn start(
         agent: &AgentClient,

@@ -9,7 +9,7 @@ use containerd_shim::protos::api::Mount;
 use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::Spec;
 
-use crate::sandbox::unmount_under;
+use kite_vmm::mounts::unmount_under;
 
 pub const ROOTFS: &str = "rootfs";
 const MOUNTS: &str = "mounts";
@@ -19,19 +19,21 @@ pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    #[error("container {cid}: {op} {path}: {source}")]
+    #[error("container {cid}: {op} {path}")]
     Io {
         cid: String,
         op: &'static str,
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("container {cid}: mount {what} on {target}: {reason}")]
+    #[error("container {cid}: mount {what} on {target}")]
     Mount {
         cid: String,
         what: String,
         target: PathBuf,
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("container {cid}: bind mount source {source_path} does not exist")]
     MissingSource { cid: String, source_path: PathBuf },
@@ -103,7 +105,7 @@ pub fn prepare(
                 cid: cid.to_string(),
                 what: format!("{} {}", m.type_, m.source),
                 target: target.clone(),
-                reason: e.to_string(),
+                source: Box::new(e),
             })?;
         }
     }
@@ -152,7 +154,7 @@ fn bind(cid: &str, source: &Path, target: &Path, recursive: bool) -> Result<(), 
         cid: cid.to_string(),
         what: source.display().to_string(),
         target: target.to_path_buf(),
-        reason: e.to_string(),
+        source: Box::new(e),
     })
 }
 

@@ -8,14 +8,16 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
-use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Error, Flags, StartOpts};
 use tracing::{info, warn};
 
 use crate::config::ShimConfig;
 use crate::rootfs;
-use crate::sandbox::{cleanup_sandbox_dir, Sandbox};
+use crate::sandbox::Sandbox;
+use crate::task::events::ContainerdEvents;
+use crate::task::guest::VmBooter;
+use crate::task::state::TaskState;
 use crate::task::KiteTask;
 
 pub struct KiteShim {
@@ -101,7 +103,10 @@ impl Shim for KiteShim {
         let shim_config = loaded.as_ref().cloned().unwrap_or_default();
         init_logging(&shim_config, serving, args.debug);
         if let Err(e) = &loaded {
-            warn!("{e}; using the defaults");
+            warn!(
+                error = %kite_protocol::errors::error_chain(e),
+                "bad configuration; using the defaults"
+            );
         }
         KiteShim {
             id: args.id.clone(),
@@ -132,7 +137,7 @@ impl Shim for KiteShim {
         let own = Sandbox::dir_for(&self.config, &self.id);
         if own.exists() {
             warn!(sandbox = %self.id, "cleaning up after a dead shim");
-            cleanup_sandbox_dir(&own);
+            kite_vmm::cleanup_vm_dir(&own);
         }
         if let Ok(entries) = std::fs::read_dir(&self.config.state_dir) {
             for entry in entries.flatten() {
@@ -149,11 +154,7 @@ impl Shim for KiteShim {
             .unwrap_or_default();
         Ok(DeleteResponse {
             exit_status: 137,
-            exited_at: MessageField::some(Timestamp {
-                seconds: now.as_secs() as i64,
-                nanos: now.subsec_nanos() as i32,
-                ..Default::default()
-            }),
+            exited_at: MessageField::some(crate::task::events::timestamp(now)),
             ..Default::default()
         })
     }
@@ -163,11 +164,8 @@ impl Shim for KiteShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        KiteTask::new(
-            self.config.clone(),
-            &self.namespace,
-            publisher,
-            self.exit.clone(),
-        )
+        let events = ContainerdEvents::new(publisher, &self.namespace);
+        let state = TaskState::new(self.config.clone(), Arc::new(VmBooter), Arc::new(events));
+        KiteTask::new(state, self.exit.clone())
     }
 }

@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 pub enum CacheError {
     #[error("chunk cache: digest {0:?} is not sha256:<64 lowercase hex>")]
     BadDigest(String),
-    #[error("chunk cache: {op} {path}: {source}")]
+    #[error("chunk cache: {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

@@ -7,19 +7,18 @@ use serde::Deserialize;
 
 use crate::registry::{Credential, RegistryOptions};
 
+pub use kite_config::ConfigError;
+
+/// The section of kite.toml this file reads.
+const SECTION: &str = "snapshotter";
+
+/// A CA file named in `ca_files` that cannot be read.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("parse config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("config {path}: snapshotter.{key}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        reason: String,
-    },
+#[error("snapshotter.ca_files: read {path}")]
+pub struct CaFileError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -85,52 +84,39 @@ impl Default for SnapshotterConfig {
 impl SnapshotterConfig {
     /// Parses the `[snapshotter]` section of a kite.toml text; other sections are ignored.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let parse = |source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        };
-        let table: toml::Table = toml::from_str(text).map_err(parse)?;
-        let config = match table.get("snapshotter") {
-            Some(v) => v.clone().try_into::<SnapshotterConfig>().map_err(parse)?,
-            None => SnapshotterConfig::default(),
-        };
-        if config.cache_max_bytes < 64 << 20 {
+        let config: SnapshotterConfig = kite_config::parse_section(text, path, SECTION)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Loads `path` (or `KITE_CONFIG`, or /etc/kite/kite.toml); a missing default file gives
+    /// the defaults, a file named explicitly must exist.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = kite_config::config_path(path);
+        let config: SnapshotterConfig = kite_config::load_section(&file, SECTION, path.is_none())?;
+        config.validate(&file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.cache_max_bytes < 64 << 20 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
+                section: SECTION,
                 key: "cache_max_bytes",
                 reason: "must be at least 64 MiB".into(),
             });
         }
-        Ok(config)
-    }
-
-    /// Loads `path` (or /etc/kite/kite.toml, or `KITE_CONFIG`); a missing file gives the
-    /// defaults.
-    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let path = path.map(Path::to_path_buf).unwrap_or_else(|| {
-            std::env::var_os("KITE_CONFIG")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/etc/kite/kite.toml"))
-        });
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Self::from_toml(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(ConfigError::Invalid {
-                path,
-                key: "(file)",
-                reason: e.to_string(),
-            }),
-        }
+        Ok(())
     }
 
     /// How the registry client reaches registries (reads the CA files).
-    pub fn registry_options(&self) -> Result<RegistryOptions, ConfigError> {
+    pub fn registry_options(&self) -> Result<RegistryOptions, CaFileError> {
         let mut ca_pems = Vec::new();
         for f in &self.ca_files {
-            ca_pems.push(std::fs::read(f).map_err(|e| ConfigError::Invalid {
+            ca_pems.push(std::fs::read(f).map_err(|source| CaFileError {
                 path: f.clone(),
-                key: "ca_files",
-                reason: e.to_string(),
+                source,
             })?);
         }
         Ok(RegistryOptions {
@@ -174,8 +160,8 @@ mod tests {
         );
         let err =
             SnapshotterConfig::from_toml("[snapshotter]\nroots = \"/x\"\n", Path::new("/k.toml"))
-                .unwrap_err()
-                .to_string();
+                .unwrap_err();
+        let err = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(err.contains("roots"), "{err}");
     }
 }

@@ -24,7 +24,7 @@ const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
-    #[error("convert {image}: {source}")]
+    #[error("convert {image}")]
     Registry {
         image: String,
         source: RegistryError,
@@ -35,7 +35,7 @@ pub enum ConvertError {
         layer: String,
         reason: String,
     },
-    #[error("convert {image}: layer {layer}: {source}")]
+    #[error("convert {image}: layer {layer}")]
     Estargz {
         image: String,
         layer: String,

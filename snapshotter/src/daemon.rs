@@ -1,5 +1,7 @@
-//! What both daemons (kite-snapshotter, kite-lazyfs) share: logging, and the graceful stop on
-//! SIGTERM or SIGINT.
+//! What both daemons (kite-snapshotter, kite-lazyfs) share: logging, their listening sockets,
+//! and the graceful stop on SIGTERM or SIGINT.
+
+use std::path::{Path, PathBuf};
 
 /// Logs to stderr (the service's log file) at `level` (tracing `EnvFilter` syntax).
 pub fn init_logging(level: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
@@ -21,4 +23,72 @@ pub async fn stop_requested() {
         _ = int.recv() => {},
     }
     tracing::info!("stopping");
+}
+
+/// Listens on the unix socket `path` such that the path only ever names a socket that has a
+/// listener behind it, or a dead process's leftover (connect: ECONNREFUSED): the socket is bound
+/// under a temporary name beside `path` and renamed over it, which replaces a stale socket
+/// atomically. A caller binds only when it is about to serve, so "connect succeeds" is the
+/// readiness check (hack/snapshotter.sh uses it), never "the file exists".
+pub fn listen_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(name);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = tokio::net::UnixListener::bind(&temporary)?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Serves ttrpc `services` on `listener` (bound with [`listen_unix`]); the server runs until it
+/// is shut down or dropped.
+pub async fn serve_ttrpc(
+    listener: tokio::net::UnixListener,
+    services: std::collections::HashMap<String, ttrpc::r#async::Service>,
+) -> Result<ttrpc::r#async::Server, ttrpc::Error> {
+    use std::os::fd::IntoRawFd;
+    let fd = listener
+        .into_std()
+        .map_err(|e| ttrpc::Error::Socket(e.to_string()))?
+        .into_raw_fd();
+    let mut server = ttrpc::r#async::Server::new()
+        .set_domain_unix()
+        .add_listener(fd)?
+        .register_service(services);
+    server.start().await?;
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_appears_only_with_its_listener_and_replaces_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.sock");
+        // A dead daemon's leftover: a socket file nobody listens on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        let listener = listen_unix(&path).unwrap();
+        let client = tokio::net::UnixStream::connect(&path);
+        let (accepted, connected) = tokio::join!(listener.accept(), client);
+        accepted.unwrap();
+        connected.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("d.sock")],
+            "no temporary left behind"
+        );
+    }
 }

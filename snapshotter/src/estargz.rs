@@ -213,7 +213,7 @@ impl Index {
                     unreachable!("only regular files are open");
                 };
                 let next = chunks.last().map_or(0, |c| c.file_offset + c.size);
-                let chunk = chunk_of(e, *size, toc_offset).map_err(err)?;
+                let chunk = chunk_of(e, *size, toc_offset).map_err(|c| err(c.to_string()))?;
                 if chunk.file_offset != next {
                     return Err(err(format!(
                         "chunk at {} of {file}, expected {next}",
@@ -237,7 +237,7 @@ impl Index {
             let node = match e.kind.as_str() {
                 "dir" => Node::Dir { opaque: false },
                 "reg" => {
-                    let chunk = chunk_of(e, e.size, toc_offset).map_err(err)?;
+                    let chunk = chunk_of(e, e.size, toc_offset).map_err(|c| err(c.to_string()))?;
                     if chunk.file_offset != 0 {
                         return Err(err("a file's first chunk must start at 0".into()));
                     }
@@ -408,8 +408,8 @@ pub fn parse_modtime(t: &str) -> i64 {
     }
     match humantime::parse_rfc3339_weak(t) {
         Ok(st) => match st.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => d.as_secs() as i64,
-            Err(e) => -(e.duration().as_secs() as i64),
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
         },
         Err(_) => 0,
     }
@@ -426,8 +426,27 @@ fn inode(e: &TocEntry, node: Node) -> Inode {
     }
 }
 
+/// What is wrong with a chunk a TOC entry describes.
+#[derive(Debug, thiserror::Error)]
+pub enum BadChunk {
+    #[error("a chunk of {size} bytes (more than {MAX_CHUNK_SIZE}: it would be decompressed in memory at once)")]
+    TooLarge { size: u64 },
+    #[error("chunk offset and size overflow")]
+    Overflow,
+    #[error("chunk {offset}+{size} runs past the file's {file_size} bytes")]
+    PastFile {
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    #[error("data offset {offset} is not in the payload (which ends at {toc_offset})")]
+    OutsidePayload { offset: u64, toc_offset: u64 },
+    #[error("chunk digest {0:?} is not sha256:<64 hex>")]
+    Digest(String),
+}
+
 /// The chunk an entry describes, checked against the file's size and the blob's payload.
-fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, String> {
+fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, BadChunk> {
     // A file stored in one piece has no chunk fields: its one chunk is the whole file.
     let size = if e.chunk_size == 0 {
         file_size.saturating_sub(e.chunk_offset)
@@ -435,26 +454,21 @@ fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, Stri
         e.chunk_size
     };
     if size > MAX_CHUNK_SIZE {
-        return Err(format!(
-            "a chunk of {size} bytes (more than {MAX_CHUNK_SIZE}: it would be decompressed in \
-             memory at once)"
-        ));
+        return Err(BadChunk::TooLarge { size });
     }
-    let end = e
-        .chunk_offset
-        .checked_add(size)
-        .ok_or("chunk offset and size overflow")?;
+    let end = e.chunk_offset.checked_add(size).ok_or(BadChunk::Overflow)?;
     if end > file_size {
-        return Err(format!(
-            "chunk {}+{size} runs past the file's {file_size} bytes",
-            e.chunk_offset
-        ));
+        return Err(BadChunk::PastFile {
+            offset: e.chunk_offset,
+            size,
+            file_size,
+        });
     }
     if size > 0 && e.offset >= toc_offset {
-        return Err(format!(
-            "data offset {} is not in the payload (which ends at {toc_offset})",
-            e.offset
-        ));
+        return Err(BadChunk::OutsidePayload {
+            offset: e.offset,
+            toc_offset,
+        });
     }
     let digest = if e.chunk_digest.is_empty() {
         e.digest.clone()
@@ -462,7 +476,7 @@ fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, Stri
         e.chunk_digest.clone()
     };
     if size > 0 && crate::chunk_cache::digest_hex(&digest).is_err() {
-        return Err(format!("chunk digest {digest:?} is not sha256:<64 hex>"));
+        return Err(BadChunk::Digest(digest));
     }
     Ok(Chunk {
         file_offset: e.chunk_offset,

@@ -270,8 +270,8 @@ fn write_item<W: Write>(
         chunk_offset: 0,
         chunk_size: 0,
         chunk_digest: String::new(),
-        dev_major: h.device_major().ok().flatten().unwrap_or(0) as u64,
-        dev_minor: h.device_minor().ok().flatten().unwrap_or(0) as u64,
+        dev_major: u64::from(h.device_major().ok().flatten().unwrap_or(0)),
+        dev_minor: u64::from(h.device_minor().ok().flatten().unwrap_or(0)),
         modtime: match h.mtime() {
             Ok(t) if t > 0 => humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),

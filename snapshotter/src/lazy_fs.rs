@@ -171,11 +171,8 @@ impl LayerTree {
                 Node::Hardlink { .. } => unreachable!("handled above"),
             };
             let nlink = n.attr.nlink;
-            let mtime = if inode.mtime >= 0 {
-                UNIX_EPOCH + Duration::from_secs(inode.mtime as u64)
-            } else {
-                UNIX_EPOCH
-            };
+            // Times before the epoch are shown as the epoch.
+            let mtime = UNIX_EPOCH + Duration::from_secs(u64::try_from(inode.mtime).unwrap_or(0));
             n.attr = FileAttr {
                 mtime,
                 ctime: mtime,
@@ -323,8 +320,8 @@ impl Filesystem for LazyFs {
         let Some((file_size, chunks)) = self.reader.index.file(path) else {
             return reply.error(libc::EIO);
         };
-        let start = (offset.max(0) as u64).min(file_size);
-        let end = start.saturating_add(size as u64).min(file_size);
+        let start = u64::try_from(offset).unwrap_or(0).min(file_size);
+        let end = start.saturating_add(u64::from(size)).min(file_size);
         if start == end {
             return reply.data(&[]);
         }
@@ -348,7 +345,7 @@ impl Filesystem for LazyFs {
                     }
                 },
                 Err(e) => {
-                    warn!(%path, ?range, error = %e, "read failed");
+                    warn!(%path, ?range, error = %kite_protocol::errors::error_chain(&e), "read failed");
                     reply.error(libc::EIO)
                 }
             }
@@ -381,9 +378,9 @@ impl Filesystem for LazyFs {
             .into_iter()
             .chain(children)
             .enumerate()
-            .skip(offset.max(0) as usize)
+            .skip(usize::try_from(offset).unwrap_or(0))
         {
-            if reply.add(i, (k + 1) as i64, kind, name) {
+            if reply.add(i, i64::try_from(k + 1).unwrap_or(i64::MAX), kind, name) {
                 break;
             }
         }

@@ -26,19 +26,19 @@ const BACKGROUND_BATCH_BYTES: u64 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("layer {layer} of {image}: {source}")]
+    #[error("layer {layer} of {image}")]
     Registry {
         image: String,
         layer: String,
         source: RegistryError,
     },
-    #[error("layer {layer} of {image}: {source}")]
+    #[error("layer {layer} of {image}")]
     Chunk {
         image: String,
         layer: String,
         source: EstargzError,
     },
-    #[error("layer {layer}: {source}")]
+    #[error("layer {layer}")]
     Cache { layer: String, source: CacheError },
 }
 
@@ -228,7 +228,7 @@ impl LayerReader {
         let started = Instant::now();
         let first = self.prefetch_chunks();
         if let Err(e) = self.ensure(&first).await {
-            warn!(error = %e, "prefetch of the prioritized files failed");
+            warn!(error = %kite_protocol::errors::error_chain(&e), "prefetch of the prioritized files failed");
         }
         let prefetched = first.iter().map(|c| c.size).sum::<u64>();
         debug!(layer = %self.source.layer_digest, files = self.index.prefetch.len(),
@@ -247,7 +247,7 @@ impl LayerReader {
                 continue;
             }
             if let Err(e) = self.ensure(&batch).await {
-                warn!(error = %e, "background fetch failed; reads still fetch on demand");
+                warn!(error = %kite_protocol::errors::error_chain(&e), "background fetch failed; reads still fetch on demand");
                 return;
             }
             sent += batch_bytes;
@@ -260,7 +260,7 @@ impl LayerReader {
             }
         }
         if let Err(e) = self.ensure(&batch).await {
-            warn!(error = %e, "background fetch failed; reads still fetch on demand");
+            warn!(error = %kite_protocol::errors::error_chain(&e), "background fetch failed; reads still fetch on demand");
             return;
         }
         info!(layer = %self.source.layer_digest, image = %self.source.image,

@@ -5,104 +5,162 @@
 //! upgrading the service, or the service crashing, leaves the FUSE mounts of running
 //! containers served. The service starts it when it is not running and tells it what to mount.
 //!
-//! Wire format, on a unix socket (`lazyfs_socket`): one JSON [`Call`] line per connection, one
-//! JSON [`Answer`] line back.
+//! Wire format: ttrpc on a unix socket (`lazyfs_socket`), service `kite.lazyfs.v1.LazyFs`
+//! (`protocol/proto/lazyfs.proto`); one connection per call, so either side may restart
+//! between calls.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use kite_protocol::errors::{rpc_status, RpcError};
+use kite_protocol::lazyfs as proto;
+use kite_protocol::lazyfs_ttrpc::{self, LazyFs};
+use tokio::net::UnixListener;
 use tracing::{info, warn};
+use ttrpc::r#async::TtrpcContext;
 
 use crate::lazy_layer::LayerSource;
-use crate::remote::{LayerUsage, LazyBackend, LazyLayers, LazyStats};
+use crate::remote::{BackendError, LayerUsage, LazyBackend, LazyLayers, LazyStats};
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Call {
-    Prepare {
-        source: LayerSource,
-    },
-    Mount {
-        source: LayerSource,
-        mountpoint: PathBuf,
-    },
-    Unmount {
-        mountpoint: PathBuf,
-    },
-    Mounted,
-    Stats,
-}
+/// How long a started `kite-lazyfs` may take to answer.
+const LAUNCH_WAIT: Duration = Duration::from_secs(20);
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Answer {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<LayerUsage>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mounted: Vec<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stats: Option<LazyStats>,
-}
-
-/// Serves calls on `listener` until the task is dropped.
-pub async fn serve(listener: UnixListener, lazy: Arc<LazyLayers>) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let lazy = lazy.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(conn, &lazy).await {
-                warn!("lazyfs call: {e}");
-            }
-        });
+fn layer_to_proto(src: &LayerSource) -> proto::Layer {
+    proto::Layer {
+        image: src.image.clone(),
+        layer_digest: src.layer_digest.clone(),
+        toc_digest: src.toc_digest.clone(),
+        ..Default::default()
     }
 }
 
-async fn answer(conn: UnixStream, lazy: &LazyLayers) -> std::io::Result<()> {
-    let (read, mut write) = conn.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let failed = |error: String| Answer {
-        error,
+fn layer_from_proto(layer: &proto::Layer) -> LayerSource {
+    LayerSource {
+        image: layer.image.clone(),
+        layer_digest: layer.layer_digest.clone(),
+        toc_digest: layer.toc_digest.clone(),
+    }
+}
+
+fn stats_to_proto(s: &LazyStats) -> proto::LazyStats {
+    proto::LazyStats {
+        mounted: s.mounted,
+        fetched_bytes: s.fetched_bytes,
+        fetch_requests: s.fetch_requests,
+        fetched_chunks: s.fetched_chunks,
+        fetch_errors: s.fetch_errors,
+        prefetches: s.prefetches,
+        cache_bytes: s.cache.bytes,
+        cache_chunks: s.cache.chunks,
+        cache_hits: s.cache.hits,
+        cache_misses: s.cache.misses,
+        cache_evictions: s.cache.evicted,
         ..Default::default()
-    };
-    let answer = match serde_json::from_str::<Call>(line.trim()) {
-        Err(e) => failed(format!("bad call {:?}: {e}", line.trim())),
-        Ok(Call::Prepare { source }) => match lazy.prepare(&source).await {
-            Ok(usage) => Answer {
-                usage: Some(usage),
-                ..Default::default()
-            },
-            Err(e) => failed(e),
+    }
+}
+
+fn stats_from_proto(s: &proto::LazyStats) -> LazyStats {
+    LazyStats {
+        mounted: s.mounted,
+        fetched_bytes: s.fetched_bytes,
+        fetch_requests: s.fetch_requests,
+        fetched_chunks: s.fetched_chunks,
+        fetch_errors: s.fetch_errors,
+        prefetches: s.prefetches,
+        cache: crate::chunk_cache::CacheStats {
+            bytes: s.cache_bytes,
+            chunks: s.cache_chunks,
+            hits: s.cache_hits,
+            misses: s.cache_misses,
+            evicted: s.cache_evictions,
         },
-        Ok(Call::Mount { source, mountpoint }) => {
-            match LazyBackend::mount(lazy, &source, &mountpoint).await {
-                Ok(()) => Answer::default(),
-                Err(e) => failed(e),
-            }
-        }
-        Ok(Call::Unmount { mountpoint }) => match LazyBackend::unmount(lazy, &mountpoint).await {
-            Ok(()) => Answer::default(),
-            Err(e) => failed(e),
-        },
-        Ok(Call::Mounted) => Answer {
-            mounted: lazy.mounted().await.unwrap_or_default(),
+    }
+}
+
+/// An error of the lazy layers as `kite-lazyfs` answers it (the whole chain).
+fn status(e: &BackendError) -> ttrpc::Error {
+    rpc_status(ttrpc::Code::INTERNAL, e)
+}
+
+/// `kite-lazyfs`'s side: the calls, served by the process's [`LazyLayers`].
+struct LazyFsService {
+    lazy: Arc<LazyLayers>,
+}
+
+#[async_trait::async_trait]
+impl LazyFs for LazyFsService {
+    async fn prepare(
+        &self,
+        _ctx: &TtrpcContext,
+        layer: proto::Layer,
+    ) -> ttrpc::Result<proto::LayerUsage> {
+        let usage = LazyBackend::prepare(&*self.lazy, &layer_from_proto(&layer))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(proto::LayerUsage {
+            size: usage.size,
+            inodes: usage.inodes,
             ..Default::default()
-        },
-        Ok(Call::Stats) => Answer {
-            stats: lazy.stats().await.ok(),
+        })
+    }
+
+    async fn mount(
+        &self,
+        _ctx: &TtrpcContext,
+        request: proto::MountRequest,
+    ) -> ttrpc::Result<proto::Empty> {
+        let layer = layer_from_proto(&request.layer.unwrap_or_default());
+        LazyBackend::mount(&*self.lazy, &layer, Path::new(&request.mountpoint))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(proto::Empty::new())
+    }
+
+    async fn unmount(
+        &self,
+        _ctx: &TtrpcContext,
+        request: proto::UnmountRequest,
+    ) -> ttrpc::Result<proto::Empty> {
+        LazyBackend::unmount(&*self.lazy, Path::new(&request.mountpoint))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(proto::Empty::new())
+    }
+
+    async fn mounted(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: proto::Empty,
+    ) -> ttrpc::Result<proto::MountedResponse> {
+        let mounted = self.lazy.mounted().await.map_err(|e| status(&e))?;
+        Ok(proto::MountedResponse {
+            mountpoints: mounted.iter().map(|p| p.display().to_string()).collect(),
             ..Default::default()
-        },
-    };
-    let mut out = serde_json::to_string(&answer).expect("answer serializes");
-    out.push('\n');
-    write.write_all(out.as_bytes()).await
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: proto::Empty,
+    ) -> ttrpc::Result<proto::LazyStats> {
+        let stats = self.lazy.stats().await.map_err(|e| status(&e))?;
+        Ok(stats_to_proto(&stats))
+    }
+}
+
+/// Serves the calls on `listener` (bound by the caller, see [`crate::daemon::listen_unix`]);
+/// the server runs until it is dropped or shut down.
+pub async fn serve(
+    listener: UnixListener,
+    lazy: Arc<LazyLayers>,
+) -> Result<ttrpc::r#async::Server, ttrpc::Error> {
+    crate::daemon::serve_ttrpc(
+        listener,
+        lazyfs_ttrpc::create_lazy_fs(Arc::new(LazyFsService { lazy })),
+    )
+    .await
 }
 
 /// How to start `kite-lazyfs` when it is not running.
@@ -129,16 +187,27 @@ impl LazyFsClient {
         }
     }
 
-    async fn connect(&self) -> Result<UnixStream, String> {
-        match UnixStream::connect(&self.socket).await {
+    fn remote(&self) -> impl Fn(ttrpc::Error) -> BackendError + '_ {
+        move |e| BackendError::Remote {
+            socket: self.socket.clone(),
+            source: RpcError::from(e),
+        }
+    }
+
+    fn try_connect(&self) -> Result<lazyfs_ttrpc::LazyFsClient, ttrpc::Error> {
+        let address = format!("unix://{}", self.socket.display());
+        ttrpc::r#async::Client::connect(&address).map(lazyfs_ttrpc::LazyFsClient::new)
+    }
+
+    /// A client for one call, starting `kite-lazyfs` first if it does not answer.
+    async fn connect(&self) -> Result<lazyfs_ttrpc::LazyFsClient, BackendError> {
+        match self.try_connect() {
             Ok(c) => return Ok(c),
-            Err(e) if self.launch.is_none() => {
-                return Err(format!("kite-lazyfs at {}: {e}", self.socket.display()))
-            }
+            Err(e) if self.launch.is_none() => return Err(self.remote()(e)),
             Err(_) => {}
         }
         let _one = self.launching.lock().await;
-        if let Ok(c) = UnixStream::connect(&self.socket).await {
+        if let Ok(c) = self.try_connect() {
             return Ok(c);
         }
         let launch = self.launch.as_ref().expect("checked above");
@@ -149,13 +218,14 @@ impl LazyFsClient {
         // Its own process group: signals meant for the service do not reach it. Its logs go
         // where the service's go (inherited stderr).
         cmd.stdin(std::process::Stdio::null()).process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", launch.program.display()))?;
+        let mut child = cmd.spawn().map_err(|source| BackendError::Launch {
+            program: launch.program.clone(),
+            source,
+        })?;
         info!(program = %launch.program.display(), pid = child.id(), "started kite-lazyfs");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + LAUNCH_WAIT;
         loop {
-            if let Ok(c) = UnixStream::connect(&self.socket).await {
+            if let Ok(c) = self.try_connect() {
                 // Reap it whenever it ends (it outlives this process in the normal case).
                 tokio::spawn(async move {
                     if let Ok(st) = child.wait().await {
@@ -164,85 +234,90 @@ impl LazyFsClient {
                 });
                 return Ok(c);
             }
-            if let Ok(Some(st)) = child.try_wait() {
-                return Err(format!("kite-lazyfs exited at start: {st}"));
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BackendError::LaunchExited { status });
             }
             if Instant::now() > deadline {
                 let _ = child.kill().await;
-                return Err(format!(
-                    "kite-lazyfs did not answer on {} within 20 s",
-                    self.socket.display()
-                ));
+                return Err(BackendError::LaunchTimeout {
+                    socket: self.socket.clone(),
+                    waited: LAUNCH_WAIT,
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    async fn call(&self, call: &Call) -> Result<Answer, String> {
-        let conn = self.connect().await?;
-        let (read, mut write) = conn.into_split();
-        let mut line = serde_json::to_string(call).expect("call serializes");
-        line.push('\n');
-        let io = |e: std::io::Error| format!("kite-lazyfs at {}: {e}", self.socket.display());
-        write.write_all(line.as_bytes()).await.map_err(io)?;
-        let mut reply = String::new();
-        BufReader::new(read)
-            .read_line(&mut reply)
-            .await
-            .map_err(io)?;
-        let answer: Answer = serde_json::from_str(reply.trim())
-            .map_err(|e| format!("kite-lazyfs answered {:?}: {e}", reply.trim()))?;
-        if answer.error.is_empty() {
-            Ok(answer)
-        } else {
-            Err(answer.error)
-        }
-    }
-
     /// Starts `kite-lazyfs` if it is not running.
-    pub async fn ensure_running(&self) -> Result<(), String> {
-        self.call(&Call::Mounted).await.map(|_| ())
+    pub async fn ensure_running(&self) -> Result<(), BackendError> {
+        self.mounted().await.map(|_| ())
     }
+}
+
+fn context() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
 }
 
 #[async_trait::async_trait]
 impl LazyBackend for LazyFsClient {
-    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, String> {
-        let a = self
-            .call(&Call::Prepare {
-                source: src.clone(),
-            })
-            .await?;
-        a.usage
-            .ok_or_else(|| "kite-lazyfs gave no usage".to_string())
-    }
-
-    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), String> {
-        self.call(&Call::Mount {
-            source: src.clone(),
-            mountpoint: mountpoint.to_path_buf(),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    async fn unmount(&self, mountpoint: &Path) -> Result<(), String> {
-        self.call(&Call::Unmount {
-            mountpoint: mountpoint.to_path_buf(),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
-        Ok(self.call(&Call::Mounted).await?.mounted)
-    }
-
-    async fn stats(&self) -> Result<LazyStats, String> {
-        self.call(&Call::Stats)
+    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, BackendError> {
+        let usage = self
+            .connect()
             .await?
-            .stats
-            .ok_or_else(|| "kite-lazyfs gave no stats".to_string())
+            .prepare(context(), &layer_to_proto(src))
+            .await
+            .map_err(self.remote())?;
+        Ok(LayerUsage {
+            size: usage.size,
+            inodes: usage.inodes,
+        })
+    }
+
+    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), BackendError> {
+        let request = proto::MountRequest {
+            layer: Some(layer_to_proto(src)).into(),
+            mountpoint: mountpoint.display().to_string(),
+            ..Default::default()
+        };
+        self.connect()
+            .await?
+            .mount(context(), &request)
+            .await
+            .map_err(self.remote())?;
+        Ok(())
+    }
+
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), BackendError> {
+        let request = proto::UnmountRequest {
+            mountpoint: mountpoint.display().to_string(),
+            ..Default::default()
+        };
+        self.connect()
+            .await?
+            .unmount(context(), &request)
+            .await
+            .map_err(self.remote())?;
+        Ok(())
+    }
+
+    async fn mounted(&self) -> Result<Vec<PathBuf>, BackendError> {
+        let mounted = self
+            .connect()
+            .await?
+            .mounted(context(), &proto::Empty::new())
+            .await
+            .map_err(self.remote())?;
+        Ok(mounted.mountpoints.iter().map(PathBuf::from).collect())
+    }
+
+    async fn stats(&self) -> Result<LazyStats, BackendError> {
+        let stats = self
+            .connect()
+            .await?
+            .stats(context(), &proto::Empty::new())
+            .await
+            .map_err(self.remote())?;
+        Ok(stats_from_proto(&stats))
     }
 }
 
@@ -251,23 +326,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn calls_and_answers_round_trip() {
-        let call = Call::Mount {
-            source: LayerSource {
-                image: "127.0.0.1:5000/a:1".into(),
-                layer_digest: "sha256:aa".into(),
-                toc_digest: "sha256:bb".into(),
-            },
-            mountpoint: "/m".into(),
+    fn layers_and_stats_cross_the_wire_unchanged() {
+        let src = LayerSource {
+            image: "127.0.0.1:5000/a:1".into(),
+            layer_digest: "sha256:aa".into(),
+            toc_digest: "sha256:bb".into(),
         };
-        let line = serde_json::to_string(&call).unwrap();
-        assert!(line.contains(r#""op":"mount""#), "{line}");
-        assert!(matches!(
-            serde_json::from_str::<Call>(&line).unwrap(),
-            Call::Mount { .. }
-        ));
-        let a: Answer = serde_json::from_str(r#"{"mounted":["/x"]}"#).unwrap();
-        assert_eq!(a.mounted, [PathBuf::from("/x")]);
-        assert!(a.error.is_empty());
+        assert_eq!(layer_from_proto(&layer_to_proto(&src)), src);
+        let stats = LazyStats {
+            mounted: 1,
+            fetched_bytes: 2,
+            fetch_requests: 3,
+            fetched_chunks: 4,
+            fetch_errors: 5,
+            prefetches: 6,
+            cache: crate::chunk_cache::CacheStats {
+                bytes: 7,
+                chunks: 8,
+                hits: 9,
+                misses: 10,
+                evicted: 11,
+            },
+        };
+        assert_eq!(stats_from_proto(&stats_to_proto(&stats)), stats);
     }
 }

@@ -209,7 +209,8 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
         );
         if let Err(e) = client.ensure_running().await {
             // Not fatal: ordinary layers work, and each lazy Prepare tries to start it again.
-            error!(error = %e, "kite-lazyfs is not running; eStargz layers will be unpacked");
+            error!(error = %kite_protocol::errors::error_chain(&e),
+                   "kite-lazyfs is not running; eStargz layers will be unpacked");
         }
         Some(Arc::new(client))
     } else {
@@ -220,15 +221,12 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
     sn.cleanup().await?;
     sn.remount_lazy().await;
 
-    if let Some(dir) = config.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&config.socket);
-    let listener = tokio::net::UnixListener::bind(&config.socket)
-        .with_context(|| format!("listen on {}", config.socket.display()))?;
     let metrics = tokio::net::TcpListener::bind(&config.metrics_address)
         .await
         .with_context(|| format!("metrics on {}", config.metrics_address))?;
+    // Last: the socket appears when the service is about to serve (readiness is "connects").
+    let listener = kite_snapshotter::daemon::listen_unix(&config.socket)
+        .with_context(|| format!("listen on {}", config.socket.display()))?;
     tokio::spawn(kite_snapshotter::metrics::serve(metrics, sn.clone()));
     info!(socket = %config.socket.display(), root = %config.root.display(),
           metrics = %config.metrics_address, lazy = config.lazy, "serving");
@@ -257,17 +255,25 @@ async fn main() -> anyhow::Result<()> {
             record,
         } => convert(&config, &src, &dst, options, record).await,
         Command::Prefetch { image } => {
-            let last = kite_snapshotter::prefetch::request(&config.prefetch_socket, &image, |p| {
-                println!("{}", serde_json::to_string(p).expect("progress serializes"))
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "prefetch {image} through {} (is the daemon running with lazy = true?)",
-                    config.prefetch_socket.display()
-                )
-            })?;
-            if last.state != "done" {
+            // One JSON line per progress message, for people and scripts.
+            let print = |p: &kite_protocol::prefetch::PrefetchProgress| {
+                let line = serde_json::json!({
+                    "image": p.image,
+                    "state": kite_protocol::prefetch_client::state_name(p),
+                    "joined": p.joined,
+                    "layers": p.layers,
+                    "lazy_layers": p.lazy_layers,
+                    "layers_done": p.layers_done,
+                    "prefetched_bytes": p.prefetched_bytes,
+                    "error": p.error,
+                });
+                println!("{line}");
+            };
+            let last =
+                kite_protocol::prefetch_client::prefetch(&config.prefetch_socket, &image, print)
+                    .await
+                    .context("is kite-lazyfs running (the snapshotter with lazy = true)?")?;
+            if kite_protocol::prefetch_client::state_name(&last) != "done" {
                 anyhow::bail!("prefetch {image}: {}", last.error);
             }
             Ok(())

@@ -31,7 +31,7 @@ pub enum SnapshotError {
     AlreadyExists { key: String },
     #[error("snapshot {key}: {reason}")]
     FailedPrecondition { key: String, reason: String },
-    #[error("snapshot {key}: {op} {path}: {source}")]
+    #[error("snapshot {key}: {op} {path}")]
     Io {
         key: String,
         op: &'static str,
@@ -44,7 +44,7 @@ pub enum SnapshotError {
 
 impl From<SnapshotError> for tonic::Status {
     fn from(e: SnapshotError) -> Self {
-        let msg = e.to_string();
+        let msg = kite_protocol::errors::error_chain(&e);
         match e {
             SnapshotError::NotFound { .. } => tonic::Status::not_found(msg),
             SnapshotError::AlreadyExists { .. } => tonic::Status::already_exists(msg),
@@ -107,7 +107,7 @@ pub fn disk_usage(dir: &Path) -> std::io::Result<(i64, i64)> {
                 continue;
             }
             inodes += 1;
-            bytes += (md.blocks() * 512) as i64;
+            bytes += i64::try_from(md.blocks() * 512).unwrap_or(i64::MAX);
             if md.is_dir() {
                 stack.push(entry.path());
             }
@@ -155,7 +155,7 @@ impl OverlaySnapshotter {
         let served: std::collections::HashSet<PathBuf> = match lazy.mounted().await {
             Ok(m) => m.into_iter().collect(),
             Err(e) => {
-                error!(error = %e, "cannot reach kite-lazyfs; lazy layers are not mounted");
+                error!(error = %kite_protocol::errors::error_chain(&e), "cannot reach kite-lazyfs; lazy layers are not mounted");
                 return;
             }
         };
@@ -172,7 +172,7 @@ impl OverlaySnapshotter {
                 continue;
             }
             if let Err(e) = lazy.mount(&src, &fs).await {
-                error!(snapshot = %key, error = %e, "cannot mount a lazy layer again");
+                error!(snapshot = %key, error = %kite_protocol::errors::error_chain(&e), "cannot mount a lazy layer again");
             }
         }
     }
@@ -216,7 +216,7 @@ impl OverlaySnapshotter {
         let usage = match lazy.prepare(src).await {
             Ok(u) => u,
             Err(e) => {
-                warn!(layer = %src.layer_digest, error = %e, "not mounting lazily; unpacking");
+                warn!(layer = %src.layer_digest, error = %kite_protocol::errors::error_chain(&e), "not mounting lazily; unpacking");
                 return Ok(false);
             }
         };
@@ -242,16 +242,16 @@ impl OverlaySnapshotter {
             .try_for_each(|d| std::fs::create_dir_all(dir.join(d)));
         let mounted = match made {
             Ok(()) => lazy.mount(src, &dir.join("fs")).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(crate::remote::BackendError::layer_io(e)),
         };
         if let Err(e) = mounted {
-            warn!(layer = %src.layer_digest, error = %e, "lazy mount failed; unpacking");
+            warn!(layer = %src.layer_digest, error = %kite_protocol::errors::error_chain(&e), "lazy mount failed; unpacking");
             let _ = store.remove(target);
             let _ = std::fs::remove_dir_all(&dir);
             return Ok(false);
         }
         s.remote = Some(src.clone());
-        s.size = usage.size as i64;
+        s.size = i64::try_from(usage.size).unwrap_or(i64::MAX);
         s.inodes = usage.inodes;
         if let Err(e) = store.replace(target, target, s) {
             // Unrecorded, the mount would never be released.
@@ -566,7 +566,7 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
                 if let Err(e) = lazy.unmount(&dir.join("fs")).await {
                     // kite-lazyfs unreachable: detach the mount here, so the directory's
                     // removal below never walks into a FUSE mount.
-                    warn!(snapshot = %key, "unmount the lazy layer: {e}");
+                    warn!(snapshot = %key, error = %kite_protocol::errors::error_chain(&e), "unmount the lazy layer");
                     let _ = crate::lazy_fs::unmount(&dir.join("fs"));
                 }
             }

@@ -4,60 +4,42 @@
 //! container's first reads hit the cache). The node agent calls it when a pod is bound to the
 //! node.
 //!
-//! Wire format, on a unix socket (`prefetch_socket`): the client sends one JSON line
-//! `{"image": "<reference>"}`; the server answers with JSON lines of [`Progress`] as the fetch
-//! goes on, the last one with `state` `done` or `failed`. Requests for an image whose prefetch is
-//! under way join it (one fetch, every requester sees its progress); a finished prefetch is
-//! forgotten, so asking again checks again (cheaply: TOCs and chunks are already local).
+//! Wire format: ttrpc on a unix socket (`prefetch_socket`), service `kite.prefetch.v1.Prefetch`
+//! (`protocol/proto/prefetch.proto`): one request with the image reference, a stream of
+//! [`PrefetchProgress`] as the fetch goes on, the last one DONE or FAILED. Clients use
+//! `kite_protocol::prefetch_client`. Requests for an image whose prefetch is under way join it
+//! (one fetch, every requester sees its progress); a finished prefetch is forgotten, so asking
+//! again checks again (cheaply: TOCs and chunks are already local).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use kite_protocol::errors::error_chain;
+use kite_protocol::prefetch::{PrefetchProgress, PrefetchRequest, PrefetchState};
+use kite_protocol::prefetch_client::{is_final, state_name};
+use kite_protocol::prefetch_ttrpc;
+use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
+use ttrpc::r#async::{ServerStreamSender, TtrpcContext};
 
 use crate::estargz::TOC_DIGEST_ANNOTATION;
 use crate::lazy_layer::LayerSource;
 use crate::registry::ImageRef;
 use crate::remote::LazyLayers;
 
-#[derive(Debug, Deserialize, Serialize)]
-pub struct Request {
-    pub image: String,
-}
+/// Why a prefetch failed: the registry, a TOC, a chunk (the requester reads the whole chain).
+type Failure = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-pub struct Progress {
-    pub image: String,
-    /// `resolving`, `fetching`, `done` or `failed`.
-    pub state: String,
-    /// Whether this request joined a prefetch already under way.
-    #[serde(default)]
-    pub joined: bool,
-    pub layers: usize,
-    /// Layers that are eStargz (the others are unpacked by containerd at pull time).
-    pub lazy_layers: usize,
-    pub layers_done: usize,
-    /// Bytes of prioritized file data now cached.
-    pub prefetched_bytes: u64,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
-}
-
-impl Progress {
-    pub fn finished(&self) -> bool {
-        self.state == "done" || self.state == "failed"
-    }
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Prefetches under way, by image reference.
 pub struct Prefetcher {
     lazy: Arc<LazyLayers>,
-    jobs: Mutex<HashMap<String, watch::Receiver<Progress>>>,
+    jobs: Mutex<HashMap<String, watch::Receiver<PrefetchProgress>>>,
 }
 
 impl Prefetcher {
@@ -70,14 +52,14 @@ impl Prefetcher {
 
     /// Starts prefetching `image`, or joins the prefetch of it under way. Returns its progress
     /// and whether it was joined.
-    pub fn start(self: &Arc<Self>, image: &str) -> (watch::Receiver<Progress>, bool) {
+    pub fn start(self: &Arc<Self>, image: &str) -> (watch::Receiver<PrefetchProgress>, bool) {
         let mut jobs = self.jobs.lock().expect("jobs lock");
         if let Some(rx) = jobs.get(image) {
             return (rx.clone(), true);
         }
-        let (tx, rx) = watch::channel(Progress {
+        let (tx, rx) = watch::channel(PrefetchProgress {
             image: image.to_string(),
-            state: "resolving".into(),
+            state: PrefetchState::RESOLVING.into(),
             ..Default::default()
         });
         jobs.insert(image.to_string(), rx.clone());
@@ -87,28 +69,23 @@ impl Prefetcher {
         tokio::spawn(async move {
             let result = me.run(&image, &tx).await;
             tx.send_modify(|p| match result {
-                Ok(()) => p.state = "done".into(),
+                Ok(()) => p.state = PrefetchState::DONE.into(),
                 Err(e) => {
-                    p.state = "failed".into();
-                    p.error = e;
+                    p.state = PrefetchState::FAILED.into();
+                    p.error = error_chain(&*e);
                 }
             });
             me.jobs.lock().expect("jobs lock").remove(&image);
             let p = tx.borrow().clone();
-            info!(image = %p.image, state = %p.state, lazy_layers = p.lazy_layers,
+            info!(image = %p.image, state = state_name(&p), lazy_layers = p.lazy_layers,
                   bytes = p.prefetched_bytes, error = %p.error, "prefetch finished");
         });
         (rx, false)
     }
 
-    async fn run(&self, image: &str, tx: &watch::Sender<Progress>) -> Result<(), String> {
-        let reference = ImageRef::parse(image).map_err(|e| e.to_string())?;
-        let resolved = self
-            .lazy
-            .registry()
-            .resolve(&reference)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn run(&self, image: &str, tx: &watch::Sender<PrefetchProgress>) -> Result<(), Failure> {
+        let reference = ImageRef::parse(image)?;
+        let resolved = self.lazy.registry().resolve(&reference).await?;
         let layers: Vec<LayerSource> = resolved
             .manifest
             .layers
@@ -122,21 +99,17 @@ impl Prefetcher {
             })
             .collect();
         tx.send_modify(|p| {
-            p.state = "fetching".into();
-            p.layers = resolved.manifest.layers.len();
-            p.lazy_layers = layers.len();
+            p.state = PrefetchState::FETCHING.into();
+            p.layers = count(resolved.manifest.layers.len());
+            p.lazy_layers = count(layers.len());
         });
         // Layers one by one: the first layers hold what starts first, and a node's link is
         // better used by one stream of requests than by many competing ones.
         for src in layers {
-            let index = self
-                .lazy
-                .load_index(&src)
-                .await
-                .map_err(|e| e.to_string())?;
-            let reader = self.lazy.reader(&src, index).map_err(|e| e.to_string())?;
+            let index = self.lazy.load_index(&src).await?;
+            let reader = self.lazy.reader(&src, index)?;
             let chunks = reader.prefetch_chunks();
-            reader.ensure(&chunks).await.map_err(|e| e.to_string())?;
+            reader.ensure(&chunks).await?;
             let bytes: u64 = chunks.iter().map(|c| c.size).sum();
             tx.send_modify(|p| {
                 p.layers_done += 1;
@@ -147,108 +120,66 @@ impl Prefetcher {
     }
 }
 
-/// Serves the prefetch API on `listener` until the task is dropped.
-pub async fn serve(listener: UnixListener, prefetcher: Arc<Prefetcher>) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let prefetcher = prefetcher.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(conn, prefetcher).await {
-                warn!("prefetch API: {e}");
-            }
-        });
-    }
+/// The ttrpc service over a [`Prefetcher`].
+struct PrefetchService {
+    prefetcher: Arc<Prefetcher>,
 }
 
-async fn answer(conn: UnixStream, prefetcher: Arc<Prefetcher>) -> std::io::Result<()> {
-    let (read, mut write) = conn.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let send = |p: &Progress| {
-        let mut s = serde_json::to_string(p).expect("progress serializes");
-        s.push('\n');
-        s
-    };
-    let request: Request = match serde_json::from_str(line.trim()) {
-        Ok(r) => r,
-        Err(e) => {
-            let p = Progress {
-                state: "failed".into(),
-                error: format!(
-                    "bad request {:?}: {e} (want {{\"image\": \"REF\"}})",
-                    line.trim()
-                ),
-                ..Default::default()
-            };
-            return write.write_all(send(&p).as_bytes()).await;
-        }
-    };
-    if let Err(e) = ImageRef::parse(&request.image) {
-        let p = Progress {
-            image: request.image.clone(),
-            state: "failed".into(),
-            error: e.to_string(),
-            ..Default::default()
-        };
-        return write.write_all(send(&p).as_bytes()).await;
-    }
-    let (mut rx, joined) = prefetcher.start(&request.image);
-    loop {
-        let p = Progress {
-            joined,
-            ..rx.borrow_and_update().clone()
-        };
-        write.write_all(send(&p).as_bytes()).await?;
-        if p.finished() {
-            return Ok(());
-        }
-        if rx.changed().await.is_err() {
-            // The job ended between our reads: its last state is final.
-            let p = Progress {
-                joined,
-                ..rx.borrow().clone()
-            };
-            if !p.finished() {
-                write.write_all(send(&p).as_bytes()).await?;
-            }
-            return Ok(());
-        }
-    }
-}
-
-/// The client side (`kite-snapshotter prefetch IMAGE`): sends the request and hands each
-/// progress line to `each` until the last.
-pub async fn request(
-    socket: &std::path::Path,
-    image: &str,
-    mut each: impl FnMut(&Progress),
-) -> std::io::Result<Progress> {
-    let conn = UnixStream::connect(socket).await?;
-    let (read, mut write) = conn.into_split();
-    let mut req = serde_json::to_string(&Request {
+fn failed(image: &str, error: String) -> PrefetchProgress {
+    PrefetchProgress {
         image: image.to_string(),
-    })
-    .expect("request serializes");
-    req.push('\n');
-    write.write_all(req.as_bytes()).await?;
-    let mut lines = BufReader::new(read).lines();
-    let mut last = None;
-    while let Some(line) = lines.next_line().await? {
-        let p: Progress = serde_json::from_str(&line)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        each(&p);
-        let done = p.finished();
-        last = Some(p);
-        if done {
-            break;
+        state: PrefetchState::FAILED.into(),
+        error,
+        ..Default::default()
+    }
+}
+
+#[async_trait::async_trait]
+impl prefetch_ttrpc::Prefetch for PrefetchService {
+    async fn prefetch(
+        &self,
+        _ctx: &TtrpcContext,
+        request: PrefetchRequest,
+        sink: ServerStreamSender<PrefetchProgress>,
+    ) -> ttrpc::Result<()> {
+        if let Err(e) = ImageRef::parse(&request.image) {
+            return sink.send(&failed(&request.image, error_chain(&e))).await;
+        }
+        let (mut rx, joined) = self.prefetcher.start(&request.image);
+        loop {
+            let progress = PrefetchProgress {
+                joined,
+                ..rx.borrow_and_update().clone()
+            };
+            sink.send(&progress).await?;
+            if is_final(&progress) {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                // The job ended between our reads: its last state is final.
+                let progress = PrefetchProgress {
+                    joined,
+                    ..rx.borrow().clone()
+                };
+                if is_final(&progress) {
+                    return sink.send(&progress).await;
+                }
+                let lost = "the prefetch ended without a result".to_string();
+                return sink.send(&failed(&request.image, lost)).await;
+            }
         }
     }
-    last.ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the prefetch API closed without an answer",
-        )
-    })
+}
+
+/// Serves the prefetch API on `listener` (bound by the caller, see
+/// [`crate::daemon::listen_unix`]); the server runs until it is dropped or shut down.
+pub async fn serve(
+    listener: UnixListener,
+    prefetcher: Arc<Prefetcher>,
+) -> Result<ttrpc::r#async::Server, ttrpc::Error> {
+    crate::daemon::serve_ttrpc(
+        listener,
+        prefetch_ttrpc::create_prefetch(Arc::new(PrefetchService { prefetcher })),
+    )
+    .await
 }

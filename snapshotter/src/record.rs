@@ -23,7 +23,7 @@ use crate::registry::{ImageRef, RegistryClient, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("record {image}: {source}")]
+    #[error("record {image}")]
     Registry {
         image: String,
         source: RegistryError,

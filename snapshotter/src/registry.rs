@@ -31,10 +31,13 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 pub enum RegistryError {
     #[error("image reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
-    #[error("{method} {url}: {}", chain(source))]
+    /// reqwest's own message leaves out why a request failed (refused, TLS, DNS): its sources
+    /// say, and every renderer prints the chain.
+    #[error("{method} {url}")]
     Transport {
         method: Method,
         url: String,
+        #[source]
         source: reqwest::Error,
     },
     #[error("{method} {url}: HTTP {status}: {body}")]
@@ -62,22 +65,6 @@ pub enum RegistryError {
     },
     #[error("registry client: {0}")]
     Setup(String),
-}
-
-/// An error with its causes (reqwest's own message leaves out why a request failed: refused,
-/// TLS, DNS).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let next = c.to_string();
-        if !s.contains(&next) {
-            s.push_str(": ");
-            s.push_str(&next);
-        }
-        cause = c.source();
-    }
-    s
 }
 
 impl RegistryError {

@@ -23,21 +23,21 @@ pub const MAX_TOC_JSON: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error("layer {layer} of {image}: {source}")]
+    #[error("layer {layer} of {image}")]
     Registry {
         image: String,
         layer: String,
         source: Box<RegistryError>,
     },
-    #[error("layer {layer} of {image}: not eStargz or a bad TOC: {source}")]
+    #[error("layer {layer} of {image}: not eStargz or a bad TOC")]
     Estargz {
         image: String,
         layer: String,
         source: EstargzError,
     },
-    #[error("layer {layer}: {source}")]
+    #[error("layer {layer}")]
     Cache { layer: String, source: CacheError },
-    #[error("layer {layer}: {op} {path}: {source}")]
+    #[error("layer {layer}: {op} {path}")]
     Io {
         layer: String,
         op: &'static str,
@@ -261,7 +261,7 @@ impl LazyLayers {
             None => tokio::spawn(async move {
                 let first = reader.prefetch_chunks();
                 if let Err(e) = reader.ensure(&first).await {
-                    tracing::warn!(error = %e, "prefetch of the prioritized files failed");
+                    tracing::warn!(error = %kite_protocol::errors::error_chain(&e), "prefetch of the prioritized files failed");
                 }
             }),
         };
@@ -304,7 +304,7 @@ impl LayerUsage {
                     _ => 0,
                 })
                 .sum(),
-            inodes: index.inodes.len() as i64,
+            inodes: i64::try_from(index.inodes.len()).unwrap_or(i64::MAX),
         }
     }
 }
@@ -321,26 +321,70 @@ pub struct LazyStats {
     pub cache: crate::chunk_cache::CacheStats,
 }
 
+/// Why an operation on a lazy layer failed: in this process, or in `kite-lazyfs` (whose
+/// answer carries its whole chain), or because `kite-lazyfs` could not be reached or started.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Layer(Box<dyn std::error::Error + Send + Sync>),
+    #[error("unmount {path}")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kite-lazyfs at {socket}")]
+    Remote {
+        socket: PathBuf,
+        #[source]
+        source: kite_protocol::errors::RpcError,
+    },
+    #[error("start kite-lazyfs ({program})")]
+    Launch {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kite-lazyfs exited as it started: {status}")]
+    LaunchExited { status: std::process::ExitStatus },
+    #[error("kite-lazyfs did not answer on {socket} within {waited:?}")]
+    LaunchTimeout {
+        socket: PathBuf,
+        waited: std::time::Duration,
+    },
+}
+
+impl BackendError {
+    /// A local file operation for a layer that failed.
+    pub fn layer_io(e: std::io::Error) -> BackendError {
+        BackendError::Layer(Box::new(e))
+    }
+
+    fn layer(e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
+        BackendError::Layer(Box::new(e))
+    }
+}
+
 /// What the snapshots service needs of lazy layers: the in-process [`LazyLayers`], or the
 /// `kite-lazyfs` process that serves them across snapshotter restarts
-/// ([`crate::lazyfs_rpc::LazyFsClient`]). Errors are messages: they are logged, and a layer
-/// that cannot be mounted lazily is unpacked by containerd.
+/// ([`crate::lazyfs_rpc::LazyFsClient`]). A layer that cannot be mounted lazily is unpacked by
+/// containerd; the error is logged.
 #[async_trait::async_trait]
 pub trait LazyBackend: Send + Sync {
     /// Fetches, checks and saves the layer's TOC; what the layer holds.
-    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, String>;
+    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, BackendError>;
     /// Mounts the layer (its TOC saved by `prepare`) at `mountpoint`, and starts fetching it.
-    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), String>;
-    async fn unmount(&self, mountpoint: &Path) -> Result<(), String>;
+    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), BackendError>;
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), BackendError>;
     /// The mount points being served.
-    async fn mounted(&self) -> Result<Vec<PathBuf>, String>;
-    async fn stats(&self) -> Result<LazyStats, String>;
+    async fn mounted(&self) -> Result<Vec<PathBuf>, BackendError>;
+    async fn stats(&self) -> Result<LazyStats, BackendError>;
 }
 
 #[async_trait::async_trait]
 impl LazyBackend for LazyLayers {
-    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, String> {
-        let index = self.load_index(src).await.map_err(|e| e.to_string())?;
+    async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, BackendError> {
+        let index = self.load_index(src).await.map_err(BackendError::layer)?;
         let usage = LayerUsage::of(&index);
         let mut prepared = self.prepared.lock().expect("prepared lock");
         // A prepare whose mount never came (the layer was unpacked after all) is not kept
@@ -352,7 +396,7 @@ impl LazyBackend for LazyLayers {
         Ok(usage)
     }
 
-    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), String> {
+    async fn mount(&self, src: &LayerSource, mountpoint: &Path) -> Result<(), BackendError> {
         let prepared = self
             .prepared
             .lock()
@@ -360,17 +404,19 @@ impl LazyBackend for LazyLayers {
             .remove(&src.toc_digest);
         let index = match prepared {
             Some(i) => i,
-            None => self.load_index(src).await.map_err(|e| e.to_string())?,
+            None => self.load_index(src).await.map_err(BackendError::layer)?,
         };
-        LazyLayers::mount(self, src, index, mountpoint).map_err(|e| e.to_string())
+        LazyLayers::mount(self, src, index, mountpoint).map_err(BackendError::layer)
     }
 
-    async fn unmount(&self, mountpoint: &Path) -> Result<(), String> {
-        LazyLayers::unmount(self, mountpoint)
-            .map_err(|e| format!("unmount {}: {e}", mountpoint.display()))
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), BackendError> {
+        LazyLayers::unmount(self, mountpoint).map_err(|source| BackendError::Unmount {
+            path: mountpoint.to_path_buf(),
+            source,
+        })
     }
 
-    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+    async fn mounted(&self) -> Result<Vec<PathBuf>, BackendError> {
         Ok(self
             .mounts
             .lock()
@@ -380,11 +426,11 @@ impl LazyBackend for LazyLayers {
             .collect())
     }
 
-    async fn stats(&self) -> Result<LazyStats, String> {
+    async fn stats(&self) -> Result<LazyStats, BackendError> {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.stats;
         Ok(LazyStats {
-            mounted: self.mount_count() as u64,
+            mounted: u64::try_from(self.mount_count()).unwrap_or(u64::MAX),
             fetched_bytes: s.bytes.load(Relaxed),
             fetch_requests: s.requests.load(Relaxed),
             fetched_chunks: s.chunks.load(Relaxed),

@@ -46,7 +46,7 @@ struct Document {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("snapshot metadata {path}: {op}: {source}")]
+    #[error("snapshot metadata {path}: {op}")]
     Io {
         path: PathBuf,
         op: &'static str,

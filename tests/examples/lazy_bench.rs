@@ -128,10 +128,10 @@ async fn push_full_image(
     };
     add("app/start.dat", start_mib, 1);
     let mut left = total_mib.saturating_sub(start_mib);
-    let mut n = 0;
+    let mut n: u64 = 0;
     while left > 0 {
         let mib = left.min(FILE_MIB);
-        add(&format!("app/data/blob-{n:03}"), mib, 100 + n as u64);
+        add(&format!("app/data/blob-{n:03}"), mib, 100 + n);
         left -= mib;
         n += 1;
     }
@@ -230,11 +230,10 @@ async fn round(c: &mut Cri, image: &str, prefetch: bool, name: &str) -> Round {
         let image = image.to_string();
         tokio::spawn(async move {
             let socket = Path::new("/run/kite/prefetch.sock");
-            let last = kite_snapshotter::prefetch::request(socket, &image, |_| {}).await;
-            if let Ok(p) = last {
-                if p.state != "done" {
-                    eprintln!("prefetch {image}: {}", p.error);
-                }
+            match kite_protocol::prefetch_client::prefetch(socket, &image, |_| {}).await {
+                Ok(p) if !p.error.is_empty() => eprintln!("prefetch {image}: {}", p.error),
+                Ok(_) => {}
+                Err(e) => eprintln!("{}", kite_protocol::errors::error_chain(&e)),
             }
         });
     }

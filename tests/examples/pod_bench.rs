@@ -31,6 +31,8 @@ fn ms(d: Duration) -> f64 {
 fn spread(v: &[f64]) -> (f64, f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
+    // q is in 0..=1, so the index is in 0..len.
+    #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
     let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
     (at(0.5), s[0], at(0.9), s[s.len() - 1])
 }

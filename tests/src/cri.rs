@@ -1,23 +1,15 @@
-//! A CRI client that drives containerd the way a kubelet does (k8s-cri over containerd's
-//! socket): pods, containers, images, exec, stats. Used by the end-to-end tests and the pod
-//! benchmark.
+//! The end-to-end tests' CRI helpers: pods and containers as the tests make them (a kubelet's
+//! pod config, a log directory of their own), on top of [`kite_cri::CriClient`], the client the
+//! node agent uses too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::*;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
-/// The RuntimeClass handler of kite, and containerd's default one.
-pub const KITE: &str = "kite";
-pub const RUNC: &str = "runc";
+use kite_cri::api::*;
+pub use kite_cri::{CriClient, CriError, CONTAINERD_SOCKET, KITE, RUNC};
 
 pub struct Cri {
-    pub rt: RuntimeServiceClient<Channel>,
-    pub img: ImageServiceClient<Channel>,
+    pub client: CriClient,
 }
 
 /// A pod as the tests keep it: its id and the config it was run with (CreateContainer needs
@@ -35,53 +27,26 @@ impl Pod {
     }
 }
 
-pub fn status_message(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+/// A CRI error as the tests print it (its object, code and message).
+pub fn status_message(e: &CriError) -> String {
+    e.to_string()
 }
 
 impl Cri {
     pub async fn connect() -> Cri {
-        let channel = Endpoint::try_from("http://[::]:0")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(|_: Uri| async {
-                let stream = tokio::net::UnixStream::connect(CONTAINERD_SOCKET).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }))
+        let client = CriClient::connect(Path::new(CONTAINERD_SOCKET))
             .await
-            .unwrap_or_else(|e| {
-                panic!("connect to the CRI on {CONTAINERD_SOCKET}: {e} (run hack/setup.sh)")
-            });
-        Cri {
-            rt: RuntimeServiceClient::new(channel.clone()),
-            img: ImageServiceClient::new(channel),
-        }
+            .unwrap_or_else(|e| panic!("{e} (run hack/setup.sh)"));
+        Cri { client }
     }
 
-    pub async fn pull(&mut self, image: &str) -> Result<String, tonic::Status> {
-        let r = self
-            .img
-            .pull_image(PullImageRequest {
-                image: Some(ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await?;
-        Ok(r.into_inner().image_ref)
+    pub async fn pull(&mut self, image: &str) -> Result<String, CriError> {
+        self.client.pull_image(image).await
     }
 
     /// RemoveImage (containerd deletes it synchronously: its snapshots go unless in use).
-    pub async fn remove_image(&mut self, image: &str) -> Result<(), tonic::Status> {
-        self.img
-            .remove_image(RemoveImageRequest {
-                image: Some(ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map(|_| ())
+    pub async fn remove_image(&mut self, image: &str) -> Result<(), CriError> {
+        self.client.remove_image(image).await
     }
 
     /// Runs a pod named `name` with `handler` ("kite" or "runc").
@@ -90,7 +55,7 @@ impl Cri {
         name: &str,
         handler: &str,
         annotations: &[(&str, &str)],
-    ) -> Result<Pod, tonic::Status> {
+    ) -> Result<Pod, CriError> {
         self.run_pod_in(name, handler, annotations, "").await
     }
 
@@ -101,7 +66,7 @@ impl Cri {
         handler: &str,
         annotations: &[(&str, &str)],
         cgroup_parent: &str,
-    ) -> Result<Pod, tonic::Status> {
+    ) -> Result<Pod, CriError> {
         let log_dir = std::env::temp_dir()
             .join("kite-cri-logs")
             .join(format!("{name}-{}", std::process::id()));
@@ -140,15 +105,9 @@ impl Cri {
             }),
             ..Default::default()
         };
-        let r = self
-            .rt
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: handler.into(),
-            })
-            .await?;
+        let id = self.client.run_pod_sandbox(&config, handler).await?;
         Ok(Pod {
-            id: r.into_inner().pod_sandbox_id,
+            id,
             config,
             handler: handler.into(),
         })
@@ -163,7 +122,7 @@ impl Cri {
         attempt: u32,
         image: &str,
         command: &[&str],
-    ) -> Result<String, tonic::Status> {
+    ) -> Result<String, CriError> {
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.into(),
@@ -178,24 +137,13 @@ impl Cri {
             linux: Some(LinuxContainerConfig::default()),
             ..Default::default()
         };
-        let r = self
-            .rt
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.id.clone(),
-                config: Some(config),
-                sandbox_config: Some(pod.config.clone()),
-            })
-            .await?;
-        Ok(r.into_inner().container_id)
+        self.client
+            .create_container(&pod.id, &config, &pod.config)
+            .await
     }
 
-    pub async fn start(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.rt
-            .start_container(StartContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .map(|_| ())
+    pub async fn start(&mut self, id: &str) -> Result<(), CriError> {
+        self.client.start_container(id).await
     }
 
     /// Creates and starts a container; panics with the CRI's message if either fails.
@@ -210,37 +158,23 @@ impl Cri {
         let id = self
             .create_container(pod, name, attempt, image, command)
             .await
-            .unwrap_or_else(|e| panic!("create {name} in {}: {}", pod.id, status_message(&e)));
-        self.start(&id)
-            .await
-            .unwrap_or_else(|e| panic!("start {name} in {}: {}", pod.id, status_message(&e)));
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.start(&id).await.unwrap_or_else(|e| panic!("{e}"));
         id
     }
 
     pub async fn container_status(&mut self, id: &str) -> ContainerStatus {
-        self.rt
-            .container_status(ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
+        self.client
+            .container_status(id)
             .await
-            .unwrap_or_else(|e| panic!("status of {id}: {}", status_message(&e)))
-            .into_inner()
-            .status
-            .expect("container status")
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub async fn pod_status(&mut self, id: &str) -> PodSandboxStatus {
-        self.rt
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: id.into(),
-                verbose: false,
-            })
+        self.client
+            .pod_sandbox_status(id)
             .await
-            .unwrap_or_else(|e| panic!("status of pod {id}: {}", status_message(&e)))
-            .into_inner()
-            .status
-            .expect("pod status")
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub async fn pod_ip(&mut self, id: &str) -> String {
@@ -258,91 +192,43 @@ impl Cri {
         id: &str,
         cmd: &[&str],
         timeout: Duration,
-    ) -> Result<(i32, String, String), tonic::Status> {
-        let r = self
-            .rt
-            .exec_sync(ExecSyncRequest {
-                container_id: id.into(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: timeout.as_secs() as i64,
-            })
-            .await?
-            .into_inner();
-        Ok((
-            r.exit_code,
-            String::from_utf8_lossy(&r.stdout).into_owned(),
-            String::from_utf8_lossy(&r.stderr).into_owned(),
-        ))
+    ) -> Result<(i32, String, String), CriError> {
+        self.client.exec_sync(id, cmd, timeout).await
     }
 
-    pub async fn stop_container(&mut self, id: &str, timeout: i64) -> Result<(), tonic::Status> {
-        self.rt
-            .stop_container(StopContainerRequest {
-                container_id: id.into(),
-                timeout,
-            })
+    /// StopContainer with a grace period of `timeout` seconds.
+    pub async fn stop_container(&mut self, id: &str, timeout: u64) -> Result<(), CriError> {
+        self.client
+            .stop_container(id, Duration::from_secs(timeout))
             .await
-            .map(|_| ())
     }
 
-    pub async fn remove_container(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.rt
-            .remove_container(RemoveContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .map(|_| ())
+    pub async fn remove_container(&mut self, id: &str) -> Result<(), CriError> {
+        self.client.remove_container(id).await
     }
 
     /// StopPodSandbox then RemovePodSandbox, as a kubelet deletes a pod.
-    pub async fn remove_pod(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.rt
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await?;
-        self.rt
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await
-            .map(|_| ())
+    pub async fn remove_pod(&mut self, id: &str) -> Result<(), CriError> {
+        self.client.stop_pod_sandbox(id).await?;
+        self.client.remove_pod_sandbox(id).await
     }
 
     pub async fn list_containers(&mut self, pod_id: &str) -> Vec<Container> {
-        self.rt
-            .list_containers(ListContainersRequest {
-                filter: Some(ContainerFilter {
-                    pod_sandbox_id: pod_id.into(),
-                    ..Default::default()
-                }),
-            })
+        self.client
+            .list_containers(pod_id)
             .await
-            .unwrap_or_else(|e| panic!("list containers of {pod_id}: {}", status_message(&e)))
-            .into_inner()
-            .containers
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub async fn container_stats(&mut self, id: &str) -> ContainerStats {
-        self.rt
-            .container_stats(ContainerStatsRequest {
-                container_id: id.into(),
-            })
+        self.client
+            .container_stats(id)
             .await
-            .unwrap_or_else(|e| panic!("stats of {id}: {}", status_message(&e)))
-            .into_inner()
-            .stats
-            .expect("container stats")
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    pub async fn pod_stats(&mut self, id: &str) -> Result<PodSandboxStats, tonic::Status> {
-        let r = self
-            .rt
-            .pod_sandbox_stats(PodSandboxStatsRequest {
-                pod_sandbox_id: id.into(),
-            })
-            .await?;
-        Ok(r.into_inner().stats.unwrap_or_default())
+    pub async fn pod_stats(&mut self, id: &str) -> Result<PodSandboxStats, CriError> {
+        self.client.pod_sandbox_stats(id).await
     }
 
     /// Waits until the container runs (or fails with its status).
@@ -391,35 +277,37 @@ impl Drop for RemoveOnDrop {
 }
 
 /// One HTTP GET over plain TCP (no client library needed for a test server), retried until it
-/// answers or `limit` passes. Returns the body.
-pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Result<String, String> {
+/// answers or `limit` passes. Returns the body; the error says what the last attempt got.
+pub async fn http_get(addr: &str, path: &str, limit: Duration) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let start = std::time::Instant::now();
-    let mut last = String::new();
+    let mut last = std::io::Error::other("no attempt");
     while start.elapsed() < limit {
         let attempt = async {
-            let mut s = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
             s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+            s.read_to_end(&mut buf).await?;
             let text = String::from_utf8_lossy(&buf).into_owned();
             match text.split_once("\r\n\r\n") {
                 Some((head, body)) if head.contains(" 200 ") => Ok(body.to_string()),
-                _ => Err(format!("unexpected answer: {text:?}")),
+                _ => Err(std::io::Error::other(format!(
+                    "unexpected answer: {text:?}"
+                ))),
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Ok(body)) => return Ok(body),
             Ok(Err(e)) => last = e,
-            Err(_) => last = "timed out".into(),
+            Err(_) => last = std::io::Error::from(std::io::ErrorKind::TimedOut),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!("GET http://{addr}{path}: {last}"))
+    Err(std::io::Error::new(
+        last.kind(),
+        format!("GET http://{addr}{path}: {last}"),
+    ))
 }
 
 /// The network namespace a kite pod's sandbox attached (from its `network.json`).

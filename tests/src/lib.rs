@@ -250,18 +250,11 @@ pub fn snapshotter_script(action: &str) {
     assert!(st.success(), "hack/snapshotter.sh {action}");
 }
 
-/// Waits until containerd reaches the kite snapshotter again (after a restart it redials a
-/// proxy plugin with a backoff).
+/// Waits until containerd reaches the kite snapshotter again: after a restart containerd
+/// redials a proxy plugin with a backoff, and until then its calls fail with "connection
+/// refused". `hack/snapshotter.sh wait-containerd` makes a call that containerd must pass on.
 pub fn wait_snapshotter_reachable() {
-    wait_until(
-        "containerd reaches the snapshotter",
-        Duration::from_secs(30),
-        || {
-            ctr(&["snapshots", "--snapshotter", "kite", "ls"])
-                .status
-                .success()
-        },
-    );
+    snapshotter_script("wait-containerd");
 }
 
 /// A docker-registry of a test's own, serving `config` on `addr`: tests stop and start it to

@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kite_e2e::{require_setup, RegistryProcess, IMAGE};
+use kite_protocol::prefetch::{PrefetchProgress as Progress, PrefetchState};
+use kite_protocol::prefetch_client::is_final;
 use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
 use kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION;
 use kite_snapshotter::lazy_layer::LayerSource;
-use kite_snapshotter::prefetch::{Prefetcher, Progress};
+use kite_snapshotter::prefetch::Prefetcher;
 use kite_snapshotter::registry::{ImageRef, RegistryClient, RegistryOptions};
 use kite_snapshotter::remote::LazyLayers;
 
@@ -227,7 +229,8 @@ async fn outages_give_eio_never_wrong_bytes_and_bad_layers_are_refused() {
         toc_digest: format!("sha256:{}", "0".repeat(64)),
         ..src.clone()
     };
-    let e = lazy2.load_index(&lying).await.unwrap_err().to_string();
+    let e = lazy2.load_index(&lying).await.unwrap_err();
+    let e = kite_protocol::errors::error_chain(&e);
     assert!(e.contains("digest") && e.contains(&src.layer_digest), "{e}");
 
     // Prefetch: requests for an image under way join it (one fetch); with the registry down
@@ -255,14 +258,14 @@ async fn outages_give_eio_never_wrong_bytes_and_bad_layers_are_refused() {
     let (mut second, joined_second) = prefetcher.start(&prio.to_string());
     assert!(!joined_first && joined_second);
     let failed = finish(&mut first).await;
-    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.state, PrefetchState::FAILED.into());
     assert!(failed.error.contains("127.0.0.1:5077"), "{}", failed.error);
     assert_eq!(finish(&mut second).await, failed);
     assert_eq!(lazy3.stats.prefetches.load(Ordering::Relaxed), 1);
     registry.up();
     let (mut again, _) = prefetcher.start(&prio.to_string());
     let done = finish(&mut again).await;
-    assert_eq!(done.state, "done", "{}", done.error);
+    assert_eq!(done.state, PrefetchState::DONE.into(), "{}", done.error);
     assert_eq!((done.lazy_layers, done.layers_done), (1, 1));
     assert_eq!(done.prefetched_bytes, reference.len() as u64);
     assert!(lazy3.cache().stats().bytes >= reference.len() as u64);
@@ -270,7 +273,7 @@ async fn outages_give_eio_never_wrong_bytes_and_bad_layers_are_refused() {
 
 async fn finish(rx: &mut tokio::sync::watch::Receiver<Progress>) -> Progress {
     loop {
-        if rx.borrow_and_update().finished() {
+        if is_final(&rx.borrow_and_update()) {
             return rx.borrow().clone();
         }
         if rx.changed().await.is_err() {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use kite_shim::config::NetworkMode;
-use kite_shim::network::{self, Attachment};
+use kite_vmm::net::{self as network, Attachment};
 
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("run ip");

@@ -160,14 +160,17 @@ async fn https_and_basic_auth_work_and_fail_clearly() {
 
     // No credentials: the registry's Basic challenge is answered with a clear error.
     let anonymous = RegistryClient::new(options(Some(&ca), None)).unwrap();
-    let e = anonymous.resolve(&dst).await.unwrap_err().to_string();
+    let e = anonymous.resolve(&dst).await.unwrap_err();
+    let e = kite_protocol::errors::error_chain(&e);
     assert!(e.contains(HOST) && e.contains("Basic"), "{e}");
     // Wrong password: the registry refuses; the error names the URL and the status.
     let wrong = RegistryClient::new(options(Some(&ca), Some(("kite", "nope")))).unwrap();
-    let e = wrong.resolve(&dst).await.unwrap_err().to_string();
+    let e = wrong.resolve(&dst).await.unwrap_err();
+    let e = kite_protocol::errors::error_chain(&e);
     assert!(e.contains(HOST) && e.contains("401"), "{e}");
     // The CA not trusted: the TLS failure names the URL.
     let untrusting = RegistryClient::new(options(None, Some(("kite", "s3cret")))).unwrap();
-    let e = untrusting.resolve(&dst).await.unwrap_err().to_string();
+    let e = untrusting.resolve(&dst).await.unwrap_err();
+    let e = kite_protocol::errors::error_chain(&e);
     assert!(e.contains(&format!("https://{HOST}/v2/")), "{e}");
 }

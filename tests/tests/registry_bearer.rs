@@ -176,6 +176,7 @@ async fn bearer_tokens_from_the_registrys_token_service() {
     assert_eq!(&head[..], &[0x1f, 0x8b]);
 
     // No credentials: the token service refuses, and the error says where.
-    let e = client(None).resolve(&dst).await.unwrap_err().to_string();
+    let e = client(None).resolve(&dst).await.unwrap_err();
+    let e = kite_protocol::errors::error_chain(&e);
     assert!(e.contains("token service") && e.contains("401"), "{e}");
 }

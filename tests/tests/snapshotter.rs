@@ -62,12 +62,7 @@ fn images_unpack_and_run_through_the_kite_snapshotter() {
     );
 
     // A restart keeps every snapshot; containers start from them again.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/snapshotter.sh");
-    let st = std::process::Command::new(script)
-        .arg("restart")
-        .status()
-        .unwrap();
-    assert!(st.success(), "restart kite-snapshotter");
+    snapshotter_script("restart");
     wait_snapshotter_reachable();
     let relisted = ctr_ok(&["snapshots", "--snapshotter", "kite", "ls"]);
     assert_eq!(relisted, listed, "snapshots changed across a restart");

@@ -41,11 +41,8 @@ fn args() -> anyhow::Result<Option<PathBuf>> {
 }
 
 fn listen(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(path);
-    tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))
+    kite_snapshotter::daemon::listen_unix(path)
+        .with_context(|| format!("listen on {}", path.display()))
 }
 
 #[tokio::main]
@@ -66,16 +63,19 @@ async fn main() -> anyhow::Result<()> {
             .background_fetch
             .then_some(config.background_fetch_bytes_per_sec),
     ));
-    let prefetch = listen(&config.prefetch_socket)?;
-    tokio::spawn(kite_snapshotter::prefetch::serve(
-        prefetch,
-        kite_snapshotter::prefetch::Prefetcher::new(lazy.clone()),
-    ));
-    let calls = listen(&config.lazyfs_socket)?;
-    tokio::spawn(kite_snapshotter::lazyfs_rpc::serve(calls, lazy));
+    let prefetcher = kite_snapshotter::prefetch::Prefetcher::new(lazy.clone());
+    let mut prefetch =
+        kite_snapshotter::prefetch::serve(listen(&config.prefetch_socket)?, prefetcher)
+            .await
+            .context("serve the prefetch API")?;
+    let mut calls = kite_snapshotter::lazyfs_rpc::serve(listen(&config.lazyfs_socket)?, lazy)
+        .await
+        .context("serve the snapshotter's calls")?;
     info!(socket = %config.lazyfs_socket.display(), prefetch = %config.prefetch_socket.display(),
           "serving lazy layers");
     kite_snapshotter::daemon::stop_requested().await;
+    let _ = prefetch.shutdown().await;
+    let _ = calls.shutdown().await;
     let _ = std::fs::remove_file(&config.lazyfs_socket);
     let _ = std::fs::remove_file(&config.prefetch_socket);
     Ok(())

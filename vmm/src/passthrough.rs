@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 pub const VFIO_DRIVER: &str = "vfio-pci";
 
+/// Where the host's sysfs is (tests use a directory of their own).
+pub const SYSFS: &str = "/sys";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughError {
     #[error(
@@ -20,11 +23,12 @@ pub enum PassthroughError {
     NoIommuGroup { address: String },
     #[error("PCI function {address}: the vfio-pci driver is not loaded (modprobe vfio-pci)")]
     NoVfioDriver { address: String },
-    #[error("PCI function {address}: {op} {path}: {source}")]
+    #[error("PCI function {address}: {op} {path}")]
     Sysfs {
         address: String,
         op: &'static str,
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("PCI function {address}: still bound to {driver:?} after binding it to vfio-pci")]

@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("QMP {path}: {source}")]
+    #[error("QMP {path}")]
     Io {
         path: String,
         source: std::io::Error,

@@ -1,104 +1,19 @@
-//! The microVM: choosing the accelerator, QEMU's command line, and the QEMU and virtiofsd
-//! processes of a sandbox.
+//! QEMU: the agent channel, the guest kernel command line, QEMU's arguments, and its process.
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
-use tracing::warn;
 
-use crate::config::{AcceleratorChoice, ChannelChoice, MachineType, ShimConfig};
-use crate::network::{self, AttachedNic, Attachment};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accelerator {
-    Kvm,
-    Tcg,
-}
-
-impl Accelerator {
-    pub fn name(self) -> &'static str {
-        match self {
-            Accelerator::Kvm => "kvm",
-            Accelerator::Tcg => "tcg",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error("accelerator kvm was configured but {0}")]
-    NoKvm(String),
-    #[error("agent_channel vsock was configured but /dev/vhost-vsock does not exist")]
-    NoVsock,
-    #[error("sandbox {sandbox}: {what} {path} is missing (run hack/setup.sh)")]
-    Missing {
-        sandbox: String,
-        what: &'static str,
-        path: PathBuf,
-    },
-    #[error("sandbox {sandbox}: start {what}: {source}")]
-    Spawn {
-        sandbox: String,
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("sandbox {sandbox}: {what} did not come up: {reason}")]
-    NotReady {
-        sandbox: String,
-        what: &'static str,
-        reason: String,
-    },
-}
-
-/// Whether KVM can run a stock guest here: /dev/kvm opens and the CPU exposes vmx or svm.
-/// (Some hosts have a /dev/kvm that only runs PVM guests; their CPUs show neither flag.)
-pub fn kvm_usable(cpuinfo: &str) -> Result<(), String> {
-    let has_virt = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    if !has_virt {
-        return Err("the CPU exposes neither vmx nor svm".into());
-    }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .map_err(|e| format!("/dev/kvm does not open: {e}"))
-}
-
-/// The host's TSC frequency in kHz, from /proc/cpuinfo's "cpu MHz" (the kernel reports the
-/// TSC rate there on hosts without frequency scaling, which is where TCG guests run).
-pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
-pub fn choose_accelerator(choice: AcceleratorChoice) -> Result<Accelerator, VmError> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    match (choice, kvm_usable(&cpuinfo)) {
-        (AcceleratorChoice::Tcg, _) => Ok(Accelerator::Tcg),
-        (_, Ok(())) => Ok(Accelerator::Kvm),
-        (AcceleratorChoice::Kvm, Err(why)) => Err(VmError::NoKvm(why)),
-        (AcceleratorChoice::Auto, Err(why)) => {
-            warn!("KVM is not usable ({why}): using TCG software emulation, expect slow VMs");
-            Ok(Accelerator::Tcg)
-        }
-    }
-}
+use crate::accel::Accelerator;
+use crate::config::{ChannelChoice, MachineType, VmConfig};
+use crate::net::{self, AttachedNic, Attachment};
+use crate::VmError;
 
 /// The agent channel between shim and guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentChannel {
     /// A virtio-serial port; QEMU connects to the shim's unix socket at this path.
     Serial(PathBuf),
@@ -130,7 +45,7 @@ fn channel_for(
 /// Everything that decides a VM's QEMU command line.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
-    pub sandbox_id: String,
+    pub vm_id: String,
     pub accelerator: Accelerator,
     pub machine: MachineType,
     pub vcpus: u32,
@@ -169,62 +84,6 @@ impl VmSpec {
             .iter()
             .any(|n| matches!(n.attachment, Attachment::Vfio { .. }))
     }
-}
-
-/// The CRI puts the pod's total limits on its sandbox container as these annotations
-/// (containerd ≥ 1.6 with a kubelet that sends pod resources).
-pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
-pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
-pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
-/// Pod annotations that set the VM's size outright (`io.kite.*` reach the shim).
-pub const KITE_VCPUS: &str = "io.kite.vcpus";
-pub const KITE_MEMORY_MIB: &str = "io.kite.memory_mib";
-
-/// Sizes the VM: the configured base plus the pod's limits — the CRI's sandbox annotations
-/// when present, the container's OCI limits otherwise (CPU quota rounded up to whole vCPUs,
-/// memory in MiB rounded up) — unless the pod names a size (`io.kite.vcpus`,
-/// `io.kite.memory_mib`); capped by the configured maximum.
-pub fn size_for(config: &ShimConfig, spec: Option<&oci_spec::runtime::Spec>) -> (u32, u64) {
-    let annotation = |key: &str| -> Option<i64> {
-        spec.and_then(|s| s.annotations().as_ref())
-            .and_then(|a| a.get(key))
-            .and_then(|v| v.trim().parse().ok())
-    };
-    let resources = spec
-        .and_then(|s| s.linux().as_ref())
-        .and_then(|l| l.resources().as_ref());
-    let cpu = resources.and_then(|r| r.cpu().as_ref());
-    let quota = annotation(SANDBOX_CPU_QUOTA).or_else(|| cpu.and_then(|c| c.quota()));
-    let period = annotation(SANDBOX_CPU_PERIOD)
-        .map(|p| p as u64)
-        .or_else(|| cpu.and_then(|c| c.period()));
-    let extra_vcpus = match (quota, period) {
-        (Some(quota), Some(period)) if quota > 0 && period > 0 => {
-            (quota as u64).div_ceil(period) as u32
-        }
-        _ => 0,
-    };
-    let extra_mib = annotation(SANDBOX_MEMORY)
-        .or_else(|| {
-            resources
-                .and_then(|r| r.memory().as_ref())
-                .and_then(|m| m.limit())
-        })
-        .filter(|l| *l > 0)
-        .map(|l| (l as u64).div_ceil(1 << 20))
-        .unwrap_or(0);
-    let vcpus = annotation(KITE_VCPUS)
-        .filter(|v| *v > 0)
-        .map(|v| v as u32)
-        .unwrap_or(config.default_vcpus + extra_vcpus);
-    let memory = annotation(KITE_MEMORY_MIB)
-        .filter(|v| *v > 0)
-        .map(|v| v as u64)
-        .unwrap_or(config.default_memory_mib + extra_mib);
-    (
-        vcpus.min(config.max_vcpus),
-        memory.min(config.max_memory_mib),
-    )
 }
 
 /// The guest kernel command line.
@@ -296,7 +155,7 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     };
     let mut args: Vec<String> = vec![
         "-name".into(),
-        format!("kite-{}", spec.sandbox_id),
+        format!("kite-{}", spec.vm_id),
         "-machine".into(),
         format!(
             "{machine},accel={},memory-backend=mem{}",
@@ -376,7 +235,7 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
             format!("virtio-balloon-{bus_suffix},free-page-reporting=on"),
         ]);
     }
-    args.extend(network::qemu_nic_args(
+    args.extend(net::qemu_nic_args(
         &spec.nics,
         &spec.tap_fds,
         spec.machine == MachineType::Pc,
@@ -391,17 +250,14 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
 }
 
 /// Makes a child die with the shim: if the shim is killed, its VM and virtiofsd go too.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-    // async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    let hook = || {
+        nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
+            .map_err(std::io::Error::from)
+    };
+    // SAFETY: the hook runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe, and allocates nothing.
+    unsafe { cmd.pre_exec(hook) };
 }
 
 /// Lets the child inherit `fds` (the shim opens every descriptor close-on-exec, so no other
@@ -410,61 +266,23 @@ fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
     if fds.is_empty() {
         return;
     }
-    // SAFETY: the closure runs between fork and exec and only calls fcntl(2), which is
+    let hook = move || {
+        for fd in &fds {
+            nix::fcntl::fcntl(
+                *fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and only calls fcntl(2), which is
     // async-signal-safe, on descriptors the parent keeps open until the spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in &fds {
-                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    unsafe { cmd.pre_exec(hook) };
 }
 
-pub fn spawn_virtiofsd(
-    config: &ShimConfig,
-    sandbox: &str,
-    socket: &Path,
-    shared_dir: &Path,
-    log: &Path,
-) -> Result<Child, VmError> {
-    if !config.virtiofsd_path.exists() {
-        return Err(VmError::Missing {
-            sandbox: sandbox.into(),
-            what: "virtiofsd",
-            path: config.virtiofsd_path.clone(),
-        });
-    }
-    let log_file = std::fs::File::create(log).map_err(|source| VmError::Spawn {
-        sandbox: sandbox.into(),
-        what: "virtiofsd (log file)",
-        source,
-    })?;
-    let mut cmd = Command::new(&config.virtiofsd_path);
-    cmd.arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", shared_dir.display()))
-        .args([
-            "--cache=auto",
-            "--sandbox=namespace",
-            "--announce-submounts",
-        ])
-        .arg("--xattr")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true);
-    die_with_parent(&mut cmd);
-    cmd.spawn().map_err(|source| VmError::Spawn {
-        sandbox: sandbox.into(),
-        what: "virtiofsd",
-        source,
-    })
-}
-
-pub fn spawn_qemu(config: &ShimConfig, spec: &VmSpec) -> Result<Child, VmError> {
+/// Starts QEMU for `spec` (stderr piped: it says why QEMU exits at boot).
+pub fn spawn(config: &VmConfig, spec: &VmSpec) -> Result<Child, VmError> {
     for (what, path) in [
         ("QEMU", &config.qemu_path),
         ("guest kernel", &spec.kernel),
@@ -472,7 +290,7 @@ pub fn spawn_qemu(config: &ShimConfig, spec: &VmSpec) -> Result<Child, VmError> 
     ] {
         if !path.exists() {
             return Err(VmError::Missing {
-                sandbox: spec.sandbox_id.clone(),
+                vm: spec.vm_id.clone(),
                 what,
                 path: path.clone(),
             });
@@ -487,7 +305,7 @@ pub fn spawn_qemu(config: &ShimConfig, spec: &VmSpec) -> Result<Child, VmError> 
     die_with_parent(&mut cmd);
     inherit_fds(&mut cmd, spec.tap_fds.clone());
     cmd.spawn().map_err(|source| VmError::Spawn {
-        sandbox: spec.sandbox_id.clone(),
+        vm: spec.vm_id.clone(),
         what: "QEMU",
         source,
     })
@@ -496,13 +314,10 @@ pub fn spawn_qemu(config: &ShimConfig, spec: &VmSpec) -> Result<Child, VmError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_spec::runtime::{
-        LinuxBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResourcesBuilder, SpecBuilder,
-    };
 
     fn spec(accel: Accelerator, machine: MachineType, channel: AgentChannel) -> VmSpec {
         VmSpec {
-            sandbox_id: "sb1".into(),
+            vm_id: "sb1".into(),
             accelerator: accel,
             machine,
             vcpus: 2,
@@ -537,19 +352,6 @@ mod tests {
             channel_for(ChannelChoice::Vsock, false, 7),
             Err(VmError::NoVsock)
         ));
-    }
-
-    #[test]
-    fn tsc_frequency_comes_from_cpuinfo() {
-        let cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2445.406\nflags\t: fpu\n";
-        assert_eq!(host_tsc_khz(cpuinfo), Some(2_445_406));
-        assert_eq!(host_tsc_khz("processor : 0\n"), None);
-    }
-
-    #[test]
-    fn kvm_needs_vmx_or_svm() {
-        let err = kvm_usable("flags\t: fpu vme sse2 hypervisor\n").unwrap_err();
-        assert!(err.contains("vmx"), "{err}");
     }
 
     #[test]
@@ -589,70 +391,5 @@ mod tests {
         assert!(!cmdline.contains("lpj=") && !cmdline.contains("tsc_early_khz"));
         assert!(cmdline.contains("kite.channel=vsock"));
         assert!(cmdline.contains("kite.modules=core,pci,console,fs,vsock,balloon"));
-    }
-
-    #[test]
-    fn vm_is_sized_from_the_oci_limits() {
-        let config = ShimConfig::default();
-        assert_eq!(size_for(&config, None), (1, 256));
-        let oci = SpecBuilder::default()
-            .linux(
-                LinuxBuilder::default()
-                    .resources(
-                        LinuxResourcesBuilder::default()
-                            .cpu(
-                                LinuxCpuBuilder::default()
-                                    .quota(150_000i64)
-                                    .period(100_000u64)
-                                    .build()
-                                    .unwrap(),
-                            )
-                            .memory(
-                                LinuxMemoryBuilder::default()
-                                    .limit(100 * 1024 * 1024 + 1)
-                                    .build()
-                                    .unwrap(),
-                            )
-                            .build()
-                            .unwrap(),
-                    )
-                    .build()
-                    .unwrap(),
-            )
-            .build()
-            .unwrap();
-        assert_eq!(size_for(&config, Some(&oci)), (3, 256 + 101));
-        let small = ShimConfig {
-            max_vcpus: 2,
-            max_memory_mib: 300,
-            ..ShimConfig::default()
-        };
-        assert_eq!(size_for(&small, Some(&oci)), (2, 300));
-    }
-
-    #[test]
-    fn pod_annotations_size_the_vm() {
-        let config = ShimConfig::default();
-        let spec = |pairs: &[(&str, &str)]| {
-            let a: std::collections::HashMap<String, String> = pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            SpecBuilder::default().annotations(a).build().unwrap()
-        };
-        let cri = spec(&[
-            (SANDBOX_CPU_QUOTA, "250000"),
-            (SANDBOX_CPU_PERIOD, "100000"),
-            (SANDBOX_MEMORY, "134217728"),
-        ]);
-        assert_eq!(size_for(&config, Some(&cri)), (4, 256 + 128));
-        let named = spec(&[
-            (KITE_VCPUS, "2"),
-            (KITE_MEMORY_MIB, "1024"),
-            (SANDBOX_MEMORY, "1"),
-        ]);
-        assert_eq!(size_for(&config, Some(&named)), (2, 1024));
-        let bad = spec(&[(KITE_VCPUS, "x"), (SANDBOX_MEMORY, "-1")]);
-        assert_eq!(size_for(&config, Some(&bad)), (1, 256));
     }
 }
