@@ -1,7 +1,7 @@
 //! `kite-snapshotter convert SRC DST`: an image to eStargz, registry to registry.
 //!
 //! Each layer is fetched (and checked against its digest), decompressed, converted
-//! ([`crate::estargz_writer::convert`]) and pushed; the config gets the new layers' diff ids,
+//! ([`kite_estargz::writer::convert`]) and pushed; the config gets the new layers' diff ids,
 //! the manifest (OCI) the new layers with their TOC digest annotations. The result is still an
 //! ordinary gzip'd-tar image: any runtime and snapshotter can run it.
 
@@ -12,11 +12,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use crate::estargz::{EstargzError, TOC_DIGEST_ANNOTATION};
-use crate::estargz_writer;
 use crate::registry::{
     Descriptor, ImageRef, Manifest, RegistryClient, RegistryError, OCI_LAYER_GZIP, OCI_MANIFEST,
 };
+use kite_estargz::writer;
+use kite_estargz::{EstargzError, TOC_DIGEST_ANNOTATION};
 
 /// The annotation eStargz tools put on a layer: the size of its uncompressed tar.
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
@@ -132,12 +132,7 @@ pub async fn convert_image(
         let mut out = Vec::with_capacity(blob.len() + blob.len() / 8);
         let options = options.clone();
         let (converted, out) = tokio::task::spawn_blocking(move || {
-            let c = estargz_writer::convert(
-                &tar[..],
-                &mut out,
-                options.chunk_size,
-                &options.prioritized,
-            );
+            let c = writer::convert(&tar[..], &mut out, options.chunk_size, &options.prioritized);
             (c, out)
         })
         .await

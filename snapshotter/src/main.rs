@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use kite_snapshotter::config::SnapshotterConfig;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
-use kite_snapshotter::lazyfs_rpc::{Launch, LazyFsClient};
-use kite_snapshotter::overlay::OverlaySnapshotter;
+use kite_snapshotter::lazy::remote::LazyBackend;
+use kite_snapshotter::lazy::rpc::{Launch, LazyFsClient};
 use kite_snapshotter::record::RecordOptions;
 use kite_snapshotter::registry::{ImageRef, RegistryClient};
-use kite_snapshotter::remote::LazyBackend;
+use kite_snapshotter::snapshots::service::OverlaySnapshotter;
 use tracing::{error, info};
 
 const HELP: &str = "\
@@ -120,7 +120,7 @@ fn args() -> anyhow::Result<(Option<PathBuf>, Command)> {
             other => positional.push(other.to_string()),
         }
     }
-    let max = kite_snapshotter::estargz::MAX_CHUNK_SIZE;
+    let max = kite_estargz::MAX_CHUNK_SIZE;
     if options.chunk_size == 0 || options.chunk_size > max {
         anyhow::bail!("--chunk-size must be 1..={max} bytes (lazy reads verify a chunk in memory)");
     }
@@ -184,7 +184,7 @@ async fn convert(
             l.digest,
             l.size,
             l.annotations
-                .get(kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION)
+                .get(kite_estargz::TOC_DIGEST_ANNOTATION)
                 .map_or("-", String::as_str)
         );
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
-use crate::overlay::OverlaySnapshotter;
+use crate::snapshots::service::OverlaySnapshotter;
 
 /// Renders the metrics text.
 pub async fn render(sn: &OverlaySnapshotter) -> String {

@@ -78,7 +78,7 @@ fn apply_layer(root: &Path, tar_bytes: &[u8]) -> std::io::Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let parent = crate::estargz::clean_path(
+        let parent = kite_estargz::clean_path(
             &path
                 .parent()
                 .map(|p| p.to_string_lossy().into_owned())
@@ -102,7 +102,7 @@ fn apply_layer(root: &Path, tar_bytes: &[u8]) -> std::io::Result<()> {
         // unpack_in refuses names and links that would leave `root`.
         entry.unpack_in(root)?;
         let mut at = root.to_path_buf();
-        for part in crate::estargz::clean_path(&path.to_string_lossy()).split('/') {
+        for part in kite_estargz::clean_path(&path.to_string_lossy()).split('/') {
             at.push(part);
             written.insert(at.clone());
         }

@@ -114,6 +114,15 @@ fn processes() -> Vec<(u32, u32, String)> {
     out
 }
 
+/// The shim's record of a kite pod's sandbox start (`timings_file`): its JSON line.
+fn sandbox_record(pod_id: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string("/run/kite/timings.jsonl").ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["container"] == pod_id)
+}
+
 /// PSS (MiB) of what a pod costs the host: the pod's shim and every process under it (runc:
 /// pause and the container; kite: QEMU and virtiofsd).
 fn pod_pss_mib(pod_id: &str) -> f64 {
@@ -207,6 +216,24 @@ async fn main() {
         let _ = c.remove_pod(&pod.id).await;
     }
 
+    // The stages of each kite pod's sandbox start, from the shim's structured record.
+    let stage = |key: &str| -> Vec<f64> {
+        pods.iter()
+            .filter(|(h, _)| *h == KITE)
+            .filter_map(|(_, p)| sandbox_record(&p.id)?[key].as_f64())
+            .collect()
+    };
+    let stages: Vec<(&str, Vec<f64>)> = [
+        "vm_boot_ms",
+        "guest_kernel_ms",
+        "network_attach_ms",
+        "network_guest_ms",
+        "create_ms",
+    ]
+    .iter()
+    .map(|k| (*k, stage(k)))
+    .collect();
+
     let mut throughput = Vec::new();
     for handler in [RUNC, KITE] {
         let pod = c
@@ -260,6 +287,15 @@ async fn main() {
         "  kite/runc, to first output: {:.1}x",
         med(KITE) / med(RUNC)
     );
+
+    println!("\nkite sandbox start stages (shim record), ms  median      min      p90      max");
+    for (key, v) in &stages {
+        if v.is_empty() {
+            continue;
+        }
+        let (med, min, p90, max) = spread(v);
+        println!("  {key:28} {med:8.1} {min:8.1} {p90:8.1} {max:8.1}");
+    }
 
     println!("\nhost memory per idle pod (PSS, MiB)  median      min      p90      max");
     for handler in [RUNC, KITE] {

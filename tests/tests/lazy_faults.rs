@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kite_e2e::{require_setup, RegistryProcess, IMAGE};
+use kite_estargz::TOC_DIGEST_ANNOTATION;
 use kite_protocol::prefetch::{PrefetchProgress as Progress, PrefetchState};
 use kite_protocol::prefetch_client::is_final;
-use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
-use kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION;
-use kite_snapshotter::lazy_layer::LayerSource;
-use kite_snapshotter::prefetch::Prefetcher;
+use kite_snapshotter::lazy::cache::ChunkCache;
+use kite_snapshotter::lazy::layer::LayerSource;
+use kite_snapshotter::lazy::prefetch::Prefetcher;
+use kite_snapshotter::lazy::remote::LazyLayers;
 use kite_snapshotter::registry::{ImageRef, RegistryClient, RegistryOptions};
-use kite_snapshotter::remote::LazyLayers;
 
 const PORT: u16 = 5077;
 const CHUNK: u64 = 64 << 10;
@@ -186,7 +186,7 @@ async fn outages_give_eio_never_wrong_bytes_and_bad_layers_are_refused() {
             > requests
     );
     lazy.unmount(&mnt).unwrap();
-    assert!(!kite_snapshotter::lazy_fs::is_mounted(&mnt));
+    assert!(!kite_snapshotter::lazy::fs::is_mounted(&mnt));
 
     // A layer whose data does not match its TOC: flip a byte inside busybox's second chunk
     // (the TOC, and so its digest, unchanged). Reading it is EIO, never the wrong bytes.

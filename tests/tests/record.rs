@@ -6,8 +6,8 @@
 use std::process::Command;
 
 use kite_e2e::{require_setup, IMAGE};
-use kite_snapshotter::estargz::{Index, Node};
-use kite_snapshotter::estargz_writer::read_toc;
+use kite_estargz::writer::read_toc;
+use kite_estargz::{Index, Node};
 use kite_snapshotter::registry::{ImageRef, RegistryClient, RegistryOptions};
 
 const RECORDED: &str = "127.0.0.1:5000/kite/busybox-rec:e2e";

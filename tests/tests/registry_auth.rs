@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kite_e2e::{require_setup, RegistryProcess, IMAGE};
-use kite_snapshotter::chunk_cache::ChunkCache;
+use kite_estargz::TOC_DIGEST_ANNOTATION;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
-use kite_snapshotter::estargz::TOC_DIGEST_ANNOTATION;
-use kite_snapshotter::lazy_layer::LayerSource;
+use kite_snapshotter::lazy::cache::ChunkCache;
+use kite_snapshotter::lazy::layer::LayerSource;
+use kite_snapshotter::lazy::remote::LazyLayers;
 use kite_snapshotter::registry::{Credential, ImageRef, RegistryClient, RegistryOptions};
-use kite_snapshotter::remote::LazyLayers;
 
 /// A loopback address that is not 127.0.0.1, so the client speaks HTTPS to it.
 const HOST: &str = "127.0.0.2:5079";

@@ -1,13 +1,13 @@
-//! kite-lazyfs: serves kite-snapshotter's lazy layers (see kite_snapshotter::lazyfs_rpc).
+//! kite-lazyfs: serves kite-snapshotter's lazy layers (see kite_snapshotter::lazy::rpc).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use kite_snapshotter::chunk_cache::ChunkCache;
 use kite_snapshotter::config::SnapshotterConfig;
+use kite_snapshotter::lazy::cache::ChunkCache;
+use kite_snapshotter::lazy::remote::LazyLayers;
 use kite_snapshotter::registry::RegistryClient;
-use kite_snapshotter::remote::LazyLayers;
 use tracing::info;
 
 const HELP: &str = "\
@@ -63,12 +63,12 @@ async fn main() -> anyhow::Result<()> {
             .background_fetch
             .then_some(config.background_fetch_bytes_per_sec),
     ));
-    let prefetcher = kite_snapshotter::prefetch::Prefetcher::new(lazy.clone());
+    let prefetcher = kite_snapshotter::lazy::prefetch::Prefetcher::new(lazy.clone());
     let mut prefetch =
-        kite_snapshotter::prefetch::serve(listen(&config.prefetch_socket)?, prefetcher)
+        kite_snapshotter::lazy::prefetch::serve(listen(&config.prefetch_socket)?, prefetcher)
             .await
             .context("serve the prefetch API")?;
-    let mut calls = kite_snapshotter::lazyfs_rpc::serve(listen(&config.lazyfs_socket)?, lazy)
+    let mut calls = kite_snapshotter::lazy::rpc::serve(listen(&config.lazyfs_socket)?, lazy)
         .await
         .context("serve the snapshotter's calls")?;
     info!(socket = %config.lazyfs_socket.display(), prefetch = %config.prefetch_socket.display(),

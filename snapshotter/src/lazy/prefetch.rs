@@ -24,10 +24,10 @@ use tokio::sync::watch;
 use tracing::info;
 use ttrpc::r#async::{ServerStreamSender, TtrpcContext};
 
-use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::lazy_layer::LayerSource;
+use crate::lazy::layer::LayerSource;
+use crate::lazy::remote::LazyLayers;
 use crate::registry::ImageRef;
-use crate::remote::LazyLayers;
+use kite_estargz::TOC_DIGEST_ANNOTATION;
 
 /// Why a prefetch failed: the registry, a TOC, a chunk (the requester reads the whole chain).
 type Failure = Box<dyn std::error::Error + Send + Sync>;

@@ -12,6 +12,8 @@
 //! offsets lie inside the blob's payload, and each file's chunks cover it exactly once. Later
 //! entries for the same name replace earlier ones, as a tar unpack does.
 
+pub mod writer;
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -426,6 +428,13 @@ fn inode(e: &TocEntry, node: Node) -> Inode {
     }
 }
 
+/// The hex part of a `sha256:` digest (64 lowercase hex digits), or `None` for anything else.
+/// Digests name files in the chunk cache, so nothing else may pass.
+pub fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
+}
+
 /// What is wrong with a chunk a TOC entry describes.
 #[derive(Debug, thiserror::Error)]
 pub enum BadChunk {
@@ -475,7 +484,7 @@ fn chunk_of(e: &TocEntry, file_size: u64, toc_offset: u64) -> Result<Chunk, BadC
     } else {
         e.chunk_digest.clone()
     };
-    if size > 0 && crate::chunk_cache::digest_hex(&digest).is_err() {
+    if size > 0 && digest_hex(&digest).is_none() {
         return Err(BadChunk::Digest(digest));
     }
     Ok(Chunk {
@@ -506,7 +515,7 @@ fn check_covered(inodes: &BTreeMap<String, Inode>, file: &str) -> Result<(), Est
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estargz_writer::footer;
+    use crate::writer::footer;
 
     fn toc(entries: serde_json::Value) -> Toc {
         serde_json::from_value(serde_json::json!({"version": 1, "entries": entries})).unwrap()

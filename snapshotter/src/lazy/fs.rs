@@ -23,8 +23,8 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
-use crate::estargz::{Chunk, Index, Node};
-use crate::lazy_layer::LayerReader;
+use crate::lazy::layer::LayerReader;
+use kite_estargz::{Chunk, Index, Node};
 
 /// The layer never changes: the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -487,7 +487,7 @@ pub fn is_mounted(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estargz::Toc;
+    use kite_estargz::Toc;
 
     const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 

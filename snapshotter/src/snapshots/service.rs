@@ -18,10 +18,10 @@ use containerd_snapshots::{Info, Kind as ApiKind, Usage};
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
-use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::lazy_layer::LayerSource;
-use crate::remote::LazyBackend;
-use crate::store::{Kind, Snapshot, Store, StoreError};
+use crate::lazy::layer::LayerSource;
+use crate::lazy::remote::LazyBackend;
+use crate::snapshots::store::{Kind, Snapshot, Store, StoreError};
+use kite_estargz::TOC_DIGEST_ANNOTATION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -242,7 +242,7 @@ impl OverlaySnapshotter {
             .try_for_each(|d| std::fs::create_dir_all(dir.join(d)));
         let mounted = match made {
             Ok(()) => lazy.mount(src, &dir.join("fs")).await,
-            Err(e) => Err(crate::remote::BackendError::layer_io(e)),
+            Err(e) => Err(crate::lazy::remote::BackendError::layer_io(e)),
         };
         if let Err(e) = mounted {
             warn!(layer = %src.layer_digest, error = %kite_protocol::errors::error_chain(&e), "lazy mount failed; unpacking");
@@ -354,7 +354,7 @@ impl OverlaySnapshotter {
                 .is_none_or(|id| !ids.contains(&id));
             if orphan {
                 warn!(path = %e.path().display(), "removing a snapshot directory nothing names");
-                let _ = crate::lazy_fs::unmount(&e.path().join("fs"));
+                let _ = crate::lazy::fs::unmount(&e.path().join("fs"));
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -567,7 +567,7 @@ impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
                     // kite-lazyfs unreachable: detach the mount here, so the directory's
                     // removal below never walks into a FUSE mount.
                     warn!(snapshot = %key, error = %kite_protocol::errors::error_chain(&e), "unmount the lazy layer");
-                    let _ = crate::lazy_fs::unmount(&dir.join("fs"));
+                    let _ = crate::lazy::fs::unmount(&dir.join("fs"));
                 }
             }
         }

@@ -16,7 +16,7 @@ use flate2::Compression;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::estargz::{parse_footer, EstargzError, Toc, FOOTER_SIZE, PREFETCH_LANDMARK};
+use crate::{parse_footer, EstargzError, Toc, FOOTER_SIZE, PREFETCH_LANDMARK};
 
 pub const TOC_NAME: &str = "stargz.index.json";
 
@@ -409,7 +409,7 @@ pub fn decode_toc_member(member: &[u8], max_json: u64) -> Result<(Toc, Vec<u8>),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estargz::{verify_toc_digest, Index, Node};
+    use crate::{verify_toc_digest, Index, Node};
 
     fn layer() -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

@@ -20,8 +20,8 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 use ttrpc::r#async::TtrpcContext;
 
-use crate::lazy_layer::LayerSource;
-use crate::remote::{BackendError, LayerUsage, LazyBackend, LazyLayers, LazyStats};
+use crate::lazy::layer::LayerSource;
+use crate::lazy::remote::{BackendError, LayerUsage, LazyBackend, LazyLayers, LazyStats};
 
 /// How long a started `kite-lazyfs` may take to answer.
 const LAUNCH_WAIT: Duration = Duration::from_secs(20);
@@ -68,7 +68,7 @@ fn stats_from_proto(s: &proto::LazyStats) -> LazyStats {
         fetched_chunks: s.fetched_chunks,
         fetch_errors: s.fetch_errors,
         prefetches: s.prefetches,
-        cache: crate::chunk_cache::CacheStats {
+        cache: crate::lazy::cache::CacheStats {
             bytes: s.cache_bytes,
             chunks: s.cache_chunks,
             hits: s.cache_hits,
@@ -340,7 +340,7 @@ mod tests {
             fetched_chunks: 4,
             fetch_errors: 5,
             prefetches: 6,
-            cache: crate::chunk_cache::CacheStats {
+            cache: crate::lazy::cache::CacheStats {
                 bytes: 7,
                 chunks: 8,
                 hits: 9,

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::chunk_cache::{CacheError, ChunkCache};
-use crate::estargz::{decode_chunk, Chunk, EstargzError, Index};
+use crate::lazy::cache::{CacheError, ChunkCache};
 use crate::registry::{ImageRef, RegistryClient, RegistryError};
+use kite_estargz::{decode_chunk, Chunk, EstargzError, Index};
 
 /// Most bytes one range request asks for.
 const MAX_REQUEST_BYTES: u64 = 16 << 20;

@@ -35,7 +35,7 @@ pub struct Snapshot {
     pub inodes: i64,
     /// For a lazily pulled layer: where its data comes from (it is re-mounted at start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote: Option<crate::lazy_layer::LayerSource>,
+    pub remote: Option<crate::lazy::layer::LayerSource>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -83,13 +83,7 @@ pub struct ChunkCache {
 
 /// The hex part of a `sha256:` digest, refusing anything else (it becomes a file name).
 pub fn digest_hex(digest: &str) -> Result<&str, CacheError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| CacheError::BadDigest(digest.into()))?;
-    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(CacheError::BadDigest(digest.into()));
-    }
-    Ok(hex)
+    kite_estargz::digest_hex(digest).ok_or_else(|| CacheError::BadDigest(digest.into()))
 }
 
 impl ChunkCache {

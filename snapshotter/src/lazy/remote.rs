@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 
-use crate::chunk_cache::{digest_hex, CacheError, ChunkCache};
-use crate::estargz::{parse_footer, verify_toc_digest, EstargzError, Index, FOOTER_SIZE};
-use crate::estargz_writer::decode_toc_member;
-use crate::lazy_fs::{LazyFs, LazyMount};
-use crate::lazy_layer::{FetchStats, LayerReader, LayerSource};
+use crate::lazy::cache::{digest_hex, CacheError, ChunkCache};
+use crate::lazy::fs::{LazyFs, LazyMount};
+use crate::lazy::layer::{FetchStats, LayerReader, LayerSource};
 use crate::registry::{ImageRef, RegistryClient, RegistryError};
+use kite_estargz::writer::decode_toc_member;
+use kite_estargz::{parse_footer, verify_toc_digest, EstargzError, Index, FOOTER_SIZE};
 
 /// The largest TOC JSON accepted (a decompression bomb stops here).
 pub const MAX_TOC_JSON: u64 = 64 << 20;
@@ -247,8 +247,8 @@ impl LazyLayers {
         let reader = self.reader(src, index)?;
         let rt = tokio::runtime::Handle::current();
         // A mount left by a previous run (its server gone) is replaced.
-        let _ = crate::lazy_fs::unmount(mountpoint);
-        let mount = crate::lazy_fs::mount(mountpoint, LazyFs::new(reader.clone(), rt)).map_err(
+        let _ = crate::lazy::fs::unmount(mountpoint);
+        let mount = crate::lazy::fs::mount(mountpoint, LazyFs::new(reader.clone(), rt)).map_err(
             |source| RemoteError::Io {
                 layer: src.layer_digest.clone(),
                 op: "mount",
@@ -282,7 +282,7 @@ impl LazyLayers {
         if let Some(m) = self.mounts.lock().expect("mounts lock").remove(mountpoint) {
             m.background.abort();
         }
-        crate::lazy_fs::unmount(mountpoint)
+        crate::lazy::fs::unmount(mountpoint)
     }
 }
 
@@ -300,7 +300,7 @@ impl LayerUsage {
                 .inodes
                 .values()
                 .map(|i| match i.node {
-                    crate::estargz::Node::File { size, .. } => size,
+                    kite_estargz::Node::File { size, .. } => size,
                     _ => 0,
                 })
                 .sum(),
@@ -318,7 +318,7 @@ pub struct LazyStats {
     pub fetched_chunks: u64,
     pub fetch_errors: u64,
     pub prefetches: u64,
-    pub cache: crate::chunk_cache::CacheStats,
+    pub cache: crate::lazy::cache::CacheStats,
 }
 
 /// Why an operation on a lazy layer failed: in this process, or in `kite-lazyfs` (whose
@@ -367,7 +367,7 @@ impl BackendError {
 
 /// What the snapshots service needs of lazy layers: the in-process [`LazyLayers`], or the
 /// `kite-lazyfs` process that serves them across snapshotter restarts
-/// ([`crate::lazyfs_rpc::LazyFsClient`]). A layer that cannot be mounted lazily is unpacked by
+/// ([`crate::lazy::rpc::LazyFsClient`]). A layer that cannot be mounted lazily is unpacked by
 /// containerd; the error is logged.
 #[async_trait::async_trait]
 pub trait LazyBackend: Send + Sync {

@@ -1,0 +1,4 @@
+//! The snapshots API containerd calls, and the metadata it keeps across restarts.
+
+pub mod service;
+pub mod store;
