@@ -361,13 +361,13 @@ impl TaskState {
             sandbox: sandbox_id,
             create_received: received,
             boot,
-            // A sandbox's boot counts as its first container's create.
-            create: started.elapsed()
-                + if boot.is_some() {
-                    Duration::ZERO
-                } else {
-                    boot_time
-                },
+            // The shim's work for this container: a boot this create did is reported as stages
+            // of its own (`boot`), waiting for another's boot counts.
+            create: if boot.is_some() {
+                started.elapsed().saturating_sub(boot_time)
+            } else {
+                started.elapsed()
+            },
             guest_create,
             ..StartTimings::default()
         };
