@@ -28,7 +28,8 @@ start() {
   answers && return 0
   # One still starting (it mounts lazy layers again before it listens) is given time, one going
   # away (killed a moment ago) is waited for, one that never answers is replaced.
-  for _ in $(seq 100); do
+  # (up to 30 s: at its start it may wait 20 s for kite-lazyfs, then mount layers again)
+  for _ in $(seq 300); do
     [ -n "$(alive_pids)" ] || break
     answers && return 0
     sleep 0.1

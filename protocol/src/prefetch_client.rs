@@ -106,9 +106,13 @@ async fn read_progress(
         .await
         .map_err(call)?;
     while let Some(progress) = stream.recv().await.map_err(call)? {
-        let _ = out.send(progress.clone());
         if is_final(&progress) {
+            let _ = out.send(progress.clone());
             return Ok(progress);
+        }
+        if out.send(progress).is_err() {
+            // The caller is gone: stop reading (the prefetch itself goes on in the server).
+            break;
         }
     }
     Err(PrefetchError::NoAnswer {

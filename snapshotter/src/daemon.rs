@@ -46,6 +46,19 @@ pub fn listen_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
+/// The inode of the socket at `path` (to tell this process's socket from a successor's).
+pub fn socket_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Removes the socket at `path` at exit, unless a successor has put its own there since.
+pub fn remove_socket(path: &Path, inode: Option<u64>) {
+    if inode.is_some() && socket_inode(path) == inode {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Serves ttrpc `services` on `listener` (bound with [`listen_unix`]); the server runs until it
 /// is shut down or dropped.
 pub async fn serve_ttrpc(

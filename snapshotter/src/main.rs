@@ -227,6 +227,7 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
     // Last: the socket appears when the service is about to serve (readiness is "connects").
     let listener = kite_snapshotter::daemon::listen_unix(&config.socket)
         .with_context(|| format!("listen on {}", config.socket.display()))?;
+    let socket_inode = kite_snapshotter::daemon::socket_inode(&config.socket);
     tokio::spawn(kite_snapshotter::metrics::serve(metrics, sn.clone()));
     info!(socket = %config.socket.display(), root = %config.root.display(),
           metrics = %config.metrics_address, lazy = config.lazy, "serving");
@@ -236,7 +237,7 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
         .add_service(containerd_snapshots::server(sn))
         .serve_with_incoming_shutdown(incoming, kite_snapshotter::daemon::stop_requested())
         .await;
-    let _ = std::fs::remove_file(&config.socket);
+    kite_snapshotter::daemon::remove_socket(&config.socket, socket_inode);
     served.context("serve the snapshots API")
 }
 

@@ -137,7 +137,8 @@ impl PreparedVm {
         let socket = dir.join("virtiofsd.sock");
         let log = dir.join("virtiofsd.log");
         let child = virtiofsd::spawn(config, id, &socket, &share, &log)?;
-        let virtiofsd_pid = child.id().unwrap_or_default();
+        // Only a child that was waited for has no pid.
+        let virtiofsd_pid = child.id().expect("a child just spawned has a pid");
         std::fs::write(dir.join("virtiofsd.pid"), virtiofsd_pid.to_string())
             .map_err(fs_err("record the pid in", &dir.join("virtiofsd.pid")))?;
         let (exited_tx, mut exited) = watch::channel(false);
@@ -228,7 +229,19 @@ impl PreparedVm {
         let mut child = qemu::spawn(&self.config, &spec)?;
         // QEMU holds the taps now; they go when it goes.
         drop(tap_fds);
-        let qemu_pid = child.id().unwrap_or_default();
+        let qemu_pid = child.id().expect("a child just spawned has a pid");
+        // QEMU writes its pid file itself, but only once it runs: until then a failure (the
+        // cgroup below) must still find the pid to kill.
+        let pid_file = dir.join("qemu.pid");
+        if let Err(source) = std::fs::write(&pid_file, qemu_pid.to_string()) {
+            kill_vm_processes(&dir, &[qemu_pid]);
+            return Err(VmError::Fs {
+                vm: id.clone(),
+                op: "record the pid in",
+                path: pid_file,
+                source,
+            });
+        }
         let stderr = Arc::new(Mutex::new(String::new()));
         if let Some(pipe) = child.stderr.take() {
             tokio::spawn(keep_stderr_tail(pipe, stderr.clone(), id.clone()));
@@ -382,22 +395,52 @@ impl RunningVm {
         {
             warn!(sandbox = %self.id(), "QEMU did not quit: killing it");
         }
-        kill(&[self.state.qemu_pid, self.state.virtiofsd_pid]);
+        for pid in [self.state.qemu_pid, self.state.virtiofsd_pid] {
+            kill_if_ours(&self.dir, pid);
+        }
         let _ = tokio::time::timeout(Duration::from_secs(3), exited.wait_for(|e| *e)).await;
+        // The blocking clean-up runs to its end even if this call is cancelled: the guard's
+        // second one is not needed.
+        self.guard.disarm();
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || cleanup_vm_dir(&dir)).await;
-        self.guard.disarm();
         info!(sandbox = %self.id(), "VM stopped");
     }
 }
 
-fn kill(pids: &[u32]) {
-    for pid in pids.iter().filter(|p| **p != 0) {
-        if let Ok(raw) = i32::try_from(*pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(raw),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+/// The mark of a VM's processes: their command lines name files in its directory.
+fn marker(dir: &Path) -> String {
+    format!("{}/", dir.display())
+}
+
+/// SIGKILLs `pid` if it is still one of this VM's processes (a pid may have been reused
+/// since); whether it was.
+fn kill_if_ours(dir: &Path, pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if raw == 0 || !process_mentions(raw, &marker(dir)) {
+        return false;
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(raw),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    true
+}
+
+/// SIGKILLs those of `pids` that are still this VM's processes and waits up to 2 s for each
+/// to go (blocking: not for async code).
+fn kill_vm_processes(dir: &Path, pids: &[u32]) {
+    for pid in pids {
+        if !kill_if_ours(dir, *pid) {
+            continue;
+        }
+        for _ in 0..200 {
+            if !process_mentions(i32::try_from(*pid).unwrap_or(0), &marker(dir)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -553,25 +596,12 @@ pub fn cleanup_vm_dir(dir: &Path) {
     if !dir.exists() {
         return;
     }
-    let marker = dir.display().to_string();
-    for file in ["qemu.pid", "virtiofsd.pid"] {
-        let Some(pid) = pid_from(&dir.join(file)) else {
-            continue;
-        };
-        if !process_mentions(pid, &marker) {
-            continue;
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        for _ in 0..200 {
-            if !process_mentions(pid, &marker) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    let pids: Vec<u32> = ["qemu.pid", "virtiofsd.pid"]
+        .iter()
+        .filter_map(|file| pid_from(&dir.join(file)))
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .collect();
+    kill_vm_processes(dir, &pids);
     cgroup::remove(dir);
     // With QEMU gone its taps are gone; what it leaves in the pod's namespace goes now.
     net::release(dir, Path::new(passthrough::SYSFS));

@@ -24,7 +24,7 @@ pub struct StartTimings {
     pub create_received: SystemTime,
     /// The sandbox's boot, if this create booted it.
     pub boot: Option<BootTiming>,
-    /// Create's time in the shim (a boot included).
+    /// Create's time in the shim; a boot this create did is in `boot`, not here.
     pub create: Duration,
     /// Of `create`, what the guest agent took.
     pub guest_create: Duration,

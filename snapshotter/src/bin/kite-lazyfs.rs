@@ -71,12 +71,15 @@ async fn main() -> anyhow::Result<()> {
     let mut calls = kite_snapshotter::lazy::rpc::serve(listen(&config.lazyfs_socket)?, lazy)
         .await
         .context("serve the snapshotter's calls")?;
+    let inodes = [&config.lazyfs_socket, &config.prefetch_socket]
+        .map(|p| kite_snapshotter::daemon::socket_inode(p));
     info!(socket = %config.lazyfs_socket.display(), prefetch = %config.prefetch_socket.display(),
           "serving lazy layers");
     kite_snapshotter::daemon::stop_requested().await;
     let _ = prefetch.shutdown().await;
     let _ = calls.shutdown().await;
-    let _ = std::fs::remove_file(&config.lazyfs_socket);
-    let _ = std::fs::remove_file(&config.prefetch_socket);
+    // Only our own sockets: a successor may have put its own in place already.
+    kite_snapshotter::daemon::remove_socket(&config.lazyfs_socket, inodes[0]);
+    kite_snapshotter::daemon::remove_socket(&config.prefetch_socket, inodes[1]);
     Ok(())
 }
