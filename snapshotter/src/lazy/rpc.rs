@@ -25,6 +25,11 @@ use crate::lazy::remote::{BackendError, LayerUsage, LazyBackend, LazyLayers, Laz
 
 /// How long a started `kite-lazyfs` may take to answer.
 const LAUNCH_WAIT: Duration = Duration::from_secs(20);
+/// How long a call may take: a Prepare (and a Mount without one) fetches and checks a TOC from
+/// the registry, with its retries; the others are local. A hung kite-lazyfs must not stall the
+/// snapshots service.
+const PREPARE_DEADLINE: Duration = Duration::from_secs(120);
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
 fn layer_to_proto(src: &LayerSource) -> proto::Layer {
     proto::Layer {
@@ -254,8 +259,8 @@ impl LazyFsClient {
     }
 }
 
-fn context() -> ttrpc::context::Context {
-    ttrpc::context::Context::default()
+fn context(deadline: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(deadline.as_nanos()).unwrap_or(i64::MAX))
 }
 
 #[async_trait::async_trait]
@@ -264,7 +269,7 @@ impl LazyBackend for LazyFsClient {
         let usage = self
             .connect()
             .await?
-            .prepare(context(), &layer_to_proto(src))
+            .prepare(context(PREPARE_DEADLINE), &layer_to_proto(src))
             .await
             .map_err(self.remote())?;
         Ok(LayerUsage {
@@ -281,7 +286,7 @@ impl LazyBackend for LazyFsClient {
         };
         self.connect()
             .await?
-            .mount(context(), &request)
+            .mount(context(PREPARE_DEADLINE), &request)
             .await
             .map_err(self.remote())?;
         Ok(())
@@ -294,7 +299,7 @@ impl LazyBackend for LazyFsClient {
         };
         self.connect()
             .await?
-            .unmount(context(), &request)
+            .unmount(context(CALL_DEADLINE), &request)
             .await
             .map_err(self.remote())?;
         Ok(())
@@ -304,7 +309,7 @@ impl LazyBackend for LazyFsClient {
         let mounted = self
             .connect()
             .await?
-            .mounted(context(), &proto::Empty::new())
+            .mounted(context(CALL_DEADLINE), &proto::Empty::new())
             .await
             .map_err(self.remote())?;
         Ok(mounted.mountpoints.iter().map(PathBuf::from).collect())
@@ -314,7 +319,7 @@ impl LazyBackend for LazyFsClient {
         let stats = self
             .connect()
             .await?
-            .stats(context(), &proto::Empty::new())
+            .stats(context(CALL_DEADLINE), &proto::Empty::new())
             .await
             .map_err(self.remote())?;
         Ok(stats_from_proto(&stats))

@@ -3,11 +3,10 @@
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use futures::TryStreamExt;
 use nix::sched::CloneFlags;
 use rtnetlink::Handle;
 
-use super::netns::{io, netlink, Link};
+use super::netns::{index_of, io, netlink, Link};
 use super::tap::set_vnet_hdr;
 use super::NetnsError;
 
@@ -33,19 +32,11 @@ pub(super) async fn open(
         .execute()
         .await
         .map_err(netlink("create"))?;
-    let index = h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
+    let index = index_of(h, name)
         .await
-        .map_err(netlink("find"))?
         .ok_or_else(|| NetnsError::Vanished {
             interface: name.to_string(),
-        })?
-        .header
-        .index;
+        })?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(|e| io("unshare mounts")(e.into()))?;
     let none: Option<&str> = None;
     nix::mount::mount(
