@@ -126,6 +126,15 @@ pub mod errors {
     }
 }
 
+/// A ttrpc context for a call to any kite protocol, with a deadline (`None`: wait as long as
+/// it takes).
+pub fn rpc_context(timeout: Option<std::time::Duration>) -> ttrpc::context::Context {
+    match timeout {
+        Some(t) => ttrpc::context::with_timeout(i64::try_from(t.as_nanos()).unwrap_or(i64::MAX)),
+        None => ttrpc::context::Context::default(),
+    }
+}
+
 /// Name of the virtio-serial port that carries the agent channel (guest: /dev/virtio-ports/NAME).
 pub const SERIAL_PORT_NAME: &str = "kite.agent";
 

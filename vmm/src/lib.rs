@@ -33,6 +33,8 @@ pub mod virtiofsd;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use kite_protocol::rpc_context;
+
 pub use accel::Accelerator;
 pub use config::{AcceleratorChoice, ChannelChoice, MachineType, NetworkMode, VmConfig, VmSize};
 pub use machine::{cleanup_vm_dir, PreparedVm, RunningVm, VmState, VmTiming};
@@ -87,6 +89,23 @@ pub enum VmError {
     },
 }
 
+impl VmError {
+    /// A file operation `op` on `path` for VM `vm` that failed.
+    pub fn fs(
+        vm: &str,
+        op: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> VmError {
+        let (vm, path) = (vm.to_string(), path.to_path_buf());
+        move |source| VmError::Fs {
+            vm,
+            op,
+            path,
+            source,
+        }
+    }
+}
+
 /// Why a VM's guest agent never answered.
 #[derive(Debug, thiserror::Error)]
 pub enum BootFailure {
@@ -107,12 +126,4 @@ pub enum BootFailure {
     Socket(#[source] std::io::Error),
     #[error("guest agent")]
     Agent(#[source] ttrpc::Error),
-}
-
-/// A ttrpc context with a deadline (`None`: wait as long as it takes).
-pub fn rpc_context(timeout: Option<Duration>) -> ttrpc::context::Context {
-    match timeout {
-        Some(t) => ttrpc::context::with_timeout(i64::try_from(t.as_nanos()).unwrap_or(i64::MAX)),
-        None => ttrpc::context::Context::default(),
-    }
 }

@@ -103,15 +103,7 @@ impl PreparedVm {
     /// Makes `dir` (with `share/`, a shared mount so that what is mounted into it later reaches
     /// virtiofsd's own mount namespace) and starts virtiofsd on the share.
     pub async fn prepare(config: &VmConfig, id: &str, dir: &Path) -> Result<PreparedVm, VmError> {
-        let fs_err = |op, path: &Path| {
-            let (vm, path) = (id.to_string(), path.to_path_buf());
-            move |source| VmError::Fs {
-                vm,
-                op,
-                path,
-                source,
-            }
-        };
+        let fs_err = |op, path: &Path| VmError::fs(id, op, path);
         let accelerator = accel::choose_accelerator(config.accelerator)?;
         let share = dir.join("share");
         std::fs::create_dir_all(&share).map_err(fs_err("create", &share))?;
@@ -190,14 +182,8 @@ impl PreparedVm {
         let agent_socket = dir.join("agent.sock");
         let (channel, listener) = match channel {
             AgentChannel::Serial(_) => {
-                let listener = tokio::net::UnixListener::bind(&agent_socket).map_err(|source| {
-                    VmError::Fs {
-                        vm: id.clone(),
-                        op: "listen on",
-                        path: agent_socket.clone(),
-                        source,
-                    }
-                })?;
+                let listener = tokio::net::UnixListener::bind(&agent_socket)
+                    .map_err(VmError::fs(&id, "listen on", &agent_socket))?;
                 (AgentChannel::Serial(agent_socket), Some(listener))
             }
             vsock => (vsock, None),
@@ -233,14 +219,9 @@ impl PreparedVm {
         // QEMU writes its pid file itself, but only once it runs: until then a failure (the
         // cgroup below) must still find the pid to kill.
         let pid_file = dir.join("qemu.pid");
-        if let Err(source) = std::fs::write(&pid_file, qemu_pid.to_string()) {
+        if let Err(e) = std::fs::write(&pid_file, qemu_pid.to_string()) {
             kill_vm_processes(&dir, &[qemu_pid]);
-            return Err(VmError::Fs {
-                vm: id.clone(),
-                op: "record the pid in",
-                path: pid_file,
-                source,
-            });
+            return Err(VmError::fs(&id, "record the pid in", &pid_file)(e));
         }
         let stderr = Arc::new(Mutex::new(String::new()));
         if let Some(pipe) = child.stderr.take() {
@@ -295,12 +276,11 @@ impl PreparedVm {
         };
         let state_path = dir.join(VmState::FILE);
         let bytes = serde_json::to_vec(&state).expect("the VM state serializes");
-        std::fs::write(&state_path, bytes).map_err(|source| VmError::Fs {
-            vm: id.clone(),
-            op: "record the VM state in",
-            path: state_path,
-            source,
-        })?;
+        std::fs::write(&state_path, bytes).map_err(VmError::fs(
+            &id,
+            "record the VM state in",
+            &state_path,
+        ))?;
         info!(
             sandbox = %id,
             accel = self.accelerator.name(),

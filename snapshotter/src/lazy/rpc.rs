@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use kite_protocol::errors::{rpc_status, RpcError};
 use kite_protocol::lazyfs as proto;
 use kite_protocol::lazyfs_ttrpc::{self, LazyFs};
+use kite_protocol::rpc_context;
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 use ttrpc::r#async::TtrpcContext;
@@ -259,17 +260,13 @@ impl LazyFsClient {
     }
 }
 
-fn context(deadline: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(i64::try_from(deadline.as_nanos()).unwrap_or(i64::MAX))
-}
-
 #[async_trait::async_trait]
 impl LazyBackend for LazyFsClient {
     async fn prepare(&self, src: &LayerSource) -> Result<LayerUsage, BackendError> {
         let usage = self
             .connect()
             .await?
-            .prepare(context(PREPARE_DEADLINE), &layer_to_proto(src))
+            .prepare(rpc_context(Some(PREPARE_DEADLINE)), &layer_to_proto(src))
             .await
             .map_err(self.remote())?;
         Ok(LayerUsage {
@@ -286,7 +283,7 @@ impl LazyBackend for LazyFsClient {
         };
         self.connect()
             .await?
-            .mount(context(PREPARE_DEADLINE), &request)
+            .mount(rpc_context(Some(PREPARE_DEADLINE)), &request)
             .await
             .map_err(self.remote())?;
         Ok(())
@@ -299,7 +296,7 @@ impl LazyBackend for LazyFsClient {
         };
         self.connect()
             .await?
-            .unmount(context(CALL_DEADLINE), &request)
+            .unmount(rpc_context(Some(CALL_DEADLINE)), &request)
             .await
             .map_err(self.remote())?;
         Ok(())
@@ -309,7 +306,7 @@ impl LazyBackend for LazyFsClient {
         let mounted = self
             .connect()
             .await?
-            .mounted(context(CALL_DEADLINE), &proto::Empty::new())
+            .mounted(rpc_context(Some(CALL_DEADLINE)), &proto::Empty::new())
             .await
             .map_err(self.remote())?;
         Ok(mounted.mountpoints.iter().map(PathBuf::from).collect())
@@ -319,7 +316,7 @@ impl LazyBackend for LazyFsClient {
         let stats = self
             .connect()
             .await?
-            .stats(context(CALL_DEADLINE), &proto::Empty::new())
+            .stats(rpc_context(Some(CALL_DEADLINE)), &proto::Empty::new())
             .await
             .map_err(self.remote())?;
         Ok(stats_from_proto(&stats))
