@@ -5,6 +5,9 @@ use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 const PROTOS: [&str; 3] = ["agent", "lazyfs", "prefetch"];
 
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_NODE_API").is_some() {
+        node_api();
+    }
     let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");
     let inputs: Vec<String> = PROTOS.iter().map(|p| format!("proto/{p}.proto")).collect();
     for input in &inputs {
@@ -35,4 +38,15 @@ fn main() {
             std::fs::write(&path, kept.join("\n")).expect("write generated protocol code");
         }
     }
+}
+
+/// The node agent's gRPC API (tonic), with serde on its messages: kitectl prints them as JSON or
+/// YAML.
+fn node_api() {
+    println!("cargo:rerun-if-changed=proto/node.proto");
+    tonic_prost_build::configure()
+        .type_attribute(".kite.node.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(".kite.node.v1", "#[serde(rename_all = \"camelCase\")]")
+        .compile_protos(&["proto/node.proto"], &["proto"])
+        .expect("generate the node API from proto/node.proto");
 }

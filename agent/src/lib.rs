@@ -1,5 +1,17 @@
-//! `kite-agent`: the node agent (pods over the CRI, prefetch on bind, warm sandboxes, the App
-//! CDS archive cache, in-place restarts). This crate holds what exists so far: the `[agent]`
-//! section of /etc/kite/kite.toml. The daemon arrives with its issue; nothing here runs pods.
+//! `kite-agent`: kite's node agent. It runs pods from Kubernetes `v1/Pod` manifests through
+//! containerd's CRI, starts their images' fetch the moment a pod is bound (in parallel with the
+//! VM boot), supervises them like a kubelet (restarts with back-off, probes, graceful stops),
+//! replaces containers in place (same VM, IP and volumes) with rollback, and survives its own
+//! restarts by adopting what runs. kitectl talks to it over the node API (`kite.node.v1`).
 
 pub mod config;
+pub mod manifest;
+pub mod quantity;
+pub mod cri_config;
+pub mod metrics;
+pub mod node;
+pub mod pod;
+pub mod probe;
+pub mod server;
+pub mod status;
+pub mod store;

@@ -1,8 +1,13 @@
+//! What every kite daemon shares: its configuration and its plumbing ([`daemon`]: sockets,
+//! signals, logging).
+//!
 //! kite.toml: one file, one section per component (`[shim]`, `[snapshotter]`, `[agent]`, …).
 //! Each component owns its section's type; this crate reads a section out of the file, so that
 //! every daemon reports a missing file, a bad file and a bad key the same way.
 
 use std::path::{Path, PathBuf};
+
+pub mod daemon;
 
 use serde::de::DeserializeOwned;
 

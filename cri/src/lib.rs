@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use api::*;
 pub use k8s_cri::v1 as api;
@@ -62,16 +62,7 @@ pub struct CriClient {
 impl CriClient {
     /// Connects to the CRI on `socket` (containerd's: [`CONTAINERD_SOCKET`]).
     pub async fn connect(socket: &Path) -> Result<CriClient, CriError> {
-        let path = socket.to_path_buf();
-        // The URI is a placeholder: the connector dials the unix socket.
-        let channel = Endpoint::from_static("http://[::]:0")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
+        let channel = kite_protocol::unix_channel(socket)
             .await
             .map_err(|source| CriError::Connect {
                 socket: socket.to_path_buf(),
@@ -287,6 +278,29 @@ impl CriClient {
             String::from_utf8_lossy(&answer.stdout).into_owned(),
             String::from_utf8_lossy(&answer.stderr).into_owned(),
         ))
+    }
+
+    /// The pod sandboxes that carry every label of `labels` (all of them when empty).
+    pub async fn list_pod_sandboxes(
+        &mut self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<PodSandbox>, CriError> {
+        let request = ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                label_selector: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+        };
+        Ok(self
+            .runtime
+            .list_pod_sandbox(request)
+            .await
+            .map_err(call("list pod sandboxes"))?
+            .into_inner()
+            .items)
     }
 
     /// The containers of pod `pod_id` (all of them when empty).

@@ -6,6 +6,8 @@
 //! - [`prefetch`]: the prefetch API of `kite-lazyfs` (`kite.prefetch.v1`), with its client
 //!   ([`prefetch_client`]) for the node agent and the CLI.
 //!
+//! - [`node`] (feature `node-api`): the node agent's gRPC API, which kitectl calls.
+//!
 //! Clients link this crate without any server side.
 
 #[allow(warnings, clippy::all)]
@@ -39,6 +41,41 @@ pub mod prefetch_ttrpc {
 }
 
 pub mod prefetch_client;
+
+/// The node agent's API (`kite.node.v1`, gRPC on /run/kite/agent.sock): feature `node-api`.
+#[cfg(feature = "node-api")]
+#[allow(clippy::all, missing_docs)]
+pub mod node {
+    tonic::include_proto!("kite.node.v1");
+
+    /// Connects to the node agent's API on its unix socket.
+    pub async fn connect(
+        socket: &std::path::Path,
+    ) -> Result<node_agent_client::NodeAgentClient<tonic::transport::Channel>, tonic::transport::Error>
+    {
+        Ok(node_agent_client::NodeAgentClient::new(
+            crate::unix_channel(socket).await?,
+        ))
+    }
+}
+
+/// A gRPC channel to a server on a unix socket (containerd's CRI, the node agent's API).
+#[cfg(feature = "grpc")]
+pub async fn unix_channel(
+    socket: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = socket.to_path_buf();
+    // The URI is a placeholder: the connector dials the unix socket.
+    tonic::transport::Endpoint::from_static("http://[::]:0")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+}
 
 /// Errors on the wire: every kite component renders an error for an RPC status, a log field or
 /// an answer the same way, one cause after another on one line.

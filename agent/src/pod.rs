@@ -1,0 +1,1024 @@
+//! One pod's worker: the only task that makes CRI calls for its pod, so starts, restarts,
+//! probes, updates and the deletion never race. It runs the start path (in parallel or in a
+//! kubelet's order), then supervises (states from the CRI, restart policy with back-off,
+//! probes), and takes commands (update, delete) between its steps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kite_cri::api::{ContainerState, PodSandboxConfig};
+use kite_cri::CriClient;
+use kite_protocol::node::ContainerStatus;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{AgentConfig, StartOrder};
+use crate::cri_config;
+use crate::manifest::{self, ContainerPlan, PodPlan};
+use crate::metrics::Metrics;
+use crate::probe::{self, ProbeState};
+use crate::status::{now_ms, EventType, PodShared};
+
+/// What every pod worker shares: the configuration, the CRI and the metrics.
+pub struct NodeContext {
+    pub config: AgentConfig,
+    pub cri: CriClient,
+    pub metrics: Arc<Metrics>,
+}
+
+pub enum PodCommand {
+    /// Replace a container in place (new image and/or env values), rolling back on failure.
+    Update {
+        container: String,
+        image: String,
+        env: BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Stop and remove everything of the pod (grace period override), then end.
+    Delete {
+        grace: Option<Duration>,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// How a worker begins.
+pub enum Begin {
+    /// A new pod: run the start path from `bind`.
+    Start { bind: Instant },
+    /// A running pod a restarted agent adopts: its sandbox and, per container name, the CRI
+    /// container and attempt.
+    Adopt {
+        sandbox_id: String,
+        containers: BTreeMap<String, (String, u32)>,
+    },
+    /// A pod whose start failed before the agent restarted: it waits for its deletion.
+    Failed,
+}
+
+/// A container's run: its CRI container and what the supervision knows about it.
+struct ContainerRun {
+    id: Option<String>,
+    attempt: u32,
+    restarts: u32,
+    started: Option<Instant>,
+    /// The last back-off delay, and when the next start is due.
+    backoff: Option<Duration>,
+    restart_at: Option<Instant>,
+    readiness: Option<ProbeState>,
+    liveness: Option<ProbeState>,
+    ready: bool,
+    /// Ended and not to be started again (its exit code).
+    finished: Option<i32>,
+    image_id: String,
+}
+
+impl ContainerRun {
+    fn new() -> ContainerRun {
+        ContainerRun {
+            id: None,
+            attempt: 0,
+            restarts: 0,
+            started: None,
+            backoff: None,
+            restart_at: None,
+            readiness: None,
+            liveness: None,
+            ready: false,
+            finished: None,
+            image_id: String::new(),
+        }
+    }
+}
+
+/// Why the start path stopped early.
+enum Interrupted {
+    Delete(Option<Duration>, oneshot::Sender<()>),
+    Failed(String),
+}
+
+pub struct PodWorker {
+    ctx: Arc<NodeContext>,
+    cri: CriClient,
+    plan: PodPlan,
+    order: StartOrder,
+    shared: Arc<PodShared>,
+    commands: mpsc::Receiver<PodCommand>,
+    sandbox_id: Option<String>,
+    sandbox_config: PodSandboxConfig,
+    ip: String,
+    runs: Vec<ContainerRun>,
+    ever_ready: bool,
+    containers_started: Option<Instant>,
+    bind: Instant,
+    failed: bool,
+    updating: bool,
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl PodWorker {
+    pub fn new(
+        ctx: Arc<NodeContext>,
+        plan: PodPlan,
+        order: StartOrder,
+        shared: Arc<PodShared>,
+        commands: mpsc::Receiver<PodCommand>,
+    ) -> PodWorker {
+        let sandbox_config =
+            cri_config::sandbox_config(&plan, &ctx.config.agent_id, &ctx.config.log_dir);
+        let runs = plan.containers.iter().map(|_| ContainerRun::new()).collect();
+        PodWorker {
+            cri: ctx.cri.clone(),
+            ctx,
+            plan,
+            order,
+            shared,
+            commands,
+            sandbox_id: None,
+            sandbox_config,
+            ip: String::new(),
+            runs,
+            ever_ready: false,
+            containers_started: None,
+            bind: Instant::now(),
+            failed: false,
+            updating: false,
+        }
+    }
+
+    fn event(&self, kind: EventType, reason: &str, container: &str, message: impl Into<String>) {
+        self.shared.event(kind, reason, container, message);
+    }
+
+    fn stage(&self, name: &str, origin: Instant, started: Instant, detail: String) {
+        let ended = Instant::now();
+        self.shared.stage(name, origin, started, ended, detail);
+        let kind = name.split('/').next().unwrap_or(name);
+        self.ctx.metrics.observe_stage(
+            kind,
+            &self.plan.runtime_class,
+            self.order.name(),
+            secs(ended - started),
+        );
+    }
+
+    /// Runs the pod until it is deleted.
+    pub async fn run(mut self, begin: Begin) {
+        match begin {
+            Begin::Start { bind } => {
+                self.bind = bind;
+                match self.start().await {
+                    Ok(()) => {}
+                    Err(Interrupted::Delete(grace, reply)) => {
+                        self.delete(grace).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Err(Interrupted::Failed(message)) => self.fail(message).await,
+                }
+            }
+            Begin::Adopt {
+                sandbox_id,
+                containers,
+            } => self.adopt(sandbox_id, containers).await,
+            Begin::Failed => self.failed = true,
+        }
+        let interval = self.ctx.config.sync_interval();
+        loop {
+            let tick = tokio::time::sleep(interval);
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(PodCommand::Delete { grace, reply }) => {
+                        self.delete(grace).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(PodCommand::Update { container, image, env, reply }) => {
+                        let result = if self.failed {
+                            Err("the pod failed to start; delete it and run it again".to_string())
+                        } else {
+                            self.update(&container, &image, &env).await
+                        };
+                        let _ = reply.send(result);
+                    }
+                    // The agent is going away; the pod keeps running.
+                    None => return,
+                },
+                _ = tick, if !self.failed => self.sync().await,
+            }
+        }
+    }
+
+    /// A delete (or refuses an update) that arrived during the start path.
+    fn interrupted(&mut self) -> Result<(), Interrupted> {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                PodCommand::Delete { grace, reply } => {
+                    return Err(Interrupted::Delete(grace, reply));
+                }
+                PodCommand::Update { reply, .. } => {
+                    let _ = reply.send(Err("the pod is still starting".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&mut self, message: String) {
+        self.failed = true;
+        self.ctx.metrics.pod_start_failures.inc();
+        self.event(EventType::Warning, "Failed", "", message.clone());
+        // What the pod took goes back now; its record stays until it is deleted.
+        self.release().await;
+        self.shared.update(|p| {
+            p.phase = "Failed".into();
+            p.ready = false;
+            p.message = message;
+        });
+    }
+
+    /// Prefetches the pod's images through the snapshotter (a failure is a warning: the pull
+    /// still fetches them).
+    async fn prefetch(&self, images: &[String]) -> String {
+        let socket = &self.ctx.config.prefetch_socket;
+        if socket.as_os_str().is_empty() {
+            return "no prefetch API configured".into();
+        }
+        let results = futures::future::join_all(images.iter().map(|image| async move {
+            (
+                image,
+                kite_protocol::prefetch_client::prefetch(socket, image, |_| {}).await,
+            )
+        }))
+        .await;
+        let mut detail = Vec::new();
+        for (image, result) in results {
+            match result {
+                Ok(p) if p.error.is_empty() => detail.push(format!(
+                    "{image}: {} of {} layers lazy, {} KiB prefetched",
+                    p.lazy_layers,
+                    p.layers,
+                    p.prefetched_bytes / 1024
+                )),
+                Ok(p) => self.event(
+                    EventType::Warning,
+                    "PrefetchFailed",
+                    "",
+                    format!("prefetch {image}: {}", p.error),
+                ),
+                Err(e) => self.event(
+                    EventType::Warning,
+                    "PrefetchFailed",
+                    "",
+                    kite_protocol::errors::error_chain(&e),
+                ),
+            }
+        }
+        detail.join("; ")
+    }
+
+    /// Pulls each image through the CRI; gives the image ids by image, or the first error.
+    async fn pull(&self, images: &[String]) -> Result<BTreeMap<String, String>, String> {
+        for image in images {
+            self.event(EventType::Normal, "Pulling", "", format!("pulling image {image}"));
+        }
+        let results = futures::future::join_all(images.iter().map(|image| {
+            let mut cri = self.cri.clone();
+            async move { (image.clone(), cri.pull_image(image).await) }
+        }))
+        .await;
+        let mut ids = BTreeMap::new();
+        for (image, result) in results {
+            match result {
+                Ok(id) => {
+                    self.event(EventType::Normal, "Pulled", "", format!("image {image} is {id}"));
+                    ids.insert(image, id);
+                }
+                Err(e) => return Err(format!("{e}")),
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn run_sandbox(&self) -> Result<String, String> {
+        let mut cri = self.cri.clone();
+        cri.run_pod_sandbox(&self.sandbox_config, &self.plan.runtime_class)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn images(&self) -> Vec<String> {
+        let mut images: Vec<String> = self.plan.containers.iter().map(|c| c.image.clone()).collect();
+        images.dedup();
+        images
+    }
+
+    /// The shim's breakdown of the VM's boot (its start record for the sandbox).
+    fn boot_detail(&self, sandbox_id: &str) -> String {
+        let file = &self.ctx.config.shim_timings_file;
+        if self.plan.runtime_class != "kite" || file.as_os_str().is_empty() {
+            return String::new();
+        }
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return String::new();
+        };
+        let needle = format!("\"sandbox\":\"{sandbox_id}\"");
+        let Some(record) = text
+            .lines()
+            .rev()
+            .filter(|l| l.contains(&needle))
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["booted"].as_bool() == Some(true))
+        else {
+            return String::new();
+        };
+        let f = |k: &str| record[k].as_f64().unwrap_or(0.0).round();
+        format!(
+            "VM boot {} ms (guest kernel {} ms, guest agent {} ms), virtiofsd {} ms, network {} ms",
+            f("vm_boot_ms"),
+            f("guest_kernel_ms"),
+            f("guest_agent_ms"),
+            f("virtiofsd_ms"),
+            f("network_attach_ms") + f("network_guest_ms"),
+        )
+    }
+
+    async fn sandbox_ready(&mut self, sandbox_id: String) {
+        let ip = match self.cri.pod_sandbox_status(&sandbox_id).await {
+            Ok(s) => s.network.map(|n| n.ip).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(pod = %self.plan.name, error = %e, "read the sandbox's IP");
+                String::new()
+            }
+        };
+        self.ip = ip.clone();
+        self.sandbox_id = Some(sandbox_id.clone());
+        self.shared.update(|p| {
+            p.sandbox_id = sandbox_id;
+            p.ip = ip;
+        });
+    }
+
+    async fn start(&mut self) -> Result<(), Interrupted> {
+        let bind = self.bind;
+        self.event(
+            EventType::Normal,
+            "Scheduled",
+            "",
+            format!(
+                "bound to this node; {} pod, {} start",
+                self.plan.runtime_class,
+                self.order.name()
+            ),
+        );
+        for dir in self.plan.volumes.iter() {
+            let path = cri_config::volume_dir(&self.ctx.config.state_dir, &self.plan.uid, dir);
+            std::fs::create_dir_all(&path)
+                .map_err(|e| Interrupted::Failed(format!("create emptyDir {}: {e}", path.display())))?;
+        }
+        let log_dir = cri_config::pod_log_dir(&self.ctx.config.log_dir, &self.plan);
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|e| Interrupted::Failed(format!("create log dir {}: {e}", log_dir.display())))?;
+        let images = self.images();
+        let image_ids = match self.order {
+            StartOrder::Parallel => {
+                // The fetch and the sandbox (the VM boot) at once.
+                let t0 = Instant::now();
+                let prefetch = async {
+                    let detail = self.prefetch(&images).await;
+                    (Instant::now(), detail)
+                };
+                let pull = async {
+                    let r = self.pull(&images).await;
+                    (Instant::now(), r)
+                };
+                let sandbox = async {
+                    let r = self.run_sandbox().await;
+                    (Instant::now(), r)
+                };
+                let ((prefetch_end, prefetch_detail), (pull_end, pulled), (sandbox_end, sandbox)) =
+                    tokio::join!(prefetch, pull, sandbox);
+                let stage = |name: &str, end: Instant, detail: String| {
+                    self.shared.stage(name, bind, t0, end, detail);
+                    self.ctx.metrics.observe_stage(
+                        name,
+                        &self.plan.runtime_class,
+                        self.order.name(),
+                        secs(end - t0),
+                    );
+                };
+                if !self.ctx.config.prefetch_socket.as_os_str().is_empty() {
+                    stage("prefetch", prefetch_end, prefetch_detail);
+                }
+                stage("pull", pull_end, String::new());
+                let sandbox_detail = sandbox
+                    .as_ref()
+                    .map(|id| self.boot_detail(id))
+                    .unwrap_or_default();
+                stage("sandbox", sandbox_end, sandbox_detail);
+                if let Ok(id) = sandbox {
+                    self.sandbox_ready(id).await;
+                } else if let Err(e) = sandbox {
+                    return Err(Interrupted::Failed(e));
+                }
+                self.interrupted()?;
+                pulled.map_err(Interrupted::Failed)?
+            }
+            StartOrder::Kubelet => {
+                let t = Instant::now();
+                let sandbox = self.run_sandbox().await.map_err(Interrupted::Failed)?;
+                let detail = self.boot_detail(&sandbox);
+                self.stage("sandbox", bind, t, detail);
+                self.sandbox_ready(sandbox).await;
+                self.interrupted()?;
+                let t = Instant::now();
+                let ids = self.pull(&images).await.map_err(Interrupted::Failed)?;
+                self.stage("pull", bind, t, String::new());
+                ids
+            }
+        };
+        for (i, c) in self.plan.containers.iter().enumerate() {
+            self.runs[i].image_id = image_ids.get(&c.image).cloned().unwrap_or_default();
+        }
+        self.interrupted()?;
+        for i in 0..self.plan.containers.len() {
+            if let Err(e) = self.start_container(i, Some(bind)).await {
+                // A container that cannot start is retried with back-off, like one that crashed.
+                self.container_failed(i, e);
+            }
+            self.interrupted()?;
+        }
+        self.containers_started = Some(Instant::now());
+        self.publish_containers();
+        Ok(())
+    }
+
+    /// Creates and starts instance `attempt + 1` of container `i` (its previous instance, if
+    /// any, removed). Stages are recorded when `origin` is given.
+    async fn start_container(&mut self, i: usize, origin: Option<Instant>) -> Result<(), String> {
+        let c = self.plan.containers[i].clone();
+        self.start_container_as(i, &c, origin, "").await
+    }
+
+    async fn start_container_as(
+        &mut self,
+        i: usize,
+        c: &ContainerPlan,
+        origin: Option<Instant>,
+        stage_prefix: &str,
+    ) -> Result<(), String> {
+        let sandbox_id = self.sandbox_id.clone().ok_or("the pod has no sandbox")?;
+        if let Some(old) = self.runs[i].id.take() {
+            if let Err(e) = self.cri.remove_container(&old).await {
+                tracing::warn!(pod = %self.plan.name, container = %c.name, error = %e, "remove the old instance");
+            }
+        }
+        let attempt = if self.runs[i].started.is_some() || self.runs[i].attempt > 0 {
+            self.runs[i].attempt + 1
+        } else {
+            0
+        };
+        self.runs[i].attempt = attempt;
+        let config = cri_config::container_config(
+            &self.plan,
+            c,
+            attempt,
+            &self.ctx.config.agent_id,
+            &self.ctx.config.state_dir,
+        );
+        let t = Instant::now();
+        let id = self
+            .cri
+            .create_container(&sandbox_id, &config, &self.sandbox_config)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(origin) = origin {
+            self.stage(&format!("{stage_prefix}create/{}", c.name), origin, t, String::new());
+        }
+        let t = Instant::now();
+        if let Err(e) = self.cri.start_container(&id).await {
+            let _ = self.cri.remove_container(&id).await;
+            return Err(e.to_string());
+        }
+        if let Some(origin) = origin {
+            self.stage(&format!("{stage_prefix}start/{}", c.name), origin, t, String::new());
+        }
+        let now = Instant::now();
+        let run = &mut self.runs[i];
+        run.id = Some(id.clone());
+        run.started = Some(now);
+        run.finished = None;
+        run.restart_at = None;
+        run.ready = false;
+        run.readiness = c.readiness.as_ref().map(|p| ProbeState::new(p, now));
+        run.liveness = c.liveness.as_ref().map(|p| ProbeState::new(p, now));
+        self.event(
+            EventType::Normal,
+            "Started",
+            &c.name,
+            format!("started container {} ({}, attempt {attempt})", c.name, c.image),
+        );
+        Ok(())
+    }
+
+    /// Container `i` ended (or could not start): restart it after its back-off, or leave it
+    /// ended, as the restart policy says.
+    fn container_failed(&mut self, i: usize, reason: String) {
+        self.container_ended(i, -1, "StartError", reason);
+    }
+
+    fn container_ended(&mut self, i: usize, exit_code: i32, reason: &str, message: String) {
+        let name = self.plan.containers[i].name.clone();
+        let config = &self.ctx.config;
+        let run = &mut self.runs[i];
+        run.ready = false;
+        let ran = run.started.map(|s| s.elapsed()).unwrap_or_default();
+        // During an update an end is the update's failure: no back-off, the update rolls back.
+        if self.updating || !self.plan.restart_policy.restarts(exit_code) {
+            run.finished = Some(exit_code);
+            let kind = if exit_code == 0 { EventType::Normal } else { EventType::Warning };
+            self.event(kind, reason, &name, message);
+            return;
+        }
+        let initial = Duration::from_millis(config.backoff_initial_ms);
+        let max = Duration::from_millis(config.backoff_max_ms);
+        let delay = match run.backoff {
+            Some(last) if ran < Duration::from_secs(config.backoff_reset_secs) => (last * 2).min(max),
+            _ => initial,
+        };
+        run.backoff = Some(delay);
+        run.restart_at = Some(Instant::now() + delay);
+        self.event(EventType::Warning, reason, &name, message);
+        self.event(
+            EventType::Warning,
+            "BackOff",
+            &name,
+            format!("back-off {delay:?} restarting failed container {name}"),
+        );
+    }
+
+    /// Publishes the containers' statuses (and the pod's phase and readiness).
+    fn publish_containers(&mut self) {
+        let statuses: Vec<ContainerStatus> = self
+            .plan
+            .containers
+            .iter()
+            .zip(&self.runs)
+            .map(|(c, r)| {
+                let (state, reason) = match (&r.id, r.finished, r.restart_at) {
+                    (_, Some(0), _) => ("terminated", "Completed"),
+                    (_, Some(_), _) => ("terminated", "Error"),
+                    (_, _, Some(_)) => ("waiting", "CrashLoopBackOff"),
+                    (Some(_), _, _) => ("running", ""),
+                    (None, _, _) => ("waiting", "ContainerCreating"),
+                };
+                ContainerStatus {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    image_id: r.image_id.clone(),
+                    container_id: r.id.clone().unwrap_or_default(),
+                    state: state.into(),
+                    reason: reason.into(),
+                    ready: r.ready,
+                    restart_count: r.restarts,
+                    exit_code: r.finished.unwrap_or(0),
+                    started_unix_ms: r
+                        .started
+                        .map(|s| now_ms() - i64::try_from(s.elapsed().as_millis()).unwrap_or(0))
+                        .unwrap_or(0),
+                    attempt: r.attempt,
+                    env: c.env.iter().cloned().collect(),
+                }
+            })
+            .collect();
+        let all_ready = !self.runs.is_empty() && self.runs.iter().all(|r| r.ready);
+        let all_finished = self.runs.iter().all(|r| r.finished.is_some());
+        let phase = if all_finished {
+            if self.runs.iter().all(|r| r.finished == Some(0)) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        } else if self.runs.iter().any(|r| r.id.is_some()) {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let manifest_json = self.plan.manifest_json();
+        let changed = {
+            let current = self.shared.snapshot();
+            current.containers != statuses
+                || current.ready != all_ready
+                || current.phase != phase
+                || current.manifest_json != manifest_json
+        };
+        if changed {
+            self.shared.update(|p| {
+                p.containers = statuses;
+                p.ready = all_ready;
+                p.phase = phase.into();
+                p.manifest_json = manifest_json;
+            });
+        }
+        if all_ready && !self.ever_ready {
+            self.ever_ready = true;
+            let now = Instant::now();
+            if let Some(started) = self.containers_started {
+                self.shared.stage("ready", self.bind, started, now, String::new());
+                let total = secs(now - self.bind);
+                let m = &self.ctx.metrics;
+                m.observe_stage("ready", &self.plan.runtime_class, self.order.name(), secs(now - started));
+                m.observe_stage("bind_to_ready", &self.plan.runtime_class, self.order.name(), total);
+                m.pods_started.inc();
+                self.event(
+                    EventType::Normal,
+                    "Ready",
+                    "",
+                    format!("ready {} ms after the bind", (now - self.bind).as_millis()),
+                );
+            }
+        }
+    }
+
+    /// Reads container `i`'s state and runs its due probes; ends it (by the restart policy)
+    /// when it exited. Gives whether it runs.
+    async fn observe(&mut self, i: usize) -> bool {
+        let Some(id) = self.runs[i].id.clone() else {
+            return false;
+        };
+        if self.runs[i].finished.is_some() || self.runs[i].restart_at.is_some() {
+            return false;
+        }
+        let name = self.plan.containers[i].name.clone();
+        let status = match self.cri.container_status(&id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %self.plan.name, container = %name, error = %e, "container status");
+                return false;
+            }
+        };
+        if status.state != ContainerState::ContainerRunning as i32 {
+            if status.state == ContainerState::ContainerExited as i32 {
+                let reason = if status.exit_code == 0 { "Completed" } else { "Error" };
+                let message = format!(
+                    "container {name} exited with code {}{}",
+                    status.exit_code,
+                    if status.message.is_empty() { String::new() } else { format!(": {}", status.message) }
+                );
+                self.container_ended(i, status.exit_code, reason, message);
+            }
+            return false;
+        }
+        let c = self.plan.containers[i].clone();
+        let now = Instant::now();
+        if let (Some(plan), Some(state)) = (&c.liveness, self.runs[i].liveness.clone()) {
+            if state.due(now) {
+                let result =
+                    probe::run_once(&plan.action, plan.timeout, &self.ip, &id, &mut self.cri).await;
+                let mut state = state;
+                let flipped = state.record(plan, result.is_ok(), Instant::now());
+                self.runs[i].liveness = Some(state);
+                if let Err(e) = &result {
+                    self.event(EventType::Warning, "Unhealthy", &name, format!("liveness probe failed: {e}"));
+                }
+                if flipped == Some(false) {
+                    self.event(
+                        EventType::Normal,
+                        "Killing",
+                        &name,
+                        format!("container {name} failed its liveness probe, will be restarted"),
+                    );
+                    let grace = self.plan.grace_period;
+                    if let Err(e) = self.cri.stop_container(&id, grace).await {
+                        tracing::warn!(pod = %self.plan.name, container = %name, error = %e, "stop");
+                    }
+                    // Restarted whatever the policy says (as a kubelet does).
+                    self.container_ended_liveness(i);
+                    return false;
+                }
+            }
+        }
+        match (&c.readiness, self.runs[i].readiness.clone()) {
+            (Some(plan), Some(mut state)) => {
+                if state.due(now) {
+                    let result =
+                        probe::run_once(&plan.action, plan.timeout, &self.ip, &id, &mut self.cri)
+                            .await;
+                    if let Err(e) = &result {
+                        if self.runs[i].ready || state.outcome.is_none() {
+                            tracing::debug!(pod = %self.plan.name, container = %name, "readiness probe: {e}");
+                        }
+                    }
+                    match state.record(plan, result.is_ok(), Instant::now()) {
+                        Some(true) => self.runs[i].ready = true,
+                        Some(false) => {
+                            self.runs[i].ready = false;
+                            self.event(
+                                EventType::Warning,
+                                "Unhealthy",
+                                &name,
+                                format!("readiness probe failed: {}", result.err().unwrap_or_default()),
+                            );
+                        }
+                        None => {}
+                    }
+                    self.runs[i].readiness = Some(state);
+                }
+            }
+            _ => self.runs[i].ready = true,
+        }
+        true
+    }
+
+    fn container_ended_liveness(&mut self, i: usize) {
+        let name = self.plan.containers[i].name.clone();
+        let config = &self.ctx.config;
+        let run = &mut self.runs[i];
+        run.ready = false;
+        let delay = Duration::from_millis(config.backoff_initial_ms);
+        run.backoff = Some(delay);
+        run.restart_at = Some(Instant::now() + delay);
+        self.event(
+            EventType::Warning,
+            "BackOff",
+            &name,
+            format!("back-off {delay:?} restarting container {name}"),
+        );
+    }
+
+    /// One round of supervision: states, probes, restarts that are due.
+    async fn sync(&mut self) {
+        for i in 0..self.runs.len() {
+            if let Some(at) = self.runs[i].restart_at {
+                if Instant::now() >= at {
+                    self.runs[i].restart_at = None;
+                    self.runs[i].restarts += 1;
+                    self.ctx.metrics.container_restarts.inc();
+                    if let Err(e) = self.start_container(i, None).await {
+                        self.container_failed(i, e);
+                    }
+                }
+                continue;
+            }
+            self.observe(i).await;
+        }
+        self.publish_containers();
+    }
+
+    async fn adopt(&mut self, sandbox_id: String, containers: BTreeMap<String, (String, u32)>) {
+        let recorded = self.shared.snapshot();
+        self.sandbox_ready(sandbox_id).await;
+        let now = Instant::now();
+        for (i, c) in self.plan.containers.iter().enumerate() {
+            let run = &mut self.runs[i];
+            let before = recorded.containers.iter().find(|s| s.name == c.name);
+            if let Some((id, attempt)) = containers.get(&c.name) {
+                run.id = Some(id.clone());
+                run.attempt = *attempt;
+                run.started = Some(now);
+                // Keeps what it was until its probes say otherwise.
+                run.ready = before.is_some_and(|s| s.ready);
+                run.readiness = c.readiness.as_ref().map(|p| {
+                    let mut s = ProbeState::new(p, now);
+                    s.outcome = Some(run.ready);
+                    s
+                });
+                run.liveness = c.liveness.as_ref().map(|p| ProbeState::new(p, now));
+            }
+            if let Some(s) = before {
+                run.restarts = s.restart_count;
+                run.image_id = s.image_id.clone();
+            }
+        }
+        self.ever_ready = recorded.ready || recorded.stages.iter().any(|s| s.name == "ready");
+        self.event(
+            EventType::Normal,
+            "Adopted",
+            "",
+            "a restarted agent took the running pod over".to_string(),
+        );
+        self.publish_containers();
+    }
+
+    /// Stops and removes the pod's containers and sandbox (and any other sandbox of this pod
+    /// the agent made), its volumes and logs; forgets its record.
+    async fn delete(&mut self, grace: Option<Duration>) {
+        let grace = grace.unwrap_or(self.plan.grace_period);
+        self.shared.update(|p| {
+            p.phase = "Terminating".into();
+            p.ready = false;
+        });
+        self.event(
+            EventType::Normal,
+            "Killing",
+            "",
+            format!("stopping the pod (grace period {}s)", grace.as_secs()),
+        );
+        for i in 0..self.runs.len() {
+            if let Some(id) = self.runs[i].id.take() {
+                if let Err(e) = self.cri.stop_container(&id, grace).await {
+                    tracing::warn!(pod = %self.plan.name, error = %e, "stop container {id}");
+                }
+            }
+        }
+        self.release().await;
+        let volumes = cri_config::volume_root(&self.ctx.config.state_dir, &self.plan.uid);
+        let logs = cri_config::pod_log_dir(&self.ctx.config.log_dir, &self.plan);
+        for dir in [volumes, logs] {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(pod = %self.plan.name, error = %e, "remove {}", dir.display());
+                }
+            }
+        }
+        self.shared.forget();
+        tracing::info!(namespace = %self.plan.namespace, pod = %self.plan.name, "deleted");
+    }
+
+    /// Removes the pod's sandboxes (with their containers), found by the pod's label too: a
+    /// sandbox whose RunPodSandbox answer was lost is found that way.
+    async fn release(&mut self) {
+        let mut ids: Vec<String> = self.sandbox_id.take().into_iter().collect();
+        let labels = [
+            (cri_config::LABEL_AGENT, self.ctx.config.agent_id.as_str()),
+            (cri_config::LABEL_POD_UID, self.plan.uid.as_str()),
+        ];
+        match self.cri.list_pod_sandboxes(&labels).await {
+            Ok(found) => ids.extend(found.into_iter().map(|s| s.id)),
+            Err(e) => tracing::warn!(pod = %self.plan.name, error = %e, "list the pod's sandboxes"),
+        }
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            let stop = self.cri.stop_pod_sandbox(&id).await;
+            let remove = self.cri.remove_pod_sandbox(&id).await;
+            if let Err(e) = stop.and(remove) {
+                self.event(EventType::Warning, "FailedKillPod", "", format!("remove sandbox {id}: {e}"));
+            }
+        }
+        for run in &mut self.runs {
+            run.id = None;
+            run.ready = false;
+        }
+    }
+
+    /// Waits until container `i` is ready (Ok) or fails: exits, or is not ready within
+    /// `limit`.
+    async fn wait_ready(&mut self, i: usize, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let name = self.plan.containers[i].name.clone();
+        loop {
+            let running = self.observe(i).await;
+            self.publish_containers();
+            if self.runs[i].ready {
+                return Ok(());
+            }
+            if !running && self.runs[i].finished.is_some() {
+                let code = self.runs[i].finished.unwrap_or_default();
+                return Err(format!("container {name} exited with code {code}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("container {name} not ready within {}s", limit.as_secs()));
+            }
+            tokio::time::sleep(self.ctx.config.sync_interval()).await;
+        }
+    }
+
+    /// The in-place update: fetch the new image while the old container serves, stop it,
+    /// start the new one in the same sandbox, wait for readiness; roll back on failure.
+    async fn update(
+        &mut self,
+        container: &str,
+        image: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        self.updating = true;
+        let result = self.update_inner(container, image, env).await;
+        self.updating = false;
+        result
+    }
+
+    async fn update_inner(
+        &mut self,
+        container: &str,
+        image: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let origin = Instant::now();
+        let new_plan = manifest::with_update(&self.plan, container, image, env).map_err(|e| e.to_string())?;
+        let i = self
+            .plan
+            .containers
+            .iter()
+            .position(|c| c.name == container)
+            .ok_or_else(|| format!("{container:?} is not a container of the pod"))?;
+        let old = self.plan.containers[i].clone();
+        let new = new_plan.containers[i].clone();
+        self.event(
+            EventType::Normal,
+            "Updating",
+            container,
+            format!("updating container {container}: {} -> {}", old.image, new.image),
+        );
+        // 1. The new image, while the old container still serves.
+        let t = Instant::now();
+        let images = vec![new.image.clone()];
+        let (_, pulled) = tokio::join!(self.prefetch(&images), self.pull(&images));
+        let new_image_id = match pulled {
+            Ok(ids) => ids.get(&new.image).cloned().unwrap_or_default(),
+            Err(e) => {
+                self.ctx.metrics.updates.get_or_create(&result_label("failed")).inc();
+                let message = format!("update of {container} not started, the old one serves on: {e}");
+                self.event(EventType::Warning, "UpdateFailed", container, message.clone());
+                return Err(message);
+            }
+        };
+        self.stage("update/pull", origin, t, new.image.clone());
+        // 2. Not ready; the old container stops within its grace period.
+        let t = Instant::now();
+        self.runs[i].ready = false;
+        self.publish_containers();
+        if let Some(id) = self.runs[i].id.clone() {
+            if let Err(e) = self.cri.stop_container(&id, self.plan.grace_period).await {
+                tracing::warn!(pod = %self.plan.name, error = %e, "stop {id}");
+            }
+        }
+        self.stage("update/stop", origin, t, String::new());
+        // 3. The new one, in the same sandbox.
+        let previous_image_id = std::mem::replace(&mut self.runs[i].image_id, new_image_id);
+        let outcome = match self.start_container_as(i, &new, Some(origin), "update/").await {
+            Ok(()) => {
+                let t = Instant::now();
+                let limit = Duration::from_secs(self.ctx.config.update_timeout_secs);
+                let plan_before = std::mem::replace(&mut self.plan, new_plan.clone());
+                let r = self.wait_ready(i, limit).await;
+                self.plan = plan_before;
+                if r.is_ok() {
+                    self.stage("update/ready", origin, t, String::new());
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                self.plan = new_plan;
+                self.runs[i].backoff = None;
+                self.publish_containers();
+                self.ctx.metrics.updates.get_or_create(&result_label("updated")).inc();
+                self.ctx
+                    .metrics
+                    .observe_stage("update", &self.plan.runtime_class, self.order.name(), secs(origin.elapsed()));
+                self.event(
+                    EventType::Normal,
+                    "Updated",
+                    container,
+                    format!(
+                        "container {container} runs {} and is ready, {} ms after the request",
+                        new.image,
+                        origin.elapsed().as_millis()
+                    ),
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                // 4. Back to what served before (its image is still cached).
+                self.runs[i].image_id = previous_image_id;
+                self.runs[i].restart_at = None;
+                self.runs[i].finished = None;
+                if let Some(id) = self.runs[i].id.clone() {
+                    let _ = self.cri.stop_container(&id, Duration::from_secs(1)).await;
+                }
+                let rollback = match self.start_container_as(i, &old, None, "").await {
+                    Ok(()) => {
+                        let limit = Duration::from_secs(self.ctx.config.update_timeout_secs);
+                        self.wait_ready(i, limit).await
+                    }
+                    Err(e) => Err(e),
+                };
+                self.publish_containers();
+                self.ctx.metrics.updates.get_or_create(&result_label("rolled_back")).inc();
+                let message = match &rollback {
+                    Ok(()) => format!(
+                        "update of {container} to {} failed ({reason}); rolled back to {}, which serves again",
+                        new.image, old.image
+                    ),
+                    Err(e) => format!(
+                        "update of {container} to {} failed ({reason}); rolled back to {}, which is not ready: {e}",
+                        new.image, old.image
+                    ),
+                };
+                self.event(EventType::Warning, "RolledBack", container, message.clone());
+                Err(message)
+            }
+        }
+    }
+}
+
+fn result_label(result: &str) -> crate::metrics::ResultLabels {
+    crate::metrics::ResultLabels {
+        result: result.into(),
+    }
+}

@@ -1,0 +1,135 @@
+//! A pod's status as the agent keeps and publishes it: one `kite.node.v1.Pod` behind a lock,
+//! every change broadcast to whoever watches (kitectl run, describe, the event stream) and
+//! written to the pod's record.
+
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use kite_protocol::node::{Event, Pod, PodUpdate, Stage};
+use tokio::sync::broadcast;
+
+use crate::store::Store;
+
+/// Events kept per pod (older ones are dropped).
+const EVENTS_KEPT: usize = 200;
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+fn ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+pub struct PodShared {
+    status: Mutex<Pod>,
+    updates: broadcast::Sender<PodUpdate>,
+    store: Store,
+}
+
+impl PodShared {
+    pub fn new(status: Pod, store: Store) -> PodShared {
+        let (updates, _) = broadcast::channel(256);
+        PodShared {
+            status: Mutex::new(status),
+            updates,
+            store,
+        }
+    }
+
+    pub fn snapshot(&self) -> Pod {
+        self.status.lock().expect("pod status lock").clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<PodUpdate> {
+        self.updates.subscribe()
+    }
+
+    /// Changes the status, records it and tells the watchers.
+    pub fn update(&self, change: impl FnOnce(&mut Pod)) {
+        self.publish(change, None);
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut Pod), event: Option<Event>) {
+        let pod = {
+            let mut status = self.status.lock().expect("pod status lock");
+            change(&mut status);
+            if let Some(e) = &event {
+                status.events.push(e.clone());
+                let excess = status.events.len().saturating_sub(EVENTS_KEPT);
+                status.events.drain(..excess);
+            }
+            status.clone()
+        };
+        if let Err(e) = self.store.save(&pod) {
+            tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "record the pod");
+        }
+        // No watcher is fine.
+        let _ = self.updates.send(PodUpdate {
+            pod: Some(pod),
+            event,
+            last: false,
+        });
+    }
+
+    /// Adds an event (and logs it).
+    pub fn event(&self, kind: EventType, reason: &str, container: &str, message: impl Into<String>) {
+        let message = message.into();
+        let (namespace, name) = {
+            let s = self.status.lock().expect("pod status lock");
+            (s.namespace.clone(), s.name.clone())
+        };
+        match kind {
+            EventType::Normal => {
+                tracing::info!(%namespace, pod = %name, container, reason, "{message}")
+            }
+            EventType::Warning => {
+                tracing::warn!(%namespace, pod = %name, container, reason, "{message}")
+            }
+        }
+        let event = Event {
+            unix_ms: now_ms(),
+            r#type: match kind {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            }
+            .into(),
+            reason: reason.into(),
+            message,
+            container: container.into(),
+        };
+        self.publish(|_| {}, Some(event));
+    }
+
+    /// Records a stage that ran from `started` to `ended`, timed from `origin` (the bind, or
+    /// an update's request).
+    pub fn stage(&self, name: &str, origin: Instant, started: Instant, ended: Instant, detail: String) {
+        let stage = Stage {
+            name: name.into(),
+            start_ms: ms(started.saturating_duration_since(origin)),
+            duration_ms: ms(ended.saturating_duration_since(started)),
+            detail,
+        };
+        self.update(|p| p.stages.push(stage));
+    }
+
+    /// Forgets the pod's record (it was deleted).
+    pub fn forget(&self) {
+        let pod = self.snapshot();
+        if let Err(e) = self.store.remove(&pod.uid) {
+            tracing::warn!(pod = %pod.name, error = %e, "remove the pod's record");
+        }
+    }
+}
