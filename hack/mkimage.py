@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Builds a small OCI image archive (for `ctr images import`) from Debian's static busybox.
 
-    hack/mkimage.py OUT.tar REF [--cmd 'sh -c ...'] [--binary /usr/bin/iperf3 ...]
+    hack/mkimage.py OUT.tar REF [--cmd 'sh -c ...' | --exec PATH] [--binary /usr/bin/iperf3 ...]
 
 The image has /bin/busybox with its applets linked, /etc/passwd and /etc/group (root, nobody),
 and /tmp; each --binary is added at its own path with the shared libraries ldd finds for it.
@@ -82,6 +82,8 @@ def main():
     cmd = ["sh"]
     if "--cmd" in sys.argv:
         cmd = ["sh", "-c", sys.argv[sys.argv.index("--cmd") + 1]]
+    if "--exec" in sys.argv:
+        cmd = [sys.argv[sys.argv.index("--exec") + 1]]
     binaries = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--binary"]
     tar_bytes, gz = layer(binaries)
     config = json.dumps({

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts everything kite needs on a Debian 12 machine, as root. Idempotent.
 #   hack/setup.sh        packages, virtiofsd, guest kernel + initrd, kite binaries,
-#                        containerd (configured and started), local registry on 127.0.0.1:5000
+#                        containerd (configured and started), kite-snapshotter, kite-agent,
+#                        local registry on 127.0.0.1:5000
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log() { echo "setup: $*"; }
@@ -31,8 +32,14 @@ fi
 
 # 3. kite: the shim on the host, the guest kernel and initrd.
 log "building kite"
-(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter)
+(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter -p kite-agent -p kitectl)
 install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
+install -m 0755 "$here/target/release/kitectl" /usr/local/bin/
+# A running agent keeps the old binary until it is restarted (its pods keep running).
+if ! cmp -s "$here/target/release/kite-agent" /usr/local/bin/kite-agent; then
+  install -m 0755 "$here/target/release/kite-agent" /usr/local/bin/
+  "$here/hack/agent.sh" stop
+fi
 # A running snapshotter keeps the old binary until it is restarted.
 if ! cmp -s "$here/target/release/kite-snapshotter" /usr/local/bin/kite-snapshotter; then
   install -m 0755 "$here/target/release/kite-snapshotter" /usr/local/bin/
@@ -64,6 +71,9 @@ fi
 # ready means a call through containerd reaches it.
 "$here/hack/snapshotter.sh" wait-containerd
 
+# The node agent beside containerd and the snapshotter (kitectl talks to it).
+"$here/hack/agent.sh" start
+
 # 5. A local registry on 127.0.0.1:5000.
 if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then
   log "starting the registry on 127.0.0.1:5000"
@@ -79,5 +89,11 @@ fi
 # A pod's sandbox ("pause") container only holds the pod's namespaces under runc; kite does not
 # run it at all (the VM holds them).
 "$here/hack/push-image.sh" pause --cmd 'exec sleep 2147483647'
+# The node agent's sample app: busybox httpd on :8080 serving its version (v1, v2), and one
+# whose command does not exist (an update to it must roll back).
+for v in v1 v2; do
+  "$here/hack/push-image.sh" "web-$v" --cmd "echo serving $v; mkdir -p /www && echo $v > /www/index.html && exec httpd -f -p 8080 -h /www"
+done
+"$here/hack/push-image.sh" web-broken --exec /no/such/command
 ref=127.0.0.1:5000/kite/busybox:latest
 log "ready: containerd with runtime io.containerd.kite.v2, registry 127.0.0.1:5000, image $ref"

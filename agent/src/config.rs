@@ -67,7 +67,8 @@ pub struct AgentConfig {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub backoff_reset_secs: u64,
-    /// How often containers' states are read from the CRI.
+    /// How often containers' states are read from the CRI (and a readiness probe runs until
+    /// its container is first ready).
     pub sync_interval_ms: u64,
     /// An in-place update that is not ready within this many seconds is rolled back.
     pub update_timeout_secs: u64,
@@ -97,7 +98,7 @@ impl Default for AgentConfig {
             backoff_initial_ms: 10_000,
             backoff_max_ms: 300_000,
             backoff_reset_secs: 600,
-            sync_interval_ms: 500,
+            sync_interval_ms: 250,
             update_timeout_secs: 120,
             metrics_addr: "127.0.0.1:9611".into(),
             log_level: "info".into(),
@@ -115,8 +116,7 @@ impl AgentConfig {
 
     /// Reads the `[agent]` section of the file at `path`; see [`kite_config::load_section`].
     pub fn load(path: &Path, missing_is_default: bool) -> Result<Self, ConfigError> {
-        kite_config::load_section::<AgentConfig>(path, "agent", missing_is_default)?
-            .validated(path)
+        kite_config::load_section::<AgentConfig>(path, "agent", missing_is_default)?.validated(path)
     }
 
     fn validated(self, path: &Path) -> Result<Self, ConfigError> {

@@ -37,7 +37,11 @@ pub fn volume_root(state_dir: &Path, uid: &str) -> PathBuf {
     state_dir.join("volumes").join(uid)
 }
 
-fn linux_resources(limits_cpu: Option<u64>, requests_cpu: Option<u64>, memory: Option<u64>) -> LinuxContainerResources {
+fn linux_resources(
+    limits_cpu: Option<u64>,
+    requests_cpu: Option<u64>,
+    memory: Option<u64>,
+) -> LinuxContainerResources {
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     LinuxContainerResources {
         cpu_period: if limits_cpu.is_some() { CPU_PERIOD } else { 0 },
@@ -136,7 +140,9 @@ pub fn container_config(
             .iter()
             .map(|(volume, path, readonly)| Mount {
                 container_path: path.clone(),
-                host_path: volume_dir(state_dir, &plan.uid, volume).display().to_string(),
+                host_path: volume_dir(state_dir, &plan.uid, volume)
+                    .display()
+                    .to_string(),
                 readonly: *readonly,
                 ..Default::default()
             })
@@ -182,11 +188,17 @@ spec:
         assert_eq!(sb.labels["app"], "web");
         assert_eq!(sb.log_directory, format!("/logs/shop_web_{}", plan.uid));
         let r = sb.linux.unwrap().resources.unwrap();
-        assert_eq!((r.cpu_quota, r.cpu_period, r.memory_limit_in_bytes), (50_000, 100_000, 64 << 20));
+        assert_eq!(
+            (r.cpu_quota, r.cpu_period, r.memory_limit_in_bytes),
+            (50_000, 100_000, 64 << 20)
+        );
         assert_eq!(r.cpu_shares, 512);
         let c = container_config(&plan, &plan.containers[0], 3, "a1", Path::new("/state"));
         assert_eq!(c.log_path, "c/3.log");
-        assert_eq!(c.mounts[0].host_path, format!("/state/volumes/{}/data", plan.uid));
+        assert_eq!(
+            c.mounts[0].host_path,
+            format!("/state/volumes/{}/data", plan.uid)
+        );
         assert_eq!(c.labels[LABEL_CONTAINER], "c");
     }
 }

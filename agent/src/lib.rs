@@ -5,13 +5,13 @@
 //! restarts by adopting what runs. kitectl talks to it over the node API (`kite.node.v1`).
 
 pub mod config;
-pub mod manifest;
-pub mod quantity;
 pub mod cri_config;
+pub mod manifest;
 pub mod metrics;
 pub mod node;
 pub mod pod;
 pub mod probe;
+pub mod quantity;
 pub mod server;
 pub mod status;
 pub mod store;

@@ -92,8 +92,11 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let listener = daemon::listen_unix(&api_socket)
         .with_context(|| format!("listen on {}", api_socket.display()))?;
     // Anything that can run pods is root's only.
-    std::fs::set_permissions(&api_socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .with_context(|| format!("chmod {}", api_socket.display()))?;
+    std::fs::set_permissions(
+        &api_socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .with_context(|| format!("chmod {}", api_socket.display()))?;
     let inode = daemon::socket_inode(&api_socket);
     tracing::info!(socket = %api_socket.display(), "serving the node API");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

@@ -165,9 +165,9 @@ fn ignored_path(path: &serde_ignored::Path) -> String {
                 format!("{p}.{key}")
             }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            ignored_path(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
     }
 }
 
@@ -289,7 +289,13 @@ pub fn parse(text: &str, default_runtime_class: &str) -> Result<PodPlan, Manifes
     if !value.is_object() {
         return Err(ManifestError::Syntax("not a mapping".into()));
     }
-    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let field = |k: &str| {
+        value
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     if api_version != "v1" || kind != "Pod" {
         return Err(ManifestError::NotAPod { api_version, kind });
@@ -336,7 +342,10 @@ pub fn plan(mut pod: Pod, default_runtime_class: &str) -> Result<PodPlan, Manife
         return Err(invalid("metadata.name", "required"));
     }
     dns_label("metadata.name", &name)?;
-    let namespace = meta.namespace.get_or_insert_with(|| "default".into()).clone();
+    let namespace = meta
+        .namespace
+        .get_or_insert_with(|| "default".into())
+        .clone();
     dns_label("metadata.namespace", &namespace)?;
     let uid = meta
         .uid
@@ -393,7 +402,10 @@ pub fn plan(mut pod: Pod, default_runtime_class: &str) -> Result<PodPlan, Manife
             return Err(invalid(path, "kite supports emptyDir volumes only"));
         }
         if volumes.contains(&v.name) {
-            return Err(invalid(format!("{path}.name"), format!("{:?} twice", v.name)));
+            return Err(invalid(
+                format!("{path}.name"),
+                format!("{:?} twice", v.name),
+            ));
         }
         volumes.push(v.name.clone());
     }
@@ -436,10 +448,12 @@ fn resources(
         let path = format!("{path}.{key}");
         match key.as_str() {
             "cpu" => {
-                r.cpu_millis = Some(quantity::cpu_millis(&q.0).map_err(|e| invalid(path, e.to_string()))?)
+                r.cpu_millis =
+                    Some(quantity::cpu_millis(&q.0).map_err(|e| invalid(path, e.to_string()))?)
             }
             "memory" => {
-                r.memory_bytes = Some(quantity::bytes(&q.0).map_err(|e| invalid(path, e.to_string()))?)
+                r.memory_bytes =
+                    Some(quantity::bytes(&q.0).map_err(|e| invalid(path, e.to_string()))?)
             }
             _ => return Err(ManifestError::Unsupported { path }),
         }
@@ -447,7 +461,11 @@ fn resources(
     Ok(r)
 }
 
-fn container_plan(path: &str, c: &Container, volumes: &[String]) -> Result<ContainerPlan, ManifestError> {
+fn container_plan(
+    path: &str,
+    c: &Container,
+    volumes: &[String],
+) -> Result<ContainerPlan, ManifestError> {
     dns_label(&format!("{path}.name"), &c.name)?;
     let image = c.image.clone().unwrap_or_default();
     if image.trim().is_empty() {
@@ -472,15 +490,24 @@ fn container_plan(path: &str, c: &Container, volumes: &[String]) -> Result<Conta
                     format!("{}: not a port", p.container_port),
                 )
             })?;
-        if p.protocol.as_deref().is_some_and(|p| p != "TCP" && p != "UDP") {
-            return Err(invalid(format!("{path}.ports[{i}].protocol"), "must be TCP or UDP"));
+        if p.protocol
+            .as_deref()
+            .is_some_and(|p| p != "TCP" && p != "UDP")
+        {
+            return Err(invalid(
+                format!("{path}.ports[{i}].protocol"),
+                "must be TCP or UDP",
+            ));
         }
         ports.push((p.name.clone(), port));
     }
     let mut env = Vec::new();
     for (i, e) in c.env.iter().flatten().enumerate() {
         if e.name.is_empty() || e.name.contains('=') {
-            return Err(invalid(format!("{path}.env[{i}].name"), "must be a name without '='"));
+            return Err(invalid(
+                format!("{path}.env[{i}].name"),
+                "must be a name without '='",
+            ));
         }
         env.push((e.name.clone(), e.value.clone().unwrap_or_default()));
     }
@@ -526,7 +553,11 @@ fn container_plan(path: &str, c: &Container, volumes: &[String]) -> Result<Conta
                 format!("{:?} is not an absolute path", m.mount_path),
             ));
         }
-        mounts.push((m.name.clone(), m.mount_path.clone(), m.read_only.unwrap_or(false)));
+        mounts.push((
+            m.name.clone(),
+            m.mount_path.clone(),
+            m.read_only.unwrap_or(false),
+        ));
     }
     Ok(ContainerPlan {
         name: c.name.clone(),
@@ -537,8 +568,16 @@ fn container_plan(path: &str, c: &Container, volumes: &[String]) -> Result<Conta
         env,
         requests,
         limits,
-        readiness: probe_plan(&format!("{path}.readinessProbe"), c.readiness_probe.as_ref(), &ports)?,
-        liveness: probe_plan(&format!("{path}.livenessProbe"), c.liveness_probe.as_ref(), &ports)?,
+        readiness: probe_plan(
+            &format!("{path}.readinessProbe"),
+            c.readiness_probe.as_ref(),
+            &ports,
+        )?,
+        liveness: probe_plan(
+            &format!("{path}.livenessProbe"),
+            c.liveness_probe.as_ref(),
+            &ports,
+        )?,
         mounts,
     })
 }
@@ -570,7 +609,10 @@ fn probe_plan(
     let mut actions = Vec::new();
     if let Some(h) = &p.http_get {
         if h.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-            return Err(invalid(format!("{path}.httpGet.scheme"), "kite probes over HTTP"));
+            return Err(invalid(
+                format!("{path}.httpGet.scheme"),
+                "kite probes over HTTP",
+            ));
         }
         actions.push(ProbeAction::Http {
             port: probe_port(&format!("{path}.httpGet.port"), &h.port, ports)?,
@@ -590,19 +632,30 @@ fn probe_plan(
         actions.push(ProbeAction::Exec { command });
     }
     if actions.len() != 1 {
-        return Err(invalid(path, "needs exactly one of httpGet, tcpSocket, exec"));
+        return Err(invalid(
+            path,
+            "needs exactly one of httpGet, tcpSocket, exec",
+        ));
     }
-    let secs = |field: &str, v: Option<i32>, default: i32, min: i32| -> Result<u32, ManifestError> {
-        let v = v.unwrap_or(default);
-        u32::try_from(v)
-            .ok()
-            .filter(|v| i32::try_from(*v).unwrap_or(i32::MAX) >= min)
-            .ok_or_else(|| invalid(format!("{path}.{field}"), format!("{v}: must be at least {min}")))
-    };
+    let secs =
+        |field: &str, v: Option<i32>, default: i32, min: i32| -> Result<u32, ManifestError> {
+            let v = v.unwrap_or(default);
+            u32::try_from(v)
+                .ok()
+                .filter(|v| i32::try_from(*v).unwrap_or(i32::MAX) >= min)
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{path}.{field}"),
+                        format!("{v}: must be at least {min}"),
+                    )
+                })
+        };
     // Kubernetes' defaults.
     Ok(Some(ProbePlan {
         action: actions.remove(0),
-        initial_delay: Duration::from_secs(secs("initialDelaySeconds", p.initial_delay_seconds, 0, 0)?.into()),
+        initial_delay: Duration::from_secs(
+            secs("initialDelaySeconds", p.initial_delay_seconds, 0, 0)?.into(),
+        ),
         period: Duration::from_secs(secs("periodSeconds", p.period_seconds, 10, 1)?.into()),
         timeout: Duration::from_secs(secs("timeoutSeconds", p.timeout_seconds, 1, 1)?.into()),
         success_threshold: secs("successThreshold", p.success_threshold, 1, 1)?,
@@ -619,12 +672,20 @@ pub fn with_update(
     env: &BTreeMap<String, String>,
 ) -> Result<PodPlan, ManifestError> {
     let mut pod = current.manifest.clone();
-    let spec = pod.spec.as_mut().ok_or_else(|| invalid("spec", "required"))?;
+    let spec = pod
+        .spec
+        .as_mut()
+        .ok_or_else(|| invalid("spec", "required"))?;
     let c = spec
         .containers
         .iter_mut()
         .find(|c| c.name == container)
-        .ok_or_else(|| invalid("container", format!("{container:?} is not a container of the pod")))?;
+        .ok_or_else(|| {
+            invalid(
+                "container",
+                format!("{container:?} is not a container of the pod"),
+            )
+        })?;
     if !image.is_empty() {
         c.image = Some(image.to_string());
     }
@@ -699,9 +760,18 @@ spec:
         assert_eq!(c.requests.cpu_millis, Some(250));
         assert_eq!(c.limits.memory_bytes, Some(128 << 20));
         let r = c.readiness.as_ref().unwrap();
-        assert_eq!(r.action, ProbeAction::Http { port: 8080, path: "/".into() });
+        assert_eq!(
+            r.action,
+            ProbeAction::Http {
+                port: 8080,
+                path: "/".into()
+            }
+        );
         assert_eq!((r.period, r.failure_threshold), (Duration::from_secs(1), 3));
-        assert_eq!(c.liveness.as_ref().unwrap().action, ProbeAction::Tcp { port: 8080 });
+        assert_eq!(
+            c.liveness.as_ref().unwrap().action,
+            ProbeAction::Tcp { port: 8080 }
+        );
         assert_eq!(c.mounts, vec![("data".into(), "/data".into(), false)]);
         assert_eq!(p.requests().cpu_millis, Some(250));
         // The manifest keeps the uid it was given.
@@ -726,7 +796,10 @@ spec:
     #[test]
     fn unknown_and_unsupported_fields_are_named() {
         let e = err(&POD.replace("    image: ", "    imagee: x\n    image: "));
-        assert_eq!(e, "spec.containers[0].imagee: unknown field (Kubernetes' v1/Pod has no such field)");
+        assert_eq!(
+            e,
+            "spec.containers[0].imagee: unknown field (Kubernetes' v1/Pod has no such field)"
+        );
         let e = err(&POD.replace("  restartPolicy", "  hostNetwork: true\n  restartPolicy"));
         assert_eq!(e, "spec.hostNetwork: not supported by kite");
         let e = err(&POD.replace("emptyDir: {}", "emptyDir: {medium: Memory}"));
@@ -736,13 +809,24 @@ spec:
     #[test]
     fn bad_values_are_named_with_the_reason() {
         let e = err(&POD.replace("memory: 64Mi", "memory: 64Zi"));
-        assert!(e.starts_with("spec.containers[0].resources.requests.memory: \"64Zi\" is not a quantity"), "{e}");
+        assert!(
+            e.starts_with(
+                "spec.containers[0].resources.requests.memory: \"64Zi\" is not a quantity"
+            ),
+            "{e}"
+        );
         let e = err(&POD.replace("    image: 127.0.0.1:5000/kite/web-v1:latest\n", ""));
         assert_eq!(e, "spec.containers[0].image: required");
-        let e = err(&POD.replace("terminationGracePeriodSeconds: 5", "terminationGracePeriodSeconds: soon"));
+        let e = err(&POD.replace(
+            "terminationGracePeriodSeconds: 5",
+            "terminationGracePeriodSeconds: soon",
+        ));
         assert!(e.starts_with("spec.terminationGracePeriodSeconds: "), "{e}");
         let e = err(&POD.replace("port: http}", "port: web}"));
-        assert!(e.contains("readinessProbe.httpGet.port: \"web\" is not a port"), "{e}");
+        assert!(
+            e.contains("readinessProbe.httpGet.port: \"web\" is not a port"),
+            "{e}"
+        );
         let e = err(&POD.replace("cpu: 250m", "cpu: 2"));
         assert!(e.contains("2000m is above the limit 1000m"), "{e}");
         let e = err(&POD.replace("kind: Pod", "kind: Deployment"));
@@ -750,18 +834,27 @@ spec:
         let e = err("name: [unclosed");
         assert!(e.starts_with("the manifest is not YAML or JSON"), "{e}");
         let e = err(&POD.replace("name: web\n", "name: Web_1\n"));
-        assert!(e.starts_with("metadata.name: \"Web_1\" is not a DNS label"), "{e}");
+        assert!(
+            e.starts_with("metadata.name: \"Web_1\" is not a DNS label"),
+            "{e}"
+        );
     }
 
     #[test]
     fn an_update_changes_image_and_env_only() {
         let p = parse(POD, "kite").unwrap();
-        let env = BTreeMap::from([("GREETING".to_string(), "hi".to_string()), ("NEW".to_string(), "1".to_string())]);
+        let env = BTreeMap::from([
+            ("GREETING".to_string(), "hi".to_string()),
+            ("NEW".to_string(), "1".to_string()),
+        ]);
         let u = with_update(&p, "httpd", "127.0.0.1:5000/kite/web-v2:latest", &env).unwrap();
         assert_eq!(u.uid, p.uid);
         let c = &u.containers[0];
         assert!(c.image.ends_with("web-v2:latest"));
-        assert_eq!(c.env, vec![("GREETING".into(), "hi".into()), ("NEW".into(), "1".into())]);
+        assert_eq!(
+            c.env,
+            vec![("GREETING".into(), "hi".into()), ("NEW".into(), "1".into())]
+        );
         assert!(with_update(&p, "nope", "x", &BTreeMap::new()).is_err());
     }
 }

@@ -52,7 +52,11 @@ impl Metrics {
             stage_seconds.clone(),
         );
         let pods_started = Counter::default();
-        registry.register("pods_started", "Pods that became ready", pods_started.clone());
+        registry.register(
+            "pods_started",
+            "Pods that became ready",
+            pods_started.clone(),
+        );
         let pod_start_failures = Counter::default();
         registry.register(
             "pod_start_failures",
@@ -127,7 +131,9 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(stop).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
 }
 
 #[cfg(test)]

@@ -47,12 +47,18 @@ pub struct Capacity {
 
 impl Capacity {
     fn text(self) -> String {
-        format!("cpu {}m, memory {}", self.cpu_millis, format_bytes(self.memory_bytes))
+        format!(
+            "cpu {}m, memory {}",
+            self.cpu_millis,
+            format_bytes(self.memory_bytes)
+        )
     }
 
     /// This machine's CPUs and memory.
     pub fn of_this_node() -> Capacity {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let memory = nix::sys::sysinfo::sysinfo()
             .map(|s| s.ram_total())
             .unwrap_or(0);
@@ -64,7 +70,12 @@ impl Capacity {
 }
 
 /// Whether `want` fits next to `used` in `allocatable`.
-pub fn admit(pod: &str, want: Resources, used: Capacity, allocatable: Capacity) -> Result<(), AgentError> {
+pub fn admit(
+    pod: &str,
+    want: Resources,
+    used: Capacity,
+    allocatable: Capacity,
+) -> Result<(), AgentError> {
     let cpu = want.cpu_millis.unwrap_or(0);
     let mem = want.memory_bytes.unwrap_or(0);
     let free = Capacity {
@@ -108,7 +119,9 @@ impl Node {
     pub fn new(ctx: Arc<NodeContext>, store: Store, capacity: Capacity) -> Node {
         let config = &ctx.config;
         let allocatable = Capacity {
-            cpu_millis: capacity.cpu_millis.saturating_sub(config.reserved_cpu_millis),
+            cpu_millis: capacity
+                .cpu_millis
+                .saturating_sub(config.reserved_cpu_millis),
             memory_bytes: capacity
                 .memory_bytes
                 .saturating_sub(config.reserved_memory_mib << 20),
@@ -137,7 +150,13 @@ impl Node {
         used
     }
 
-    fn spawn(&self, plan: PodPlan, order: StartOrder, shared: Arc<PodShared>, begin: Begin) -> PodEntry {
+    fn spawn(
+        &self,
+        plan: PodPlan,
+        order: StartOrder,
+        shared: Arc<PodShared>,
+        begin: Begin,
+    ) -> PodEntry {
         let (tx, rx) = mpsc::channel(16);
         let requests = plan.requests();
         let worker = PodWorker::new(self.ctx.clone(), plan, order, shared.clone(), rx);
@@ -177,14 +196,25 @@ impl Node {
         if pods.contains_key(&key) {
             return Err(AgentError::AlreadyExists(key_text(&key.0, &key.1)));
         }
-        admit(&key_text(&key.0, &key.1), plan.requests(), Self::used(&pods), self.allocatable)?;
-        let shared = Arc::new(PodShared::new(self.new_status(&plan, order), self.store.clone()));
+        admit(
+            &key_text(&key.0, &key.1),
+            plan.requests(),
+            Self::used(&pods),
+            self.allocatable,
+        )?;
+        let shared = Arc::new(PodShared::new(
+            self.new_status(&plan, order),
+            self.store.clone(),
+        ));
         // The record exists before the first CRI call: a new agent finds what this one made.
         shared.update(|_| {});
         let updates = shared.subscribe();
         let entry = self.spawn(plan, order, shared.clone(), Begin::Start { bind });
         pods.insert(key, entry);
-        self.ctx.metrics.pods.set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
+        self.ctx
+            .metrics
+            .pods
+            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
         Ok((shared, updates))
     }
 
@@ -207,7 +237,11 @@ impl Node {
             .collect()
     }
 
-    fn commands(&self, namespace: &str, name: &str) -> Result<mpsc::Sender<PodCommand>, AgentError> {
+    fn commands(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<mpsc::Sender<PodCommand>, AgentError> {
         let pods = self.pods.lock().expect("pods lock");
         let entry = pods
             .get(&(namespace.to_string(), name.to_string()))
@@ -219,22 +253,36 @@ impl Node {
     }
 
     /// Deletes a pod: returns once everything of it is gone (its last status).
-    pub async fn delete(&self, namespace: &str, name: &str, grace: Option<Duration>) -> Result<Pod, AgentError> {
+    pub async fn delete(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace: Option<Duration>,
+    ) -> Result<Pod, AgentError> {
         let commands = self.commands(namespace, name)?;
         let key = (namespace.to_string(), name.to_string());
         let shared = {
             let mut pods = self.pods.lock().expect("pods lock");
-            let entry = pods.get_mut(&key).ok_or_else(|| AgentError::NotFound(key_text(namespace, name)))?;
+            let entry = pods
+                .get_mut(&key)
+                .ok_or_else(|| AgentError::NotFound(key_text(namespace, name)))?;
             entry.terminating = true;
             entry.shared.clone()
         };
         let (reply, done) = oneshot::channel();
-        if commands.send(PodCommand::Delete { grace, reply }).await.is_ok() {
+        if commands
+            .send(PodCommand::Delete { grace, reply })
+            .await
+            .is_ok()
+        {
             let _ = done.await;
         }
         let mut pods = self.pods.lock().expect("pods lock");
         pods.remove(&key);
-        self.ctx.metrics.pods.set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
+        self.ctx
+            .metrics
+            .pods
+            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
         Ok(shared.snapshot())
     }
 
@@ -250,7 +298,13 @@ impl Node {
     ) -> Result<(Arc<PodShared>, oneshot::Receiver<Result<(), String>>), AgentError> {
         let shared = self.get(namespace, name)?;
         let pod = shared.snapshot();
-        if !pod.containers.iter().any(|c| c.name == container) && !pod.containers.is_empty() {
+        // No name: the pod's only container.
+        let container = match (container, pod.containers.as_slice()) {
+            ("", [only]) => only.name.clone(),
+            (c, _) => c.to_string(),
+        };
+        let container = container.as_str();
+        if !pod.containers.iter().any(|c| c.name == container) {
             return Err(AgentError::Refused {
                 pod: key_text(namespace, name),
                 reason: format!("it has no container {container:?}"),
@@ -286,7 +340,10 @@ impl Node {
         }
         let mut cri = self.ctx.cri.clone();
         let agent = self.ctx.config.agent_id.clone();
-        let sandboxes = match cri.list_pod_sandboxes(&[(LABEL_AGENT, agent.as_str())]).await {
+        let sandboxes = match cri
+            .list_pod_sandboxes(&[(LABEL_AGENT, agent.as_str())])
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "list the sandboxes this agent made; nothing adopted");
@@ -310,7 +367,8 @@ impl Node {
                     continue;
                 }
             };
-            let order = StartOrder::parse(&record.start_order).unwrap_or(self.ctx.config.start_order);
+            let order =
+                StartOrder::parse(&record.start_order).unwrap_or(self.ctx.config.start_order);
             // The one ready sandbox holding every container of the plan.
             let mut adoptable = None;
             for s in &mine {
@@ -323,7 +381,9 @@ impl Node {
                 };
                 let mut found: BTreeMap<String, (String, u32)> = BTreeMap::new();
                 for c in containers {
-                    let Some(name) = c.labels.get(LABEL_CONTAINER).cloned() else { continue };
+                    let Some(name) = c.labels.get(LABEL_CONTAINER).cloned() else {
+                        continue;
+                    };
                     let attempt = c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
                     if found.get(&name).is_none_or(|(_, a)| attempt >= *a) {
                         found.insert(name, (c.id.clone(), attempt));
@@ -342,17 +402,27 @@ impl Node {
                     // Its deletion was under way: finish it.
                     let entry = self.spawn(plan.clone(), order, shared, Begin::Failed);
                     let (reply, done) = oneshot::channel();
-                    let _ = entry.commands.send(PodCommand::Delete { grace: None, reply }).await;
+                    let _ = entry
+                        .commands
+                        .send(PodCommand::Delete { grace: None, reply })
+                        .await;
                     let _ = done.await;
                     tracing::info!(pod = %pod_name, "finished the deletion a previous agent began");
                     continue;
                 }
                 _ if record_failed => Begin::Failed,
                 Some((sandbox_id, containers)) => {
-                    let extra: Vec<_> = mine.iter().filter(|s| s.id != sandbox_id).cloned().collect();
+                    let extra: Vec<_> = mine
+                        .iter()
+                        .filter(|s| s.id != sandbox_id)
+                        .cloned()
+                        .collect();
                     remove_sandboxes(&mut cri, &extra).await;
                     tracing::info!(pod = %pod_name, sandbox = %sandbox_id, "adopting the running pod");
-                    Begin::Adopt { sandbox_id, containers }
+                    Begin::Adopt {
+                        sandbox_id,
+                        containers,
+                    }
                 }
                 None => {
                     tracing::info!(pod = %pod_name, sandboxes = mine.len(), "the pod was half made: removing it and starting it again");
@@ -365,7 +435,9 @@ impl Node {
                         p.phase = "Pending".into();
                         p.ready = false;
                     });
-                    Begin::Start { bind: Instant::now() }
+                    Begin::Start {
+                        bind: Instant::now(),
+                    }
                 }
             };
             let entry = self.spawn(plan, order, shared, begin);
@@ -379,7 +451,10 @@ impl Node {
             remove_sandboxes(&mut cri, &rest).await;
         }
         let n = self.pods.lock().expect("pods lock").len();
-        self.ctx.metrics.pods.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.ctx
+            .metrics
+            .pods
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -415,7 +490,9 @@ mod tests {
             cpu_millis: Some(900),
             memory_bytes: None,
         };
-        let e = admit("default/b", too_big, used, alloc).unwrap_err().to_string();
+        let e = admit("default/b", too_big, used, alloc)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "pod default/b does not fit on this node: it requests cpu 900m, memory 0; \

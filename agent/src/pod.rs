@@ -128,7 +128,11 @@ impl PodWorker {
     ) -> PodWorker {
         let sandbox_config =
             cri_config::sandbox_config(&plan, &ctx.config.agent_id, &ctx.config.log_dir);
-        let runs = plan.containers.iter().map(|_| ContainerRun::new()).collect();
+        let runs = plan
+            .containers
+            .iter()
+            .map(|_| ContainerRun::new())
+            .collect();
         PodWorker {
             cri: ctx.cri.clone(),
             ctx,
@@ -282,7 +286,12 @@ impl PodWorker {
     /// Pulls each image through the CRI; gives the image ids by image, or the first error.
     async fn pull(&self, images: &[String]) -> Result<BTreeMap<String, String>, String> {
         for image in images {
-            self.event(EventType::Normal, "Pulling", "", format!("pulling image {image}"));
+            self.event(
+                EventType::Normal,
+                "Pulling",
+                "",
+                format!("pulling image {image}"),
+            );
         }
         let results = futures::future::join_all(images.iter().map(|image| {
             let mut cri = self.cri.clone();
@@ -293,7 +302,12 @@ impl PodWorker {
         for (image, result) in results {
             match result {
                 Ok(id) => {
-                    self.event(EventType::Normal, "Pulled", "", format!("image {image} is {id}"));
+                    self.event(
+                        EventType::Normal,
+                        "Pulled",
+                        "",
+                        format!("image {image} is {id}"),
+                    );
                     ids.insert(image, id);
                 }
                 Err(e) => return Err(format!("{e}")),
@@ -310,7 +324,12 @@ impl PodWorker {
     }
 
     fn images(&self) -> Vec<String> {
-        let mut images: Vec<String> = self.plan.containers.iter().map(|c| c.image.clone()).collect();
+        let mut images: Vec<String> = self
+            .plan
+            .containers
+            .iter()
+            .map(|c| c.image.clone())
+            .collect();
         images.dedup();
         images
     }
@@ -375,12 +394,14 @@ impl PodWorker {
         );
         for dir in self.plan.volumes.iter() {
             let path = cri_config::volume_dir(&self.ctx.config.state_dir, &self.plan.uid, dir);
-            std::fs::create_dir_all(&path)
-                .map_err(|e| Interrupted::Failed(format!("create emptyDir {}: {e}", path.display())))?;
+            std::fs::create_dir_all(&path).map_err(|e| {
+                Interrupted::Failed(format!("create emptyDir {}: {e}", path.display()))
+            })?;
         }
         let log_dir = cri_config::pod_log_dir(&self.ctx.config.log_dir, &self.plan);
-        std::fs::create_dir_all(&log_dir)
-            .map_err(|e| Interrupted::Failed(format!("create log dir {}: {e}", log_dir.display())))?;
+        std::fs::create_dir_all(&log_dir).map_err(|e| {
+            Interrupted::Failed(format!("create log dir {}: {e}", log_dir.display()))
+        })?;
         let images = self.images();
         let image_ids = match self.order {
             StartOrder::Parallel => {
@@ -495,7 +516,12 @@ impl PodWorker {
             .await
             .map_err(|e| e.to_string())?;
         if let Some(origin) = origin {
-            self.stage(&format!("{stage_prefix}create/{}", c.name), origin, t, String::new());
+            self.stage(
+                &format!("{stage_prefix}create/{}", c.name),
+                origin,
+                t,
+                String::new(),
+            );
         }
         let t = Instant::now();
         if let Err(e) = self.cri.start_container(&id).await {
@@ -503,7 +529,12 @@ impl PodWorker {
             return Err(e.to_string());
         }
         if let Some(origin) = origin {
-            self.stage(&format!("{stage_prefix}start/{}", c.name), origin, t, String::new());
+            self.stage(
+                &format!("{stage_prefix}start/{}", c.name),
+                origin,
+                t,
+                String::new(),
+            );
         }
         let now = Instant::now();
         let run = &mut self.runs[i];
@@ -512,13 +543,20 @@ impl PodWorker {
         run.finished = None;
         run.restart_at = None;
         run.ready = false;
-        run.readiness = c.readiness.as_ref().map(|p| ProbeState::new(p, now));
+        let fast = self.ctx.config.sync_interval();
+        run.readiness = c
+            .readiness
+            .as_ref()
+            .map(|p| ProbeState::new(p, now).until_ready_every(fast));
         run.liveness = c.liveness.as_ref().map(|p| ProbeState::new(p, now));
         self.event(
             EventType::Normal,
             "Started",
             &c.name,
-            format!("started container {} ({}, attempt {attempt})", c.name, c.image),
+            format!(
+                "started container {} ({}, attempt {attempt})",
+                c.name, c.image
+            ),
         );
         Ok(())
     }
@@ -538,14 +576,20 @@ impl PodWorker {
         // During an update an end is the update's failure: no back-off, the update rolls back.
         if self.updating || !self.plan.restart_policy.restarts(exit_code) {
             run.finished = Some(exit_code);
-            let kind = if exit_code == 0 { EventType::Normal } else { EventType::Warning };
+            let kind = if exit_code == 0 {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
             self.event(kind, reason, &name, message);
             return;
         }
         let initial = Duration::from_millis(config.backoff_initial_ms);
         let max = Duration::from_millis(config.backoff_max_ms);
         let delay = match run.backoff {
-            Some(last) if ran < Duration::from_secs(config.backoff_reset_secs) => (last * 2).min(max),
+            Some(last) if ran < Duration::from_secs(config.backoff_reset_secs) => {
+                (last * 2).min(max)
+            }
             _ => initial,
         };
         run.backoff = Some(delay);
@@ -607,6 +651,28 @@ impl PodWorker {
             "Pending"
         };
         let manifest_json = self.plan.manifest_json();
+        // The first readiness: its stage and event go out before the flag, so whoever stops
+        // watching at Ready has them.
+        if all_ready && !self.ever_ready {
+            self.ever_ready = true;
+            let now = Instant::now();
+            if let Some(started) = self.containers_started {
+                self.shared
+                    .stage("ready", self.bind, started, now, String::new());
+                let total = secs(now - self.bind);
+                let m = &self.ctx.metrics;
+                let (class, order) = (&self.plan.runtime_class, self.order.name());
+                m.observe_stage("ready", class, order, secs(now - started));
+                m.observe_stage("bind_to_ready", class, order, total);
+                m.pods_started.inc();
+                self.event(
+                    EventType::Normal,
+                    "Ready",
+                    "",
+                    format!("ready {} ms after the bind", (now - self.bind).as_millis()),
+                );
+            }
+        }
         let changed = {
             let current = self.shared.snapshot();
             current.containers != statuses
@@ -621,24 +687,6 @@ impl PodWorker {
                 p.phase = phase.into();
                 p.manifest_json = manifest_json;
             });
-        }
-        if all_ready && !self.ever_ready {
-            self.ever_ready = true;
-            let now = Instant::now();
-            if let Some(started) = self.containers_started {
-                self.shared.stage("ready", self.bind, started, now, String::new());
-                let total = secs(now - self.bind);
-                let m = &self.ctx.metrics;
-                m.observe_stage("ready", &self.plan.runtime_class, self.order.name(), secs(now - started));
-                m.observe_stage("bind_to_ready", &self.plan.runtime_class, self.order.name(), total);
-                m.pods_started.inc();
-                self.event(
-                    EventType::Normal,
-                    "Ready",
-                    "",
-                    format!("ready {} ms after the bind", (now - self.bind).as_millis()),
-                );
-            }
         }
     }
 
@@ -661,11 +709,19 @@ impl PodWorker {
         };
         if status.state != ContainerState::ContainerRunning as i32 {
             if status.state == ContainerState::ContainerExited as i32 {
-                let reason = if status.exit_code == 0 { "Completed" } else { "Error" };
+                let reason = if status.exit_code == 0 {
+                    "Completed"
+                } else {
+                    "Error"
+                };
                 let message = format!(
                     "container {name} exited with code {}{}",
                     status.exit_code,
-                    if status.message.is_empty() { String::new() } else { format!(": {}", status.message) }
+                    if status.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", status.message)
+                    }
                 );
                 self.container_ended(i, status.exit_code, reason, message);
             }
@@ -681,7 +737,12 @@ impl PodWorker {
                 let flipped = state.record(plan, result.is_ok(), Instant::now());
                 self.runs[i].liveness = Some(state);
                 if let Err(e) = &result {
-                    self.event(EventType::Warning, "Unhealthy", &name, format!("liveness probe failed: {e}"));
+                    self.event(
+                        EventType::Warning,
+                        "Unhealthy",
+                        &name,
+                        format!("liveness probe failed: {e}"),
+                    );
                 }
                 if flipped == Some(false) {
                     self.event(
@@ -713,16 +774,20 @@ impl PodWorker {
                     }
                     match state.record(plan, result.is_ok(), Instant::now()) {
                         Some(true) => self.runs[i].ready = true,
-                        Some(false) => {
+                        Some(false) if self.runs[i].ready => {
                             self.runs[i].ready = false;
                             self.event(
                                 EventType::Warning,
                                 "Unhealthy",
                                 &name,
-                                format!("readiness probe failed: {}", result.err().unwrap_or_default()),
+                                format!(
+                                    "readiness probe failed: {}",
+                                    result.err().unwrap_or_default()
+                                ),
                             );
                         }
-                        None => {}
+                        // Not yet ready once: a container still starting, not an unhealthy one.
+                        Some(false) | None => {}
                     }
                     self.runs[i].readiness = Some(state);
                 }
@@ -855,7 +920,12 @@ impl PodWorker {
             let stop = self.cri.stop_pod_sandbox(&id).await;
             let remove = self.cri.remove_pod_sandbox(&id).await;
             if let Err(e) = stop.and(remove) {
-                self.event(EventType::Warning, "FailedKillPod", "", format!("remove sandbox {id}: {e}"));
+                self.event(
+                    EventType::Warning,
+                    "FailedKillPod",
+                    "",
+                    format!("remove sandbox {id}: {e}"),
+                );
             }
         }
         for run in &mut self.runs {
@@ -880,7 +950,10 @@ impl PodWorker {
                 return Err(format!("container {name} exited with code {code}"));
             }
             if Instant::now() >= deadline {
-                return Err(format!("container {name} not ready within {}s", limit.as_secs()));
+                return Err(format!(
+                    "container {name} not ready within {}s",
+                    limit.as_secs()
+                ));
             }
             tokio::time::sleep(self.ctx.config.sync_interval()).await;
         }
@@ -907,7 +980,8 @@ impl PodWorker {
         env: &BTreeMap<String, String>,
     ) -> Result<(), String> {
         let origin = Instant::now();
-        let new_plan = manifest::with_update(&self.plan, container, image, env).map_err(|e| e.to_string())?;
+        let new_plan =
+            manifest::with_update(&self.plan, container, image, env).map_err(|e| e.to_string())?;
         let i = self
             .plan
             .containers
@@ -920,7 +994,10 @@ impl PodWorker {
             EventType::Normal,
             "Updating",
             container,
-            format!("updating container {container}: {} -> {}", old.image, new.image),
+            format!(
+                "updating container {container}: {} -> {}",
+                old.image, new.image
+            ),
         );
         // 1. The new image, while the old container still serves.
         let t = Instant::now();
@@ -929,9 +1006,19 @@ impl PodWorker {
         let new_image_id = match pulled {
             Ok(ids) => ids.get(&new.image).cloned().unwrap_or_default(),
             Err(e) => {
-                self.ctx.metrics.updates.get_or_create(&result_label("failed")).inc();
-                let message = format!("update of {container} not started, the old one serves on: {e}");
-                self.event(EventType::Warning, "UpdateFailed", container, message.clone());
+                self.ctx
+                    .metrics
+                    .updates
+                    .get_or_create(&result_label("failed"))
+                    .inc();
+                let message =
+                    format!("update of {container} not started, the old one serves on: {e}");
+                self.event(
+                    EventType::Warning,
+                    "UpdateFailed",
+                    container,
+                    message.clone(),
+                );
                 return Err(message);
             }
         };
@@ -948,7 +1035,10 @@ impl PodWorker {
         self.stage("update/stop", origin, t, String::new());
         // 3. The new one, in the same sandbox.
         let previous_image_id = std::mem::replace(&mut self.runs[i].image_id, new_image_id);
-        let outcome = match self.start_container_as(i, &new, Some(origin), "update/").await {
+        let outcome = match self
+            .start_container_as(i, &new, Some(origin), "update/")
+            .await
+        {
             Ok(()) => {
                 let t = Instant::now();
                 let limit = Duration::from_secs(self.ctx.config.update_timeout_secs);
@@ -967,10 +1057,17 @@ impl PodWorker {
                 self.plan = new_plan;
                 self.runs[i].backoff = None;
                 self.publish_containers();
-                self.ctx.metrics.updates.get_or_create(&result_label("updated")).inc();
                 self.ctx
                     .metrics
-                    .observe_stage("update", &self.plan.runtime_class, self.order.name(), secs(origin.elapsed()));
+                    .updates
+                    .get_or_create(&result_label("updated"))
+                    .inc();
+                self.ctx.metrics.observe_stage(
+                    "update",
+                    &self.plan.runtime_class,
+                    self.order.name(),
+                    secs(origin.elapsed()),
+                );
                 self.event(
                     EventType::Normal,
                     "Updated",
@@ -999,7 +1096,11 @@ impl PodWorker {
                     Err(e) => Err(e),
                 };
                 self.publish_containers();
-                self.ctx.metrics.updates.get_or_create(&result_label("rolled_back")).inc();
+                self.ctx
+                    .metrics
+                    .updates
+                    .get_or_create(&result_label("rolled_back"))
+                    .inc();
                 let message = match &rollback {
                     Ok(()) => format!(
                         "update of {container} to {} failed ({reason}); rolled back to {}, which serves again",

@@ -76,6 +76,8 @@ pub struct ProbeState {
     failures: u32,
     /// The outcome thresholds have decided (None: not yet).
     pub outcome: Option<bool>,
+    /// Until the first success, probe this often instead of every period.
+    until_ready: Option<Duration>,
 }
 
 impl ProbeState {
@@ -86,7 +88,15 @@ impl ProbeState {
             successes: 0,
             failures: 0,
             outcome: None,
+            until_ready: None,
         }
+    }
+
+    /// Probes every `interval` until the first success (a readiness probe: a container is
+    /// ready when it is, not up to a period later), then every period.
+    pub fn until_ready_every(mut self, interval: Duration) -> ProbeState {
+        self.until_ready = Some(interval);
+        self
     }
 
     pub fn due(&self, now: Instant) -> bool {
@@ -95,7 +105,10 @@ impl ProbeState {
 
     /// Takes a result; gives the new outcome when it flips.
     pub fn record(&mut self, plan: &ProbePlan, ok: bool, now: Instant) -> Option<bool> {
-        self.next = now + plan.period;
+        self.next = match self.until_ready {
+            Some(fast) if self.outcome != Some(true) && !ok => now + fast.min(plan.period),
+            _ => now + plan.period,
+        };
         if ok {
             self.successes += 1;
             self.failures = 0;
@@ -144,5 +157,30 @@ mod tests {
         assert_eq!(s.record(&plan, false, t0), Some(false));
         assert_eq!(s.next, t0 + Duration::from_secs(1));
         assert_eq!(s.record(&plan, true, t0), Some(true));
+    }
+
+    #[test]
+    fn a_readiness_probe_polls_fast_only_until_first_ready() {
+        let plan = ProbePlan {
+            action: ProbeAction::Tcp { port: 1 },
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(10),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 3,
+        };
+        let t0 = Instant::now();
+        let fast = Duration::from_millis(200);
+        let mut s = ProbeState::new(&plan, t0).until_ready_every(fast);
+        s.record(&plan, false, t0);
+        assert_eq!(s.next, t0 + fast);
+        s.record(&plan, true, t0);
+        assert_eq!(s.next, t0 + plan.period);
+        s.record(&plan, false, t0);
+        assert_eq!(
+            s.next,
+            t0 + plan.period,
+            "a ready container is probed on its period"
+        );
     }
 }

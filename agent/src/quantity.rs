@@ -51,10 +51,9 @@ fn nano_units(text: &str) -> Result<u128, QuantityError> {
         "Ti" => (0, 40),
         "Pi" => (0, 50),
         "Ei" => (0, 60),
-        s if s.starts_with(['e', 'E']) => (
-            s[1..].parse::<i32>().map_err(|_| err("bad exponent"))?,
-            0,
-        ),
+        s if s.starts_with(['e', 'E']) => {
+            (s[1..].parse::<i32>().map_err(|_| err("bad exponent"))?, 0)
+        }
         _ => return Err(err("unknown suffix")),
     };
     if !(-9..=18).contains(&ten_exp) {
@@ -101,7 +100,12 @@ pub fn bytes(text: &str) -> Result<u64, QuantityError> {
 
 /// Memory as people read it: `512Mi`, `1.5Gi`, `300k`.
 pub fn format_bytes(b: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if b >= size {
             return if b.is_multiple_of(size) {

@@ -60,10 +60,9 @@ fn start_settled(update: &PodUpdate) -> bool {
         .pod
         .as_ref()
         .is_some_and(|p| p.ready || matches!(p.phase.as_str(), "Failed" | "Succeeded"));
-    let gave_up = update
-        .event
-        .as_ref()
-        .is_some_and(|e| e.r#type == "Warning" && matches!(e.reason.as_str(), "BackOff" | "Failed"));
+    let gave_up = update.event.as_ref().is_some_and(|e| {
+        e.r#type == "Warning" && matches!(e.reason.as_str(), "BackOff" | "Failed")
+    });
     pod_done || gave_up
 }
 
@@ -86,7 +85,12 @@ fn stream_updates(
             return;
         }
         if outcome.is_none() && settled(&first) {
-            let _ = tx.send(Ok(PodUpdate { last: true, ..first })).await;
+            let _ = tx
+                .send(Ok(PodUpdate {
+                    last: true,
+                    ..first
+                }))
+                .await;
             return;
         }
         let mut outcome = outcome;
@@ -106,7 +110,10 @@ fn stream_updates(
             match next {
                 Ok(update) => {
                     let done = outcome.is_none() && settled(&update);
-                    let update = PodUpdate { last: done, ..update };
+                    let update = PodUpdate {
+                        last: done,
+                        ..update
+                    };
                     if tx.send(Ok(update)).await.is_err() || done {
                         return;
                     }
@@ -141,10 +148,19 @@ impl NodeAgent for NodeApi {
     type PrefetchStream = Answer<PrefetchUpdate>;
     type WatchEventsStream = Answer<Event>;
 
-    async fn run_pod(&self, request: Request<RunPodRequest>) -> Result<Response<Self::RunPodStream>, Status> {
+    async fn run_pod(
+        &self,
+        request: Request<RunPodRequest>,
+    ) -> Result<Response<Self::RunPodStream>, Status> {
         let request = request.into_inner();
         let (shared, updates) = self.node.run_pod(&request.manifest)?;
-        Ok(Response::new(stream_updates(shared, updates, request.watch, start_settled, None)))
+        Ok(Response::new(stream_updates(
+            shared,
+            updates,
+            request.watch,
+            start_settled,
+            None,
+        )))
     }
 
     async fn get_pod(&self, request: Request<PodRef>) -> Result<Response<Pod>, Status> {
@@ -152,17 +168,27 @@ impl NodeAgent for NodeApi {
         Ok(Response::new(self.node.get(&namespace, &name)?.snapshot()))
     }
 
-    async fn list_pods(&self, request: Request<ListPodsRequest>) -> Result<Response<ListPodsResponse>, Status> {
+    async fn list_pods(
+        &self,
+        request: Request<ListPodsRequest>,
+    ) -> Result<Response<ListPodsResponse>, Status> {
         Ok(Response::new(ListPodsResponse {
             pods: self.node.list(&request.into_inner().namespace),
         }))
     }
 
-    async fn delete_pod(&self, request: Request<DeletePodRequest>) -> Result<Response<Pod>, Status> {
+    async fn delete_pod(
+        &self,
+        request: Request<DeletePodRequest>,
+    ) -> Result<Response<Pod>, Status> {
         let request = request.into_inner();
         let (namespace, name) = pod_ref(request.pod)?;
-        let grace = request.grace_period_secs.map(|s| Duration::from_secs(s.into()));
-        Ok(Response::new(self.node.delete(&namespace, &name, grace).await?))
+        let grace = request
+            .grace_period_secs
+            .map(|s| Duration::from_secs(s.into()));
+        Ok(Response::new(
+            self.node.delete(&namespace, &name, grace).await?,
+        ))
     }
 
     async fn update_container(
@@ -178,10 +204,19 @@ impl NodeAgent for NodeApi {
             .node
             .update(&namespace, &name, &request.container, &request.image, env)
             .await?;
-        Ok(Response::new(stream_updates(shared, updates, true, |_| false, Some(outcome))))
+        Ok(Response::new(stream_updates(
+            shared,
+            updates,
+            true,
+            |_| false,
+            Some(outcome),
+        )))
     }
 
-    async fn logs(&self, request: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
         let (namespace, name) = pod_ref(request.pod)?;
         let shared = self.node.get(&namespace, &name)?;
@@ -199,8 +234,15 @@ impl NodeAgent for NodeApi {
             })?,
         };
         let container_name = container.name.clone();
-        let pod_dir = self.node.context().config.log_dir.join(format!("{namespace}_{name}_{}", pod.uid));
-        let log_path = move |attempt: u32| pod_dir.join(cri_config::container_log_path(&container.name, attempt));
+        let pod_dir = self
+            .node
+            .context()
+            .config
+            .log_dir
+            .join(format!("{namespace}_{name}_{}", pod.uid));
+        let log_path = move |attempt: u32| {
+            pod_dir.join(cri_config::container_log_path(&container.name, attempt))
+        };
         let attempt = if request.previous {
             (0..container.attempt)
                 .rev()
@@ -230,7 +272,9 @@ impl NodeAgent for NodeApi {
                     // Whole lines only; a line still being written waits for its end.
                     if let Some(cut) = pending.rfind('\n') {
                         let lines: String = pending.drain(..=cut).collect();
-                        let chunk = LogChunk { data: cri_log_text(&lines).into_bytes() };
+                        let chunk = LogChunk {
+                            data: cri_log_text(&lines).into_bytes(),
+                        };
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;
                         }
@@ -240,7 +284,9 @@ impl NodeAgent for NodeApi {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let Ok(shared) = node.get(&namespace, &name) else { return };
+                let Ok(shared) = node.get(&namespace, &name) else {
+                    return;
+                };
                 let current = shared
                     .snapshot()
                     .containers
@@ -249,7 +295,13 @@ impl NodeAgent for NodeApi {
                     .map(|c| c.attempt);
                 // A restart begins a new file: follow it once the old one is read.
                 if let Some(now) = current {
-                    if now != attempt && tokio::fs::metadata(&path).await.map(|m| m.len() as usize).unwrap_or(0) <= offset {
+                    if now != attempt
+                        && tokio::fs::metadata(&path)
+                            .await
+                            .map(|m| m.len() as usize)
+                            .unwrap_or(0)
+                            <= offset
+                    {
                         attempt = now;
                         offset = 0;
                         pending.clear();
@@ -267,7 +319,9 @@ impl NodeAgent for NodeApi {
         let container = match (request.container.as_str(), pod.containers.as_slice()) {
             ("", [only]) => only,
             (c, all) => all.iter().find(|s| s.name == c).ok_or_else(|| {
-                Status::not_found(format!("pod {namespace}/{name} has no container {c:?} (name one of its containers)"))
+                Status::not_found(format!(
+                    "pod {namespace}/{name} has no container {c:?} (name one of its containers)"
+                ))
             })?,
         };
         if container.container_id.is_empty() || container.state != "running" {
@@ -279,7 +333,11 @@ impl NodeAgent for NodeApi {
         if request.command.is_empty() {
             return Err(Status::invalid_argument("exec needs a command"));
         }
-        let timeout = Duration::from_secs(if request.timeout_secs == 0 { 60 } else { request.timeout_secs.into() });
+        let timeout = Duration::from_secs(if request.timeout_secs == 0 {
+            60
+        } else {
+            request.timeout_secs.into()
+        });
         let command: Vec<&str> = request.command.iter().map(String::as_str).collect();
         let mut cri = self.node.context().cri.clone();
         let (exit_code, stdout, stderr) = cri
@@ -293,11 +351,16 @@ impl NodeAgent for NodeApi {
         }))
     }
 
-    async fn prefetch(&self, request: Request<PrefetchRequest>) -> Result<Response<Self::PrefetchStream>, Status> {
+    async fn prefetch(
+        &self,
+        request: Request<PrefetchRequest>,
+    ) -> Result<Response<Self::PrefetchStream>, Status> {
         let image = request.into_inner().image;
         let socket = self.node.context().config.prefetch_socket.clone();
         if socket.as_os_str().is_empty() {
-            return Err(Status::failed_precondition("this agent has no prefetch API (prefetch_socket)"));
+            return Err(Status::failed_precondition(
+                "this agent has no prefetch API (prefetch_socket)",
+            ));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let convert = |p: &kite_protocol::prefetch::PrefetchProgress| PrefetchUpdate {
@@ -316,7 +379,9 @@ impl NodeAgent for NodeApi {
             })
             .await;
             if let Err(e) = result {
-                let _ = tx.send(Err(Status::unavailable(kite_protocol::errors::error_chain(&e))));
+                let _ = tx.send(Err(Status::unavailable(
+                    kite_protocol::errors::error_chain(&e),
+                )));
             }
         });
         Ok(Response::new(Box::pin(
@@ -324,7 +389,10 @@ impl NodeAgent for NodeApi {
         )))
     }
 
-    async fn watch_events(&self, request: Request<PodRef>) -> Result<Response<Self::WatchEventsStream>, Status> {
+    async fn watch_events(
+        &self,
+        request: Request<PodRef>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let (namespace, name) = pod_ref(Some(request.into_inner()))?;
         let shared = self.node.get(&namespace, &name)?;
         let mut updates = shared.subscribe();

@@ -85,7 +85,13 @@ impl PodShared {
     }
 
     /// Adds an event (and logs it).
-    pub fn event(&self, kind: EventType, reason: &str, container: &str, message: impl Into<String>) {
+    pub fn event(
+        &self,
+        kind: EventType,
+        reason: &str,
+        container: &str,
+        message: impl Into<String>,
+    ) {
         let message = message.into();
         let (namespace, name) = {
             let s = self.status.lock().expect("pod status lock");
@@ -115,7 +121,14 @@ impl PodShared {
 
     /// Records a stage that ran from `started` to `ended`, timed from `origin` (the bind, or
     /// an update's request).
-    pub fn stage(&self, name: &str, origin: Instant, started: Instant, ended: Instant, detail: String) {
+    pub fn stage(
+        &self,
+        name: &str,
+        origin: Instant,
+        started: Instant,
+        ended: Instant,
+        detail: String,
+    ) {
         let stage = Stage {
             name: name.into(),
             start_ms: ms(started.saturating_duration_since(origin)),

@@ -51,8 +51,10 @@ pub mod node {
     /// Connects to the node agent's API on its unix socket.
     pub async fn connect(
         socket: &std::path::Path,
-    ) -> Result<node_agent_client::NodeAgentClient<tonic::transport::Channel>, tonic::transport::Error>
-    {
+    ) -> Result<
+        node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+        tonic::transport::Error,
+    > {
         Ok(node_agent_client::NodeAgentClient::new(
             crate::unix_channel(socket).await?,
         ))

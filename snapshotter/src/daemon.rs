@@ -1,6 +1,8 @@
 //! The snapshotter's daemons' plumbing: kite's shared daemon helpers, and serving ttrpc.
 
-pub use kite_config::daemon::{init_logging, listen_unix, remove_socket, socket_inode, stop_requested};
+pub use kite_config::daemon::{
+    init_logging, listen_unix, remove_socket, socket_inode, stop_requested,
+};
 
 /// Serves ttrpc `services` on `listener` (bound with [`listen_unix`]); the server runs until it
 /// is shut down or dropped.
@@ -20,4 +22,3 @@ pub async fn serve_ttrpc(
     server.start().await?;
     Ok(server)
 }
-

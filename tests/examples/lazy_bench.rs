@@ -14,208 +14,14 @@
 //!
 //!     cargo run --release -p kite-e2e --example lazy_bench -- [N] [TOTAL_MIB] [START_MIB] [RATE_MB]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
-use bytes_util::random_fill;
+use kite_e2e::bench::{ms, push_full_image, spread, throttling_proxy, PROXY_PORT, ROOT};
 use kite_e2e::cri::{status_message, Cri, RemoveOnDrop, RUNC};
-use kite_e2e::IMAGE;
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
-use kite_snapshotter::registry::{Descriptor, ImageRef, Manifest, RegistryClient, RegistryOptions};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const PROXY_PORT: u16 = 5050;
-const FILE_MIB: usize = 64;
-const ROOT: &str = "/var/lib/kite/snapshotter";
-
-mod bytes_util {
-    /// Incompressible bytes, fast (xorshift64*), reproducible per seed.
-    pub fn random_fill(buf: &mut [u8], seed: u64) {
-        let mut x = seed | 1;
-        for chunk in buf.chunks_mut(8) {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// median, min, max
-fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() / 2], s[0], s[s.len() - 1])
-}
-
-/// A TCP proxy to the registry whose responses share one link of `rate` bytes/s.
-async fn throttling_proxy(rate: f64) {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))
-        .await
-        .expect("bind the throttling proxy");
-    let link = Arc::new(Mutex::new(Instant::now()));
-    loop {
-        let (client, _) = listener.accept().await.unwrap();
-        let link = link.clone();
-        tokio::spawn(async move {
-            let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5000").await else {
-                return;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            let up = tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                let _ = sw.shutdown().await;
-            });
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                let n = match sr.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                // Reserve the link for n bytes after whatever is queued on it.
-                let at = {
-                    let mut next = link.lock().unwrap();
-                    let at = (*next).max(Instant::now());
-                    *next = at + Duration::from_secs_f64(n as f64 / rate);
-                    *next
-                };
-                tokio::time::sleep_until(at.into()).await;
-                if cw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-            let _ = cw.shutdown().await;
-            up.abort();
-        });
-    }
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
-}
-
-/// Pushes busybox + the app layer as `name:tag` (on the real registry); returns the app
-/// layer's compressed size.
-async fn push_full_image(
-    client: &RegistryClient,
-    dst: &ImageRef,
-    total_mib: usize,
-    start_mib: usize,
-) -> u64 {
-    let base = ImageRef::parse(IMAGE).unwrap();
-    let resolved = client.resolve(&base).await.unwrap();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, mib: usize, seed: u64| {
-        let mut data = vec![0u8; mib << 20];
-        random_fill(&mut data, seed);
-        let mut h = tar::Header::new_ustar();
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        h.set_mtime(1_700_000_000);
-        b.append_data(&mut h, name, &data[..]).unwrap();
-    };
-    add("app/start.dat", start_mib, 1);
-    let mut left = total_mib.saturating_sub(start_mib);
-    let mut n: u64 = 0;
-    while left > 0 {
-        let mib = left.min(FILE_MIB);
-        add(&format!("app/data/blob-{n:03}"), mib, 100 + n);
-        left -= mib;
-        n += 1;
-    }
-    let tar = b.into_inner().unwrap();
-    let diff_id = format!("sha256:{:x}", Sha256::digest(&tar));
-    let layer = gzip(&tar);
-    let size = layer.len() as u64;
-    let mut layers = Vec::new();
-    for l in &resolved.manifest.layers {
-        let blob = client.blob(&base, &l.digest).await.unwrap();
-        client.push_blob(dst, blob).await.unwrap();
-        layers.push(l.clone());
-    }
-    let digest = client.push_blob(dst, layer.into()).await.unwrap();
-    layers.push(Descriptor {
-        media_type: kite_snapshotter::registry::OCI_LAYER_GZIP.into(),
-        digest,
-        size,
-        ..Default::default()
-    });
-    let config_raw = client
-        .blob(&base, &resolved.manifest.config.digest)
-        .await
-        .unwrap();
-    let mut config: serde_json::Value = serde_json::from_slice(&config_raw).unwrap();
-    config["rootfs"]["diff_ids"]
-        .as_array_mut()
-        .unwrap()
-        .push(diff_id.into());
-    let config = bytes::Bytes::from(serde_json::to_vec(&config).unwrap());
-    let config_size = config.len() as u64;
-    let config_digest = client.push_blob(dst, config).await.unwrap();
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: kite_snapshotter::registry::OCI_MANIFEST.into(),
-        config: Descriptor {
-            media_type: "application/vnd.oci.image.config.v1+json".into(),
-            digest: config_digest,
-            size: config_size,
-            ..Default::default()
-        },
-        layers,
-        annotations: Default::default(),
-    };
-    client
-        .push_manifest(
-            dst,
-            kite_snapshotter::registry::OCI_MANIFEST,
-            serde_json::to_vec(&manifest).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    size
-}
-
-fn metric(name: &str) -> u64 {
-    let out = Command::new("curl")
-        .args(["-sf", "http://127.0.0.1:9471/metrics"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("kite_snapshotter_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Every image of the benchmark gone, the chunk cache and TOCs empty, the snapshotter fresh.
-async fn reset(c: &mut Cri, images: &[String]) {
-    for i in images {
-        let _ = c.remove_image(i).await;
-    }
-    tokio::task::spawn_blocking(|| {
-        // kite-lazyfs owns the chunk cache: it stops too, and starts again empty.
-        kite_e2e::snapshotter_script("stop-all");
-        for d in ["cache", "tocs"] {
-            let _ = std::fs::remove_dir_all(Path::new(ROOT).join(d));
-        }
-        kite_e2e::snapshotter_script("start");
-        kite_e2e::wait_snapshotter_reachable();
-    })
-    .await
-    .unwrap();
-}
+use kite_snapshotter::registry::{ImageRef, RegistryClient, RegistryOptions};
 
 struct Round {
     first_output: f64,
@@ -225,7 +31,7 @@ struct Round {
 
 async fn round(c: &mut Cri, image: &str, prefetch: bool, name: &str) -> Round {
     let t0 = Instant::now();
-    let fetched0 = metric("fetched_bytes_total");
+    let fetched0 = kite_e2e::bench::snapshotter_metric("fetched_bytes_total");
     if prefetch {
         let image = image.to_string();
         tokio::spawn(async move {
@@ -270,7 +76,7 @@ async fn round(c: &mut Cri, image: &str, prefetch: bool, name: &str) -> Round {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let first_output = ms(t0.elapsed());
-    let fetched = metric("fetched_bytes_total") - fetched0;
+    let fetched = kite_e2e::bench::snapshotter_metric("fetched_bytes_total") - fetched0;
     c.remove_pod(&pod.id).await.unwrap();
     Round {
         first_output,
@@ -386,7 +192,7 @@ async fn main() {
     let mut results: Vec<Vec<Round>> = variants.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for (i, (label, image, prefetch)) in variants.iter().enumerate() {
-            reset(&mut c, &images).await;
+            kite_e2e::bench::reset_images(&mut c, &images).await;
             let out = round(&mut c, image, *prefetch, &format!("lazybench-{r}-{i}")).await;
             eprintln!(
                 "round {r} {label}: first output {:.0} ms (pull {:.0} ms), fetched {:.1} MB",
@@ -438,7 +244,7 @@ async fn main() {
     }
 
     // Read throughput: the lazy layer fully cached vs the same files unpacked.
-    reset(&mut c, &images).await;
+    kite_e2e::bench::reset_images(&mut c, &images).await;
     c.pull(&at(PROXY_PORT, "full")).await.unwrap();
     c.pull(&at(PROXY_PORT, "esgz-prio")).await.unwrap();
     let (lazy_dir, unpacked_dir) = tokio::task::spawn_blocking(app_dirs).await.unwrap();

@@ -241,6 +241,8 @@ pub fn write_config(name: &str, shim_section: &str) -> PathBuf {
     std::fs::write(&path, format!("[shim]\n{shim_section}\n")).expect("write config");
     path
 }
+pub mod agent;
+pub mod bench;
 pub mod cri;
 
 /// Runs `hack/snapshotter.sh ACTION` (start, restart, stop, stop-all); panics if it fails.

@@ -1,0 +1,301 @@
+//! A kite-agent of a test's own (the binary hack/setup.sh installs, its own socket, state,
+//! logs and CRI label, a short crash back-off), its API client, and kitectl pointed at it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kite_protocol::node::node_agent_client::NodeAgentClient;
+use kite_protocol::node::{Pod, PodRef, RunPodRequest};
+use tonic::transport::Channel;
+
+pub const AGENT: &str = "/usr/local/bin/kite-agent";
+pub const KITECTL: &str = "/usr/local/bin/kitectl";
+pub const WEB_V1: &str = "127.0.0.1:5000/kite/web-v1:latest";
+pub const WEB_V2: &str = "127.0.0.1:5000/kite/web-v2:latest";
+pub const WEB_BROKEN: &str = "127.0.0.1:5000/kite/web-broken:latest";
+
+pub struct TestAgent {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TestAgent {
+    /// Starts an agent named `e2e-NAME-PID` and waits until it serves.
+    pub fn start(name: &str) -> TestAgent {
+        for path in [AGENT, KITECTL] {
+            assert!(
+                Path::new(path).exists(),
+                "{path} is missing: run hack/setup.sh first"
+            );
+        }
+        let id = crate::unique_id(name);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kite-agent-{name}-"))
+            .tempdir()
+            .expect("a temporary directory");
+        let config = format!(
+            "[agent]\n\
+             api_socket = \"{d}/agent.sock\"\n\
+             state_dir = \"{d}/state\"\n\
+             log_dir = \"{d}/logs\"\n\
+             agent_id = \"{id}\"\n\
+             metrics_addr = \"127.0.0.1:0\"\n\
+             backoff_initial_ms = 1000\n\
+             backoff_max_ms = 8000\n\
+             sync_interval_ms = 200\n\
+             update_timeout_secs = 40\n\
+             log_level = \"info,kite_agent=debug\"\n",
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("kite.toml"), config).expect("write the agent's config");
+        let mut agent = TestAgent {
+            id,
+            dir,
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Starts the agent process (again) and waits until its API answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("open the agent's log");
+        let child = Command::new(AGENT)
+            .arg("--config")
+            .arg(self.dir.path().join("kite.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start kite-agent");
+        self.child = Some(child);
+        let socket = self.socket();
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kite-agent exited ({status}): {}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "kite-agent does not serve on {}: {}",
+                socket.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: the agent dies without a word; its pods must not notice.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self) -> NodeAgentClient<Channel> {
+        kite_protocol::node::connect(&self.socket())
+            .await
+            .unwrap_or_else(|e| panic!("connect to the agent: {e}"))
+    }
+
+    /// kitectl against this agent, with `stdin` fed in.
+    pub fn kitectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(KITECTL)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kitectl");
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write kitectl's stdin");
+        }
+        child.wait_with_output().expect("wait for kitectl")
+    }
+
+    /// kitectl that must succeed: its stdout.
+    pub fn kitectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kitectl(args, stdin);
+        assert!(
+            out.status.success(),
+            "kitectl {args:?}: {}{}\nagent log:\n{}",
+            crate::text(&out.stdout),
+            crate::text(&out.stderr),
+            self.log()
+        );
+        crate::text(&out.stdout)
+    }
+
+    pub async fn get(&self, name: &str) -> Option<Pod> {
+        self.client()
+            .await
+            .get_pod(PodRef {
+                namespace: "default".into(),
+                name: name.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Runs a manifest without waiting (the agent starts it in the background).
+    pub async fn run_nowait(&self, manifest: &str) -> Result<Pod, tonic::Status> {
+        use futures::StreamExt;
+        let mut stream = self
+            .client()
+            .await
+            .run_pod(RunPodRequest {
+                manifest: manifest.into(),
+                watch: false,
+            })
+            .await?
+            .into_inner();
+        let first = stream.next().await.expect("one answer")?;
+        Ok(first.pod.expect("a pod"))
+    }
+
+    /// Waits until `check` holds for the pod (panics with its status after `limit`).
+    pub async fn wait_pod(&self, name: &str, limit: Duration, check: impl Fn(&Pod) -> bool) -> Pod {
+        let start = Instant::now();
+        loop {
+            let pod = self.get(name).await;
+            if let Some(p) = &pod {
+                if check(p) {
+                    return p.clone();
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "pod {name} not as expected after {limit:?}: {pod:#?}\nagent log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill9();
+        // What a failed test left: this agent's sandboxes, found by its label.
+        let id = self.id.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let Ok(mut cri) =
+                    kite_cri::CriClient::connect(Path::new(kite_cri::CONTAINERD_SOCKET)).await
+                else {
+                    return;
+                };
+                if let Ok(sandboxes) = cri
+                    .list_pod_sandboxes(&[("kite.io/agent", id.as_str())])
+                    .await
+                {
+                    for s in sandboxes {
+                        let _ = cri.stop_pod_sandbox(&s.id).await;
+                        let _ = cri.remove_pod_sandbox(&s.id).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The sandboxes the CRI holds for this agent (all states).
+pub async fn agent_sandboxes(agent_id: &str) -> Vec<kite_cri::api::PodSandbox> {
+    let mut cri = kite_cri::CriClient::connect(Path::new(kite_cri::CONTAINERD_SOCKET))
+        .await
+        .expect("connect to the CRI");
+    cri.list_pod_sandboxes(&[("kite.io/agent", agent_id)])
+        .await
+        .expect("list sandboxes")
+}
+
+/// A pod manifest serving `image` (busybox httpd on 8080) with an HTTP readiness probe and an
+/// emptyDir at /data.
+pub fn web_manifest(name: &str, runtime: &str, image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{app: web}}
+spec:
+  runtimeClassName: {runtime}
+  terminationGracePeriodSeconds: 2
+  volumes:
+  - name: data
+    emptyDir: {{}}
+  containers:
+  - name: web
+    image: {image}
+    ports:
+    - {{name: http, containerPort: 8080}}
+    resources:
+      requests: {{cpu: 100m, memory: 32Mi}}
+      limits: {{cpu: "1", memory: 128Mi}}
+    readinessProbe:
+      httpGet: {{path: /, port: http}}
+      periodSeconds: 1
+      failureThreshold: 2
+    volumeMounts:
+    - {{name: data, mountPath: /data}}
+"#
+    )
+}
+
+/// The QEMU pid of a kite sandbox.
+pub fn qemu_pid(sandbox_id: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(crate::STATE_DIR)
+            .join(sandbox_id)
+            .join("qemu.pid"),
+    )
+    .unwrap_or_else(|e| panic!("sandbox {sandbox_id} has no QEMU pid file: {e}"))
+    .trim()
+    .to_string()
+}
