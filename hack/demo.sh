@@ -31,3 +31,22 @@ stages of this container's start (accelerator: $accel):
   shim's own time                  $(field shim_own_ms) ms
   ctr run, end to end              $total_ms ms
 TXT
+
+# The node agent: a pod from a Kubernetes manifest, its start as a waterfall, an in-place update.
+pod=deploy/examples/web-pod.yaml
+kitectl delete pod web >/dev/null 2>&1 || true
+echo
+echo "== kitectl run -f $pod"
+kitectl run -f "$here/$pod"
+ip=$(kitectl get pod web -o json | python3 -c 'import json, sys; print(json.load(sys.stdin)["status"]["podIP"])')
+echo "GET http://$ip:8080/ -> $(curl -fsS "http://$ip:8080/")"
+echo
+echo "== kitectl describe pod web"
+kitectl describe pod web | sed -n '/^Start/,/^Events/p' | sed '$d'
+qemu_before=$(cat "/run/kite/sandboxes/$(kitectl get pod web -o wide | awk 'NR==2{print $NF}')"*/qemu.pid)
+echo
+echo "== kitectl set image pod/web web=127.0.0.1:5000/kite/web-v2:latest (in place)"
+kitectl set image pod/web web=127.0.0.1:5000/kite/web-v2:latest
+qemu_after=$(cat "/run/kite/sandboxes/$(kitectl get pod web -o wide | awk 'NR==2{print $NF}')"*/qemu.pid)
+echo "GET http://$ip:8080/ -> $(curl -fsS "http://$ip:8080/") (same IP; QEMU pid $qemu_before before, $qemu_after after)"
+kitectl delete pod web

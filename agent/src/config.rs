@@ -67,9 +67,12 @@ pub struct AgentConfig {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub backoff_reset_secs: u64,
-    /// How often containers' states are read from the CRI (and a readiness probe runs until
-    /// its container is first ready).
+    /// How often containers' states are read from the CRI.
     pub sync_interval_ms: u64,
+    /// While a container has not yet been ready, its state is read and its readiness probe
+    /// run this often instead (a kubelet waits a whole probe period): a pod is ready when it
+    /// is, not up to a period later.
+    pub ready_poll_ms: u64,
     /// An in-place update that is not ready within this many seconds is rolled back.
     pub update_timeout_secs: u64,
     /// Prometheus metrics (`GET /metrics`).
@@ -98,7 +101,8 @@ impl Default for AgentConfig {
             backoff_initial_ms: 10_000,
             backoff_max_ms: 300_000,
             backoff_reset_secs: 600,
-            sync_interval_ms: 250,
+            sync_interval_ms: 500,
+            ready_poll_ms: 50,
             update_timeout_secs: 120,
             metrics_addr: "127.0.0.1:9611".into(),
             log_level: "info".into(),
@@ -139,14 +143,21 @@ impl AgentConfig {
                 "must be positive and not above backoff_max_ms",
             ));
         }
-        if config.sync_interval_ms == 0 {
-            return Err(invalid("sync_interval_ms", "must be positive"));
+        if config.sync_interval_ms == 0 || config.ready_poll_ms == 0 {
+            return Err(invalid(
+                "sync_interval_ms",
+                "and ready_poll_ms must be positive",
+            ));
         }
         Ok(config)
     }
 
     pub fn sync_interval(&self) -> Duration {
         Duration::from_millis(self.sync_interval_ms)
+    }
+
+    pub fn ready_poll(&self) -> Duration {
+        Duration::from_millis(self.ready_poll_ms)
     }
 }
 

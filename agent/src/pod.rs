@@ -189,8 +189,12 @@ impl PodWorker {
             } => self.adopt(sandbox_id, containers).await,
             Begin::Failed => self.failed = true,
         }
-        let interval = self.ctx.config.sync_interval();
         loop {
+            let interval = if self.starting() {
+                self.ctx.config.ready_poll()
+            } else {
+                self.ctx.config.sync_interval()
+            };
             let tick = tokio::time::sleep(interval);
             tokio::select! {
                 command = self.commands.recv() => match command {
@@ -213,6 +217,17 @@ impl PodWorker {
                 _ = tick, if !self.failed => self.sync().await,
             }
         }
+    }
+
+    /// Whether a container runs that has not been ready yet (it is watched closely).
+    fn starting(&self) -> bool {
+        self.runs.iter().any(|r| {
+            r.id.is_some()
+                && !r.ready
+                && r.finished.is_none()
+                && r.restart_at.is_none()
+                && r.readiness.as_ref().is_none_or(|p| p.outcome != Some(true))
+        })
     }
 
     /// A delete (or refuses an update) that arrived during the start path.
@@ -244,43 +259,29 @@ impl PodWorker {
     }
 
     /// Prefetches the pod's images through the snapshotter (a failure is a warning: the pull
-    /// still fetches them).
+    /// still fetches them); what it did, in a line.
     async fn prefetch(&self, images: &[String]) -> String {
-        let socket = &self.ctx.config.prefetch_socket;
+        prefetch_images(&self.ctx.config.prefetch_socket, images, &self.shared).await
+    }
+
+    /// The prefetch as a task of its own, recorded as the stage `prefetch` when it ends: the
+    /// start does not wait for it (what the container reads first is fetched on demand if the
+    /// prefetch has not got it yet).
+    fn spawn_prefetch(&self, images: Vec<String>, origin: Instant) {
+        let socket = self.ctx.config.prefetch_socket.clone();
         if socket.as_os_str().is_empty() {
-            return "no prefetch API configured".into();
+            return;
         }
-        let results = futures::future::join_all(images.iter().map(|image| async move {
-            (
-                image,
-                kite_protocol::prefetch_client::prefetch(socket, image, |_| {}).await,
-            )
-        }))
-        .await;
-        let mut detail = Vec::new();
-        for (image, result) in results {
-            match result {
-                Ok(p) if p.error.is_empty() => detail.push(format!(
-                    "{image}: {} of {} layers lazy, {} KiB prefetched",
-                    p.lazy_layers,
-                    p.layers,
-                    p.prefetched_bytes / 1024
-                )),
-                Ok(p) => self.event(
-                    EventType::Warning,
-                    "PrefetchFailed",
-                    "",
-                    format!("prefetch {image}: {}", p.error),
-                ),
-                Err(e) => self.event(
-                    EventType::Warning,
-                    "PrefetchFailed",
-                    "",
-                    kite_protocol::errors::error_chain(&e),
-                ),
-            }
-        }
-        detail.join("; ")
+        let shared = self.shared.clone();
+        let metrics = self.ctx.metrics.clone();
+        let (class, order) = (self.plan.runtime_class.clone(), self.order.name());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let detail = prefetch_images(&socket, &images, &shared).await;
+            let end = Instant::now();
+            shared.stage("prefetch", origin, t, end, detail);
+            metrics.observe_stage("prefetch", &class, order, secs(end - t));
+        });
     }
 
     /// Pulls each image through the CRI; gives the image ids by image, or the first error.
@@ -407,10 +408,7 @@ impl PodWorker {
             StartOrder::Parallel => {
                 // The fetch and the sandbox (the VM boot) at once.
                 let t0 = Instant::now();
-                let prefetch = async {
-                    let detail = self.prefetch(&images).await;
-                    (Instant::now(), detail)
-                };
+                self.spawn_prefetch(images.clone(), bind);
                 let pull = async {
                     let r = self.pull(&images).await;
                     (Instant::now(), r)
@@ -419,8 +417,7 @@ impl PodWorker {
                     let r = self.run_sandbox().await;
                     (Instant::now(), r)
                 };
-                let ((prefetch_end, prefetch_detail), (pull_end, pulled), (sandbox_end, sandbox)) =
-                    tokio::join!(prefetch, pull, sandbox);
+                let ((pull_end, pulled), (sandbox_end, sandbox)) = tokio::join!(pull, sandbox);
                 let stage = |name: &str, end: Instant, detail: String| {
                     self.shared.stage(name, bind, t0, end, detail);
                     self.ctx.metrics.observe_stage(
@@ -430,9 +427,6 @@ impl PodWorker {
                         secs(end - t0),
                     );
                 };
-                if !self.ctx.config.prefetch_socket.as_os_str().is_empty() {
-                    stage("prefetch", prefetch_end, prefetch_detail);
-                }
                 stage("pull", pull_end, String::new());
                 let sandbox_detail = sandbox
                     .as_ref()
@@ -543,7 +537,7 @@ impl PodWorker {
         run.finished = None;
         run.restart_at = None;
         run.ready = false;
-        let fast = self.ctx.config.sync_interval();
+        let fast = self.ctx.config.ready_poll();
         run.readiness = c
             .readiness
             .as_ref()
@@ -955,7 +949,7 @@ impl PodWorker {
                     limit.as_secs()
                 ));
             }
-            tokio::time::sleep(self.ctx.config.sync_interval()).await;
+            tokio::time::sleep(self.ctx.config.ready_poll()).await;
         }
     }
 
@@ -1116,6 +1110,49 @@ impl PodWorker {
             }
         }
     }
+}
+
+/// Prefetches `images` through the prefetch API on `socket`, reporting failures as the pod's
+/// events; a summary line of what was prefetched.
+async fn prefetch_images(
+    socket: &std::path::Path,
+    images: &[String],
+    shared: &PodShared,
+) -> String {
+    if socket.as_os_str().is_empty() {
+        return "no prefetch API configured".into();
+    }
+    let results = futures::future::join_all(images.iter().map(|image| async move {
+        (
+            image,
+            kite_protocol::prefetch_client::prefetch(socket, image, |_| {}).await,
+        )
+    }))
+    .await;
+    let mut detail = Vec::new();
+    for (image, result) in results {
+        match result {
+            Ok(p) if p.error.is_empty() => detail.push(format!(
+                "{image}: {} of {} layers lazy, {} KiB prefetched",
+                p.lazy_layers,
+                p.layers,
+                p.prefetched_bytes / 1024
+            )),
+            Ok(p) => shared.event(
+                EventType::Warning,
+                "PrefetchFailed",
+                "",
+                format!("prefetch {image}: {}", p.error),
+            ),
+            Err(e) => shared.event(
+                EventType::Warning,
+                "PrefetchFailed",
+                "",
+                kite_protocol::errors::error_chain(&e),
+            ),
+        }
+    }
+    detail.join("; ")
 }
 
 fn result_label(result: &str) -> crate::metrics::ResultLabels {

@@ -98,6 +98,12 @@ enum Command {
     },
     /// Asks the node's snapshotter to prefetch an image.
     Prefetch { image: String },
+    /// A pod's events; with -w, then the new ones as they happen.
+    Events {
+        pod: String,
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,11 +216,12 @@ impl Ctl {
             println!("pod/{} completed", pod.name);
             Ok(())
         } else {
+            // The cause, not the back-off that follows it.
             let why = pod
                 .events
                 .iter()
                 .rev()
-                .find(|e| e.r#type == "Warning")
+                .find(|e| e.r#type == "Warning" && e.reason != "BackOff")
                 .map(|e| e.message.clone())
                 .unwrap_or_else(|| pod.message.clone());
             bail!(
@@ -398,6 +405,43 @@ impl Ctl {
         Ok(())
     }
 
+    async fn events(&mut self, pod: &str, watch: bool) -> anyhow::Result<()> {
+        let print = |e: &Event| {
+            println!(
+                "{}  {:<7}  {:<12}  {:<10}  {}",
+                output::clock(e.unix_ms),
+                e.r#type,
+                e.reason,
+                if e.container.is_empty() {
+                    "-"
+                } else {
+                    &e.container
+                },
+                e.message
+            )
+        };
+        if !watch {
+            let pod = self
+                .client
+                .get_pod(self.pod_ref(pod))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            pod.events.iter().for_each(print);
+            return Ok(());
+        }
+        let mut stream = self
+            .client
+            .watch_events(self.pod_ref(pod))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        while let Some(e) = stream.next().await {
+            print(&e.map_err(status_error)?);
+        }
+        Ok(())
+    }
+
     async fn prefetch(&mut self, image: String) -> anyhow::Result<()> {
         let mut stream = self
             .client
@@ -552,6 +596,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<i32> {
             }
         },
         Command::Prefetch { image } => ctl.prefetch(image).await?,
+        Command::Events { pod, watch } => ctl.events(&pod_name(&pod)?, watch).await?,
     }
     Ok(0)
 }

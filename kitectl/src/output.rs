@@ -104,6 +104,14 @@ pub fn pod_table(pods: &[Pod], wide: bool, namespaces: bool) -> String {
     table(&rows)
 }
 
+/// An event's time of day (UTC, with milliseconds).
+pub fn clock(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let text = humantime::format_rfc3339_millis(t).to_string();
+    text.get(11..23).unwrap_or(&text).to_string()
+}
+
 fn rfc3339(ms: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
