@@ -59,7 +59,12 @@ fn linux_resources(
 }
 
 /// RunPodSandbox's config for the pod.
-pub fn sandbox_config(plan: &PodPlan, agent_id: &str, log_root: &Path) -> PodSandboxConfig {
+pub fn sandbox_config(
+    plan: &PodPlan,
+    attempt: u32,
+    agent_id: &str,
+    log_root: &Path,
+) -> PodSandboxConfig {
     let mut labels: HashMap<String, String> = plan.labels.clone().into_iter().collect();
     labels.insert(LABEL_AGENT.into(), agent_id.into());
     labels.insert(LABEL_POD_UID.into(), plan.uid.clone());
@@ -79,7 +84,7 @@ pub fn sandbox_config(plan: &PodPlan, agent_id: &str, log_root: &Path) -> PodSan
             name: plan.name.clone(),
             uid: plan.uid.clone(),
             namespace: plan.namespace.clone(),
-            attempt: 0,
+            attempt,
         }),
         hostname: plan.name.clone(),
         log_directory: pod_log_dir(log_root, plan).display().to_string(),
@@ -183,7 +188,8 @@ spec:
             "kite",
         )
         .unwrap();
-        let sb = sandbox_config(&plan, "a1", Path::new("/logs"));
+        let sb = sandbox_config(&plan, 1, "a1", Path::new("/logs"));
+        assert_eq!(sb.metadata.as_ref().unwrap().attempt, 1);
         assert_eq!(sb.labels[LABEL_POD_UID], plan.uid);
         assert_eq!(sb.labels["app"], "web");
         assert_eq!(sb.log_directory, format!("/logs/shop_web_{}", plan.uid));

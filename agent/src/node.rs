@@ -434,6 +434,8 @@ impl Node {
                         p.ip.clear();
                         p.phase = "Pending".into();
                         p.ready = false;
+                        // The sandbox being made when the agent died may still hold the name.
+                        p.sandbox_attempt += 1;
                     });
                     Begin::Start {
                         bind: Instant::now(),

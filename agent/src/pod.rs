@@ -112,7 +112,11 @@ pub struct PodWorker {
     bind: Instant,
     failed: bool,
     updating: bool,
+    last_reconcile: Instant,
 }
+
+/// How often a worker looks for sandboxes of its pod that are not its own.
+const RECONCILE_EVERY: Duration = Duration::from_secs(3);
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
@@ -126,8 +130,9 @@ impl PodWorker {
         shared: Arc<PodShared>,
         commands: mpsc::Receiver<PodCommand>,
     ) -> PodWorker {
+        let attempt = shared.snapshot().sandbox_attempt;
         let sandbox_config =
-            cri_config::sandbox_config(&plan, &ctx.config.agent_id, &ctx.config.log_dir);
+            cri_config::sandbox_config(&plan, attempt, &ctx.config.agent_id, &ctx.config.log_dir);
         let runs = plan
             .containers
             .iter()
@@ -149,6 +154,7 @@ impl PodWorker {
             bind: Instant::now(),
             failed: false,
             updating: false,
+            last_reconcile: Instant::now(),
         }
     }
 
@@ -824,6 +830,38 @@ impl PodWorker {
             self.observe(i).await;
         }
         self.publish_containers();
+        if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
+            self.last_reconcile = Instant::now();
+            self.remove_strays().await;
+        }
+    }
+
+    /// Removes sandboxes of this pod other than its own: a RunPodSandbox that was in flight
+    /// when an agent died completes after the next agent started the pod again (the CRI lists a
+    /// sandbox only once it runs).
+    async fn remove_strays(&mut self) {
+        let Some(own) = self.sandbox_id.clone() else {
+            return;
+        };
+        let labels = [
+            (cri_config::LABEL_AGENT, self.ctx.config.agent_id.as_str()),
+            (cri_config::LABEL_POD_UID, self.plan.uid.as_str()),
+        ];
+        let Ok(found) = self.cri.list_pod_sandboxes(&labels).await else {
+            return;
+        };
+        for stray in found.into_iter().filter(|s| s.id != own) {
+            let stop = self.cri.stop_pod_sandbox(&stray.id).await;
+            let result = stop.and(self.cri.remove_pod_sandbox(&stray.id).await);
+            let message = match result {
+                Ok(()) => format!(
+                    "removed sandbox {} of this pod, which is not the one it runs in",
+                    stray.id
+                ),
+                Err(e) => format!("remove stray sandbox {}: {e}", stray.id),
+            };
+            self.event(EventType::Warning, "StraySandbox", "", message);
+        }
     }
 
     async fn adopt(&mut self, sandbox_id: String, containers: BTreeMap<String, (String, u32)>) {

@@ -101,6 +101,7 @@ fn status() -> Pod {
         manifest_json: "{}".repeat(600),
         created_unix_ms: 1_796_000_000_000,
         message: String::new(),
+        sandbox_attempt: 0,
     }
 }
 
