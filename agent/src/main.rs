@@ -75,7 +75,9 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
     });
     let node = Arc::new(Node::new(ctx, store, Capacity::of_this_node()));
-    node.recover().await;
+    node.recover()
+        .await
+        .context("list the sandboxes this agent made, to adopt its pods")?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -100,16 +102,24 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let inode = daemon::socket_inode(&api_socket);
     tracing::info!(socket = %api_socket.display(), "serving the node API");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let stop = stopped(stop_rx);
+    let stop = stopped(stop_rx.clone());
     tokio::spawn(async move {
         daemon::stop_requested().await;
         let _ = stop_tx.send(true);
     });
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .add_service(NodeAgentServer::new(NodeApi::new(node)))
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await
-        .context("serve the node API")?;
+        .serve_with_incoming_shutdown(incoming, stop);
+    // A graceful stop waits for open streams (`logs -f`, `events -w`), which end only with
+    // their pod: they get a few seconds, then the agent goes anyway.
+    let stopped_for_a_while = async move {
+        stopped(stop_rx).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        served = serve => served.context("serve the node API")?,
+        _ = stopped_for_a_while => tracing::info!("streams still open after 5 s; stopping anyway"),
+    }
     daemon::remove_socket(&api_socket, inode);
     let _ = metrics_server.await;
     // The pods keep running; the next agent adopts them.

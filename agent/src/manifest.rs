@@ -347,10 +347,24 @@ pub fn plan(mut pod: Pod, default_runtime_class: &str) -> Result<PodPlan, Manife
         .get_or_insert_with(|| "default".into())
         .clone();
     dns_label("metadata.namespace", &namespace)?;
+    if meta.uid.as_deref().is_some_and(str::is_empty) {
+        meta.uid = None;
+    }
     let uid = meta
         .uid
         .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
         .clone();
+    // It names the pod's record and volume directory: no path tricks.
+    let uid_ok = uid.len() <= 128
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !uid_ok {
+        return Err(invalid(
+            "metadata.uid",
+            format!("{uid:?}: letters, digits, '-' and '_' only (at most 128)"),
+        ));
+    }
     let labels = meta.labels.clone().unwrap_or_default();
     let annotations = meta.annotations.clone().unwrap_or_default();
     let start_order = match annotations.get(START_ORDER_ANNOTATION) {
@@ -833,6 +847,8 @@ spec:
         assert_eq!(e, "the manifest is a v1/Deployment, not a v1/Pod");
         let e = err("name: [unclosed");
         assert!(e.starts_with("the manifest is not YAML or JSON"), "{e}");
+        let e = err(&POD.replace("  name: web\n", "  name: web\n  uid: ../../etc\n"));
+        assert!(e.starts_with("metadata.uid: \"../../etc\""), "{e}");
         let e = err(&POD.replace("name: web\n", "name: Web_1\n"));
         assert!(
             e.starts_with("metadata.name: \"Web_1\" is not a DNS label"),

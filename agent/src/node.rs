@@ -98,6 +98,7 @@ pub fn admit(
 }
 
 struct PodEntry {
+    uid: String,
     shared: Arc<PodShared>,
     commands: mpsc::Sender<PodCommand>,
     requests: Resources,
@@ -162,6 +163,7 @@ impl Node {
         let worker = PodWorker::new(self.ctx.clone(), plan, order, shared.clone(), rx);
         tokio::spawn(worker.run(begin));
         PodEntry {
+            uid: shared.snapshot().uid,
             shared,
             commands: tx,
             requests,
@@ -195,6 +197,13 @@ impl Node {
         let mut pods = self.pods.lock().expect("pods lock");
         if pods.contains_key(&key) {
             return Err(AgentError::AlreadyExists(key_text(&key.0, &key.1)));
+        }
+        // The uid names the pod's record, volumes and CRI label: one pod each.
+        if let Some(((ns, other), _)) = pods.iter().find(|(_, e)| e.uid == plan.uid) {
+            return Err(AgentError::Refused {
+                pod: key_text(&key.0, &key.1),
+                reason: format!("metadata.uid {} is pod {ns}/{other}'s", plan.uid),
+            });
         }
         admit(
             &key_text(&key.0, &key.1),
@@ -252,38 +261,54 @@ impl Node {
         Ok(entry.commands.clone())
     }
 
-    /// Deletes a pod: returns once everything of it is gone (its last status).
+    /// Deletes a pod: returns once everything of it is gone (its last status). The deletion
+    /// completes even if the caller goes away meanwhile.
     pub async fn delete(
-        &self,
+        self: &Arc<Self>,
         namespace: &str,
         name: &str,
         grace: Option<Duration>,
     ) -> Result<Pod, AgentError> {
-        let commands = self.commands(namespace, name)?;
         let key = (namespace.to_string(), name.to_string());
-        let shared = {
+        let (commands, shared) = {
             let mut pods = self.pods.lock().expect("pods lock");
             let entry = pods
                 .get_mut(&key)
                 .ok_or_else(|| AgentError::NotFound(key_text(namespace, name)))?;
+            if entry.terminating {
+                return Err(AgentError::Terminating(key_text(namespace, name)));
+            }
             entry.terminating = true;
-            entry.shared.clone()
+            (entry.commands.clone(), entry.shared.clone())
         };
-        let (reply, done) = oneshot::channel();
-        if commands
-            .send(PodCommand::Delete { grace, reply })
-            .await
-            .is_ok()
-        {
-            let _ = done.await;
-        }
-        let mut pods = self.pods.lock().expect("pods lock");
-        pods.remove(&key);
-        self.ctx
-            .metrics
-            .pods
-            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
-        Ok(shared.snapshot())
+        let node = self.clone();
+        let finished = tokio::spawn(async move {
+            let (reply, done) = oneshot::channel();
+            if commands
+                .send(PodCommand::Delete { grace, reply })
+                .await
+                .is_ok()
+            {
+                let _ = done.await;
+            }
+            let mut pods = node.pods.lock().expect("pods lock");
+            // Only this pod's entry (a new pod of the same name may not exist yet, but be sure).
+            if pods
+                .get(&key)
+                .is_some_and(|e| Arc::ptr_eq(&e.shared, &shared))
+            {
+                pods.remove(&key);
+            }
+            node.ctx
+                .metrics
+                .pods
+                .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
+            shared.snapshot()
+        });
+        finished.await.map_err(|e| AgentError::Refused {
+            pod: key_text(namespace, name),
+            reason: format!("the deletion's task failed: {e}"),
+        })
     }
 
     /// Starts an in-place update; the pod's status shows its progress. Gives the status and
@@ -304,6 +329,12 @@ impl Node {
             (c, _) => c.to_string(),
         };
         let container = container.as_str();
+        if pod.containers.is_empty() {
+            return Err(AgentError::Refused {
+                pod: key_text(namespace, name),
+                reason: "it is still starting".into(),
+            });
+        }
         if !pod.containers.iter().any(|c| c.name == container) {
             return Err(AgentError::Refused {
                 pod: key_text(namespace, name),
@@ -330,34 +361,36 @@ impl Node {
         Ok((shared, outcome))
     }
 
-    /// At start: takes over the pods the records name. A pod whose sandbox is ready with all
-    /// its containers is adopted as it runs; one that was half made is removed and started
-    /// again from its manifest; a sandbox of this agent with no record is removed.
-    pub async fn recover(&self) {
+    /// At start: takes over the pods the records name. A pod whose sandbox is ready is
+    /// adopted as it runs (containers that run or ran are kept; missing ones are started); one
+    /// without a ready sandbox was half made (or its VM died): what exists is removed and it
+    /// starts again from its manifest; a pod that had ended stays as it was; a deletion under
+    /// way is finished; a sandbox of this agent that no record names is removed.
+    pub async fn recover(&self) -> Result<(), kite_cri::CriError> {
         let (records, errors) = self.store.load_all();
         for e in errors {
             tracing::warn!(error = %kite_protocol::errors::error_chain(&e), "skip a pod record");
         }
         let mut cri = self.ctx.cri.clone();
         let agent = self.ctx.config.agent_id.clone();
-        let sandboxes = match cri
+        let sandboxes = cri
             .list_pod_sandboxes(&[(LABEL_AGENT, agent.as_str())])
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "list the sandboxes this agent made; nothing adopted");
-                return;
-            }
-        };
+            .await?;
         let mut by_uid: HashMap<String, Vec<_>> = HashMap::new();
         for s in sandboxes {
             let uid = s.labels.get(LABEL_POD_UID).cloned().unwrap_or_default();
             by_uid.entry(uid).or_default().push(s);
         }
         for record in records {
-            let mine = by_uid.remove(&record.uid).unwrap_or_default();
+            let mut mine = by_uid.remove(&record.uid).unwrap_or_default();
+            // The newest first.
+            mine.sort_by_key(|s| std::cmp::Reverse(s.created_at));
             let pod_name = key_text(&record.namespace, &record.name);
+            let key = (record.namespace.clone(), record.name.clone());
+            if self.pods.lock().expect("pods lock").contains_key(&key) {
+                tracing::error!(pod = %pod_name, uid = %record.uid, "two records name this pod; this one is skipped");
+                continue;
+            }
             let plan = match manifest::parse(&record.manifest_json, &record.runtime_class) {
                 Ok(p) => p,
                 Err(e) => {
@@ -369,81 +402,56 @@ impl Node {
             };
             let order =
                 StartOrder::parse(&record.start_order).unwrap_or(self.ctx.config.start_order);
-            // The one ready sandbox holding every container of the plan.
-            let mut adoptable = None;
-            for s in &mine {
-                if s.state != PodSandboxState::SandboxReady as i32 {
-                    continue;
-                }
-                let containers = match cri.list_containers(&s.id).await {
-                    Ok(c) => c,
-                    Err(_) => continue,
-                };
-                let mut found: BTreeMap<String, (String, u32)> = BTreeMap::new();
-                for c in containers {
-                    let Some(name) = c.labels.get(LABEL_CONTAINER).cloned() else {
-                        continue;
-                    };
-                    let attempt = c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
-                    if found.get(&name).is_none_or(|(_, a)| attempt >= *a) {
-                        found.insert(name, (c.id.clone(), attempt));
-                    }
-                }
-                if plan.containers.iter().all(|c| found.contains_key(&c.name)) {
-                    adoptable = Some((s.id.clone(), found));
-                    break;
-                }
-            }
-            let record_failed = record.phase == "Failed" && mine.is_empty();
-            let terminating = record.phase == "Terminating";
             let shared = Arc::new(PodShared::new(record.clone(), self.store.clone()));
-            let begin = match adoptable {
-                _ if terminating => {
-                    // Its deletion was under way: finish it.
-                    let entry = self.spawn(plan.clone(), order, shared, Begin::Failed);
-                    let (reply, done) = oneshot::channel();
-                    let _ = entry
-                        .commands
-                        .send(PodCommand::Delete { grace: None, reply })
-                        .await;
-                    let _ = done.await;
-                    tracing::info!(pod = %pod_name, "finished the deletion a previous agent began");
-                    continue;
-                }
-                _ if record_failed => Begin::Failed,
-                Some((sandbox_id, containers)) => {
-                    let extra: Vec<_> = mine
-                        .iter()
-                        .filter(|s| s.id != sandbox_id)
-                        .cloned()
-                        .collect();
-                    remove_sandboxes(&mut cri, &extra).await;
-                    tracing::info!(pod = %pod_name, sandbox = %sandbox_id, "adopting the running pod");
-                    Begin::Adopt {
-                        sandbox_id,
-                        containers,
+            if record.phase == "Terminating" {
+                // Its deletion was under way: finish it.
+                let entry = self.spawn(plan, order, shared, Begin::Ended);
+                let (reply, done) = oneshot::channel();
+                let _ = entry
+                    .commands
+                    .send(PodCommand::Delete { grace: None, reply })
+                    .await;
+                let _ = done.await;
+                tracing::info!(pod = %pod_name, "finished the deletion a previous agent began");
+                continue;
+            }
+            let begin = if matches!(record.phase.as_str(), "Failed" | "Succeeded") {
+                Begin::Ended
+            } else {
+                match adoptable(&mut cri, &mine).await {
+                    Some((sandbox_id, containers)) => {
+                        let extra: Vec<_> = mine
+                            .iter()
+                            .filter(|s| s.id != sandbox_id)
+                            .cloned()
+                            .collect();
+                        remove_sandboxes(&mut cri, &extra).await;
+                        tracing::info!(pod = %pod_name, sandbox = %sandbox_id, "adopting the running pod");
+                        Begin::Adopt {
+                            sandbox_id,
+                            containers,
+                        }
                     }
-                }
-                None => {
-                    tracing::info!(pod = %pod_name, sandboxes = mine.len(), "the pod was half made: removing it and starting it again");
-                    remove_sandboxes(&mut cri, &mine).await;
-                    shared.update(|p| {
-                        p.stages.clear();
-                        p.containers.clear();
-                        p.sandbox_id.clear();
-                        p.ip.clear();
-                        p.phase = "Pending".into();
-                        p.ready = false;
-                        // The sandbox being made when the agent died may still hold the name.
-                        p.sandbox_attempt += 1;
-                    });
-                    Begin::Start {
-                        bind: Instant::now(),
+                    None => {
+                        tracing::info!(pod = %pod_name, sandboxes = mine.len(), "the pod was half made: removing it and starting it again");
+                        remove_sandboxes(&mut cri, &mine).await;
+                        shared.update(|p| {
+                            p.stages.clear();
+                            p.containers.clear();
+                            p.sandbox_id.clear();
+                            p.ip.clear();
+                            p.phase = "Pending".into();
+                            p.ready = false;
+                            // A sandbox being made when the agent died may still hold the name.
+                            p.sandbox_attempt += 1;
+                        });
+                        Begin::Start {
+                            bind: Instant::now(),
+                        }
                     }
                 }
             };
             let entry = self.spawn(plan, order, shared, begin);
-            let key = (record.namespace.clone(), record.name.clone());
             self.pods.lock().expect("pods lock").insert(key, entry);
         }
         // Sandboxes no record names: made by an agent that died before it recorded the pod,
@@ -457,7 +465,41 @@ impl Node {
             .metrics
             .pods
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+        Ok(())
     }
+}
+
+/// The pod's ready sandbox (the newest), with the newest instance of each container that runs
+/// or ran in it (by name: id, attempt). Instances that never started (the agent died between
+/// create and start) are removed: the worker starts those containers again.
+async fn adoptable(
+    cri: &mut kite_cri::CriClient,
+    sandboxes: &[kite_cri::api::PodSandbox],
+) -> Option<(String, BTreeMap<String, (String, u32)>)> {
+    use kite_cri::api::ContainerState;
+    let sandbox = sandboxes
+        .iter()
+        .find(|s| s.state == PodSandboxState::SandboxReady as i32)?;
+    let containers = cri.list_containers(&sandbox.id).await.ok()?;
+    let mut found: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    for c in containers {
+        let Some(name) = c.labels.get(LABEL_CONTAINER).cloned() else {
+            continue;
+        };
+        let ran = c.state == ContainerState::ContainerRunning as i32
+            || c.state == ContainerState::ContainerExited as i32;
+        if !ran {
+            if let Err(e) = cri.remove_container(&c.id).await {
+                tracing::warn!(container = %c.id, error = %e, "remove a container that never started");
+            }
+            continue;
+        }
+        let attempt = c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
+        if found.get(&name).is_none_or(|(_, a)| attempt >= *a) {
+            found.insert(name, (c.id.clone(), attempt));
+        }
+    }
+    Some((sandbox.id.clone(), found))
 }
 
 async fn remove_sandboxes(cri: &mut kite_cri::CriClient, sandboxes: &[kite_cri::api::PodSandbox]) {

@@ -51,8 +51,9 @@ pub enum Begin {
         sandbox_id: String,
         containers: BTreeMap<String, (String, u32)>,
     },
-    /// A pod whose start failed before the agent restarted: it waits for its deletion.
-    Failed,
+    /// A pod that had ended (failed to start, or its containers finished) before the agent
+    /// restarted: it waits for its deletion.
+    Ended,
 }
 
 /// A container's run: its CRI container and what the supervision knows about it.
@@ -113,6 +114,10 @@ pub struct PodWorker {
     failed: bool,
     updating: bool,
     last_reconcile: Instant,
+    /// The start's prefetch, while it runs (aborted when the pod goes).
+    prefetch_task: Option<tokio::task::JoinHandle<()>>,
+    /// The sandbox died: the start path runs again.
+    restart_pending: bool,
 }
 
 /// How often a worker looks for sandboxes of its pod that are not its own.
@@ -155,6 +160,8 @@ impl PodWorker {
             failed: false,
             updating: false,
             last_reconcile: Instant::now(),
+            prefetch_task: None,
+            restart_pending: false,
         }
     }
 
@@ -178,22 +185,15 @@ impl PodWorker {
     pub async fn run(mut self, begin: Begin) {
         match begin {
             Begin::Start { bind } => {
-                self.bind = bind;
-                match self.start().await {
-                    Ok(()) => {}
-                    Err(Interrupted::Delete(grace, reply)) => {
-                        self.delete(grace).await;
-                        let _ = reply.send(());
-                        return;
-                    }
-                    Err(Interrupted::Failed(message)) => self.fail(message).await,
+                if !self.start_from(bind).await {
+                    return;
                 }
             }
             Begin::Adopt {
                 sandbox_id,
                 containers,
             } => self.adopt(sandbox_id, containers).await,
-            Begin::Failed => self.failed = true,
+            Begin::Ended => self.failed = true,
         }
         loop {
             let interval = if self.starting() {
@@ -211,7 +211,7 @@ impl PodWorker {
                     }
                     Some(PodCommand::Update { container, image, env, reply }) => {
                         let result = if self.failed {
-                            Err("the pod failed to start; delete it and run it again".to_string())
+                            Err("the pod has ended; delete it and run it again".to_string())
                         } else {
                             self.update(&container, &image, &env).await
                         };
@@ -220,7 +220,30 @@ impl PodWorker {
                     // The agent is going away; the pod keeps running.
                     None => return,
                 },
-                _ = tick, if !self.failed => self.sync().await,
+                _ = tick, if !self.failed => {
+                    self.sync().await;
+                    if std::mem::take(&mut self.restart_pending) && !self.start_from(Instant::now()).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the start path from `bind`; false when the pod was deleted meanwhile (the worker
+    /// ends).
+    async fn start_from(&mut self, bind: Instant) -> bool {
+        self.bind = bind;
+        match self.start().await {
+            Ok(()) => true,
+            Err(Interrupted::Delete(grace, reply)) => {
+                self.delete(grace).await;
+                let _ = reply.send(());
+                false
+            }
+            Err(Interrupted::Failed(message)) => {
+                self.fail(message).await;
+                true
             }
         }
     }
@@ -232,7 +255,7 @@ impl PodWorker {
                 && !r.ready
                 && r.finished.is_none()
                 && r.restart_at.is_none()
-                && r.readiness.as_ref().is_none_or(|p| p.outcome != Some(true))
+                && r.readiness.as_ref().is_none_or(|p| !p.ever_ready())
         })
     }
 
@@ -256,6 +279,9 @@ impl PodWorker {
         self.ctx.metrics.pod_start_failures.inc();
         self.event(EventType::Warning, "Failed", "", message.clone());
         // What the pod took goes back now; its record stays until it is deleted.
+        if let Some(prefetch) = self.prefetch_task.take() {
+            prefetch.abort();
+        }
         self.release().await;
         self.shared.update(|p| {
             p.phase = "Failed".into();
@@ -273,7 +299,7 @@ impl PodWorker {
     /// The prefetch as a task of its own, recorded as the stage `prefetch` when it ends: the
     /// start does not wait for it (what the container reads first is fetched on demand if the
     /// prefetch has not got it yet).
-    fn spawn_prefetch(&self, images: Vec<String>, origin: Instant) {
+    fn spawn_prefetch(&mut self, images: Vec<String>, origin: Instant) {
         let socket = self.ctx.config.prefetch_socket.clone();
         if socket.as_os_str().is_empty() {
             return;
@@ -281,13 +307,13 @@ impl PodWorker {
         let shared = self.shared.clone();
         let metrics = self.ctx.metrics.clone();
         let (class, order) = (self.plan.runtime_class.clone(), self.order.name());
-        tokio::spawn(async move {
+        self.prefetch_task = Some(tokio::spawn(async move {
             let t = Instant::now();
             let detail = prefetch_images(&socket, &images, &shared).await;
             let end = Instant::now();
             shared.stage("prefetch", origin, t, end, detail);
             metrics.observe_stage("prefetch", &class, order, secs(end - t));
-        });
+        }));
     }
 
     /// Pulls each image through the CRI; gives the image ids by image, or the first error.
@@ -755,8 +781,7 @@ impl PodWorker {
                     if let Err(e) = self.cri.stop_container(&id, grace).await {
                         tracing::warn!(pod = %self.plan.name, container = %name, error = %e, "stop");
                     }
-                    // Restarted whatever the policy says (as a kubelet does).
-                    self.container_ended_liveness(i);
+                    // The next look sees it exited: the restart policy and back-off apply.
                     return false;
                 }
             }
@@ -797,30 +822,16 @@ impl PodWorker {
         true
     }
 
-    fn container_ended_liveness(&mut self, i: usize) {
-        let name = self.plan.containers[i].name.clone();
-        let config = &self.ctx.config;
-        let run = &mut self.runs[i];
-        run.ready = false;
-        let delay = Duration::from_millis(config.backoff_initial_ms);
-        run.backoff = Some(delay);
-        run.restart_at = Some(Instant::now() + delay);
-        self.event(
-            EventType::Warning,
-            "BackOff",
-            &name,
-            format!("back-off {delay:?} restarting container {name}"),
-        );
-    }
-
     /// One round of supervision: states, probes, restarts that are due.
     async fn sync(&mut self) {
         for i in 0..self.runs.len() {
             if let Some(at) = self.runs[i].restart_at {
                 if Instant::now() >= at {
                     self.runs[i].restart_at = None;
-                    self.runs[i].restarts += 1;
-                    self.ctx.metrics.container_restarts.inc();
+                    if self.runs[i].started.is_some() {
+                        self.runs[i].restarts += 1;
+                        self.ctx.metrics.container_restarts.inc();
+                    }
                     if let Err(e) = self.start_container(i, None).await {
                         self.container_failed(i, e);
                     }
@@ -833,7 +844,54 @@ impl PodWorker {
         if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
             self.last_reconcile = Instant::now();
             self.remove_strays().await;
+            self.check_sandbox().await;
         }
+    }
+
+    /// A sandbox that is no longer ready (its VM ended) cannot run containers again: like a
+    /// kubelet, the pod starts again in a new sandbox (the next attempt).
+    async fn check_sandbox(&mut self) {
+        let Some(id) = self.sandbox_id.clone() else {
+            return;
+        };
+        let ready = match self.cri.pod_sandbox_status(&id).await {
+            Ok(s) => s.state == kite_cri::api::PodSandboxState::SandboxReady as i32,
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => false,
+            // The CRI did not answer: nothing is known, nothing is done.
+            Err(_) => return,
+        };
+        if ready {
+            return;
+        }
+        self.event(
+            EventType::Warning,
+            "SandboxChanged",
+            "",
+            format!("pod sandbox {id} is not ready any more (its VM ended?); the pod starts again in a new one"),
+        );
+        self.release().await;
+        let attempt = self.shared.snapshot().sandbox_attempt + 1;
+        self.shared.update(|p| {
+            p.sandbox_attempt = attempt;
+            p.sandbox_id.clear();
+            p.ip.clear();
+            p.ready = false;
+            p.stages.clear();
+        });
+        self.sandbox_config = cri_config::sandbox_config(
+            &self.plan,
+            attempt,
+            &self.ctx.config.agent_id,
+            &self.ctx.config.log_dir,
+        );
+        for run in &mut self.runs {
+            run.finished = None;
+            run.restart_at = None;
+            run.backoff = None;
+        }
+        self.ever_ready = false;
+        self.containers_started = None;
+        self.restart_pending = true;
     }
 
     /// Removes sandboxes of this pod other than its own: a RunPodSandbox that was in flight
@@ -868,6 +926,7 @@ impl PodWorker {
         let recorded = self.shared.snapshot();
         self.sandbox_ready(sandbox_id).await;
         let now = Instant::now();
+        let ready_poll = self.ctx.config.ready_poll();
         for (i, c) in self.plan.containers.iter().enumerate() {
             let run = &mut self.runs[i];
             let before = recorded.containers.iter().find(|s| s.name == c.name);
@@ -877,10 +936,14 @@ impl PodWorker {
                 run.started = Some(now);
                 // Keeps what it was until its probes say otherwise.
                 run.ready = before.is_some_and(|s| s.ready);
+                let was_ready = run.ready;
                 run.readiness = c.readiness.as_ref().map(|p| {
-                    let mut s = ProbeState::new(p, now);
-                    s.outcome = Some(run.ready);
-                    s
+                    let s = ProbeState::new(p, now);
+                    if was_ready {
+                        s.assume_ready()
+                    } else {
+                        s.until_ready_every(ready_poll)
+                    }
                 });
                 run.liveness = c.liveness.as_ref().map(|p| ProbeState::new(p, now));
             }
@@ -890,12 +953,31 @@ impl PodWorker {
             }
         }
         self.ever_ready = recorded.ready || recorded.stages.iter().any(|s| s.name == "ready");
+        if !self.ever_ready {
+            self.containers_started = Some(now);
+        }
         self.event(
             EventType::Normal,
             "Adopted",
             "",
             "a restarted agent took the running pod over".to_string(),
         );
+        // Containers the previous agent had not started yet: their images, then a start.
+        let missing: Vec<usize> = (0..self.runs.len())
+            .filter(|i| self.runs[*i].id.is_none())
+            .collect();
+        if !missing.is_empty() {
+            let images: Vec<String> = missing
+                .iter()
+                .map(|i| self.plan.containers[*i].image.clone())
+                .collect();
+            if let Err(e) = self.pull(&images).await {
+                self.event(EventType::Warning, "Failed", "", e);
+            }
+            for i in missing {
+                self.runs[i].restart_at = Some(Instant::now());
+            }
+        }
         self.publish_containers();
     }
 
@@ -913,14 +995,41 @@ impl PodWorker {
             "",
             format!("stopping the pod (grace period {}s)", grace.as_secs()),
         );
-        for i in 0..self.runs.len() {
-            if let Some(id) = self.runs[i].id.take() {
-                if let Err(e) = self.cri.stop_container(&id, grace).await {
-                    tracing::warn!(pod = %self.plan.name, error = %e, "stop container {id}");
-                }
+        if let Some(prefetch) = self.prefetch_task.take() {
+            prefetch.abort();
+        }
+        // Every container of the pod gets its grace period at once (a kubelet's), also those a
+        // previous agent started (found in the pod's sandboxes).
+        let mut ids: Vec<String> = self.runs.iter_mut().filter_map(|r| r.id.take()).collect();
+        for sandbox in self.pod_sandboxes().await {
+            if let Ok(containers) = self.cri.list_containers(&sandbox).await {
+                ids.extend(containers.into_iter().map(|c| c.id));
             }
         }
-        self.release().await;
+        ids.sort();
+        ids.dedup();
+        let stops = ids.iter().map(|id| {
+            let mut cri = self.cri.clone();
+            async move { (id, cri.stop_container(id, grace).await) }
+        });
+        for (id, result) in futures::future::join_all(stops).await {
+            if let Err(e) = result {
+                tracing::warn!(pod = %self.plan.name, error = %e, "stop container {id}");
+            }
+        }
+        let mut released = self.release().await;
+        for _ in 0..2 {
+            if released {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            released = self.release().await;
+        }
+        if !released {
+            // The record stays (Terminating): a restarted agent finishes the deletion.
+            self.shared.update(|p| p.message = "its sandbox could not be removed (see the events); a restarted agent tries again".into());
+            return;
+        }
         let volumes = cri_config::volume_root(&self.ctx.config.state_dir, &self.plan.uid);
         let logs = cri_config::pod_log_dir(&self.ctx.config.log_dir, &self.plan);
         for dir in [volumes, logs] {
@@ -934,24 +1043,34 @@ impl PodWorker {
         tracing::info!(namespace = %self.plan.namespace, pod = %self.plan.name, "deleted");
     }
 
-    /// Removes the pod's sandboxes (with their containers), found by the pod's label too: a
-    /// sandbox whose RunPodSandbox answer was lost is found that way.
-    async fn release(&mut self) {
-        let mut ids: Vec<String> = self.sandbox_id.take().into_iter().collect();
+    /// The ids of the pod's sandboxes in the CRI (by its labels).
+    async fn pod_sandboxes(&mut self) -> Vec<String> {
         let labels = [
             (cri_config::LABEL_AGENT, self.ctx.config.agent_id.as_str()),
             (cri_config::LABEL_POD_UID, self.plan.uid.as_str()),
         ];
         match self.cri.list_pod_sandboxes(&labels).await {
-            Ok(found) => ids.extend(found.into_iter().map(|s| s.id)),
-            Err(e) => tracing::warn!(pod = %self.plan.name, error = %e, "list the pod's sandboxes"),
+            Ok(found) => found.into_iter().map(|s| s.id).collect(),
+            Err(e) => {
+                tracing::warn!(pod = %self.plan.name, error = %e, "list the pod's sandboxes");
+                Vec::new()
+            }
         }
+    }
+
+    /// Removes the pod's sandboxes (with their containers), found by the pod's label too: a
+    /// sandbox whose RunPodSandbox answer was lost is found that way. Whether all went.
+    async fn release(&mut self) -> bool {
+        let mut ids: Vec<String> = self.sandbox_id.take().into_iter().collect();
+        ids.extend(self.pod_sandboxes().await);
         ids.sort();
         ids.dedup();
+        let mut all = true;
         for id in ids {
             let stop = self.cri.stop_pod_sandbox(&id).await;
             let remove = self.cri.remove_pod_sandbox(&id).await;
             if let Err(e) = stop.and(remove) {
+                all = false;
                 self.event(
                     EventType::Warning,
                     "FailedKillPod",
@@ -964,6 +1083,7 @@ impl PodWorker {
             run.id = None;
             run.ready = false;
         }
+        all
     }
 
     /// Waits until container `i` is ready (Ok) or fails: exits, or is not ready within
@@ -1002,6 +1122,25 @@ impl PodWorker {
         self.updating = true;
         let result = self.update_inner(container, image, env).await;
         self.updating = false;
+        // If the container (the rolled-back one too) ended during the update, it is the
+        // restart policy's again.
+        if let Some(i) = self
+            .plan
+            .containers
+            .iter()
+            .position(|c| c.name == container)
+        {
+            if let Some(code) = self.runs[i].finished.take() {
+                let reason = if code == 0 { "Completed" } else { "Error" };
+                self.container_ended(
+                    i,
+                    code,
+                    reason,
+                    format!("container {container} exited with code {code}"),
+                );
+                self.publish_containers();
+            }
+        }
         result
     }
 

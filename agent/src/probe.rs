@@ -46,13 +46,17 @@ pub async fn run_once(
         }
         ProbeAction::Exec { command } => {
             let args: Vec<&str> = command.iter().map(String::as_str).collect();
-            match cri.exec_sync(container_id, &args, timeout).await {
-                Ok((0, _, _)) => Ok(()),
-                Ok((code, out, err)) => Err(format!(
+            // The runtime enforces the timeout in the container; this one holds if it cannot
+            // (a wedged VM), so the pod's worker is never stuck on a probe.
+            let exec = cri.exec_sync(container_id, &args, timeout);
+            match tokio::time::timeout(timeout + Duration::from_secs(2), exec).await {
+                Ok(Ok((0, _, _))) => Ok(()),
+                Ok(Ok((code, out, err))) => Err(format!(
                     "{command:?} exited {code}: {}",
                     format!("{out}{err}").trim()
                 )),
-                Err(e) => Err(format!("{command:?}: {e}")),
+                Ok(Err(e)) => Err(format!("{command:?}: {e}")),
+                Err(_) => Err(format!("{command:?}: no answer within {timeout:?}")),
             }
         }
     }
@@ -78,6 +82,8 @@ pub struct ProbeState {
     pub outcome: Option<bool>,
     /// Until the first success, probe this often instead of every period.
     until_ready: Option<Duration>,
+    /// The outcome has been "ready" at least once.
+    ever_ready: bool,
 }
 
 impl ProbeState {
@@ -89,6 +95,7 @@ impl ProbeState {
             failures: 0,
             outcome: None,
             until_ready: None,
+            ever_ready: false,
         }
     }
 
@@ -105,10 +112,6 @@ impl ProbeState {
 
     /// Takes a result; gives the new outcome when it flips.
     pub fn record(&mut self, plan: &ProbePlan, ok: bool, now: Instant) -> Option<bool> {
-        self.next = match self.until_ready {
-            Some(fast) if self.outcome != Some(true) && !ok => now + fast.min(plan.period),
-            _ => now + plan.period,
-        };
         if ok {
             self.successes += 1;
             self.failures = 0;
@@ -123,6 +126,11 @@ impl ProbeState {
         } else {
             None
         };
+        self.ever_ready |= decided == Some(true);
+        self.next = match self.until_ready {
+            Some(fast) if !self.ever_ready => now + fast.min(plan.period),
+            _ => now + plan.period,
+        };
         match decided {
             Some(d) if self.outcome != Some(d) => {
                 self.outcome = Some(d);
@@ -130,6 +138,18 @@ impl ProbeState {
             }
             _ => None,
         }
+    }
+
+    /// Whether the probe has said "ready" at least once (until then it polls fast).
+    pub fn ever_ready(&self) -> bool {
+        self.ever_ready
+    }
+
+    /// For an adopted container that was ready: not "starting" again.
+    pub fn assume_ready(mut self) -> ProbeState {
+        self.outcome = Some(true);
+        self.ever_ready = true;
+        self
     }
 }
 
@@ -176,11 +196,14 @@ mod tests {
         assert_eq!(s.next, t0 + fast);
         s.record(&plan, true, t0);
         assert_eq!(s.next, t0 + plan.period);
-        s.record(&plan, false, t0);
+        for _ in 0..3 {
+            s.record(&plan, false, t0);
+        }
+        assert_eq!(s.outcome, Some(false));
         assert_eq!(
             s.next,
             t0 + plan.period,
-            "a ready container is probed on its period"
+            "a container once ready is probed on its period"
         );
     }
 }

@@ -56,17 +56,17 @@ fn pod_ref(r: Option<PodRef>) -> Result<(String, String), Status> {
 
 /// Whether a start has come to an end: ready, failed, ended, or backing off.
 fn start_settled(update: &PodUpdate) -> bool {
-    let pod_done = update
-        .pod
-        .as_ref()
-        .is_some_and(|p| p.ready || matches!(p.phase.as_str(), "Failed" | "Succeeded"));
+    let pod_done = update.pod.as_ref().is_some_and(|p| {
+        p.ready || matches!(p.phase.as_str(), "Failed" | "Succeeded" | "Terminating")
+    });
     let gave_up = update.event.as_ref().is_some_and(|e| {
         e.r#type == "Warning" && matches!(e.reason.as_str(), "BackOff" | "Failed")
     });
     pod_done || gave_up
 }
 
-/// Streams the pod's updates until `settled` says so (or the pod goes away).
+/// Streams the pod's updates until `settled` says so, the update's `outcome` arrives, or the
+/// pod is deleted. The task holds no reference to the pod: a deleted pod's stream ends.
 fn stream_updates(
     shared: Arc<PodShared>,
     mut updates: broadcast::Receiver<PodUpdate>,
@@ -80,6 +80,7 @@ fn stream_updates(
         event: None,
         last: !watch,
     };
+    let shared = Arc::downgrade(&shared);
     tokio::spawn(async move {
         if tx.send(Ok(first.clone())).await.is_err() || !watch {
             return;
@@ -96,12 +97,19 @@ fn stream_updates(
         let mut outcome = outcome;
         loop {
             let next = tokio::select! {
+                biased;
                 u = updates.recv() => u,
                 result = async { outcome.as_mut().expect("guarded").await }, if outcome.is_some() => {
-                    let pod = shared.snapshot();
-                    let status = match result {
-                        Ok(Err(e)) => Err(Status::aborted(e)),
-                        _ => Ok(PodUpdate { pod: Some(pod), event: None, last: true }),
+                    // What was broadcast before the outcome goes first.
+                    while let Ok(u) = updates.try_recv() {
+                        if tx.send(Ok(PodUpdate { last: false, ..u })).await.is_err() {
+                            return;
+                        }
+                    }
+                    let status = match (result, shared.upgrade()) {
+                        (Ok(Ok(())), Some(pod)) => Ok(PodUpdate { pod: Some(pod.snapshot()), event: None, last: true }),
+                        (Ok(Err(e)), _) => Err(Status::aborted(e)),
+                        _ => Err(Status::aborted("the pod went away before the update ran")),
                     };
                     let _ = tx.send(status).await;
                     return;
@@ -109,7 +117,8 @@ fn stream_updates(
             };
             match next {
                 Ok(update) => {
-                    let done = outcome.is_none() && settled(&update);
+                    let deleted = update.last;
+                    let done = deleted || (outcome.is_none() && settled(&update));
                     let update = PodUpdate {
                         last: done,
                         ..update
@@ -255,20 +264,33 @@ impl NodeAgent for NodeApi {
         } else {
             container.attempt
         };
+        if !request.follow && !log_path(attempt).exists() {
+            return Err(Status::not_found(format!(
+                "container {container_name} of pod {namespace}/{name} has no log yet ({})",
+                log_path(attempt).display()
+            )));
+        }
         let node = self.node.clone();
         let (tx, rx) = mpsc::channel(16);
         let follow = request.follow && !request.previous;
         drop(shared);
         tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
             let mut attempt = attempt;
-            let mut offset = 0usize;
+            let mut offset = 0u64;
             let mut pending = String::new();
             loop {
                 let path: PathBuf = log_path(attempt);
-                let data = tokio::fs::read(&path).await.unwrap_or_default();
-                if data.len() > offset {
-                    pending.push_str(&String::from_utf8_lossy(&data[offset..]));
-                    offset = data.len();
+                // What was added since the last read.
+                let mut fresh = Vec::new();
+                if let Ok(mut file) = tokio::fs::File::open(&path).await {
+                    if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                        let _ = file.read_to_end(&mut fresh).await;
+                    }
+                }
+                if !fresh.is_empty() {
+                    offset += fresh.len() as u64;
+                    pending.push_str(&String::from_utf8_lossy(&fresh));
                     // Whole lines only; a line still being written waits for its end.
                     if let Some(cut) = pending.rfind('\n') {
                         let lines: String = pending.drain(..=cut).collect();
@@ -283,7 +305,11 @@ impl NodeAgent for NodeApi {
                 if !follow {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    // The client went away.
+                    _ = tx.closed() => return,
+                }
                 let Ok(shared) = node.get(&namespace, &name) else {
                     return;
                 };
@@ -295,13 +321,11 @@ impl NodeAgent for NodeApi {
                     .map(|c| c.attempt);
                 // A restart begins a new file: follow it once the old one is read.
                 if let Some(now) = current {
-                    if now != attempt
-                        && tokio::fs::metadata(&path)
-                            .await
-                            .map(|m| m.len() as usize)
-                            .unwrap_or(0)
-                            <= offset
-                    {
+                    let size = tokio::fs::metadata(&path)
+                        .await
+                        .map(|m| m.len())
+                        .unwrap_or(0);
+                    if now != attempt && size <= offset {
                         attempt = now;
                         offset = 0;
                         pending.clear();
@@ -407,6 +431,8 @@ impl NodeAgent for NodeApi {
             }
             loop {
                 match updates.recv().await {
+                    // The pod was deleted.
+                    Ok(PodUpdate { last: true, .. }) => return,
                     Ok(PodUpdate { event: Some(e), .. }) => {
                         if tx.send(Ok(e)).await.is_err() {
                             return;

@@ -2,6 +2,7 @@
 //! every change broadcast to whoever watches (kitectl run, describe, the event stream) and
 //! written to the pod's record.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +38,8 @@ pub struct PodShared {
     status: Mutex<Pod>,
     updates: broadcast::Sender<PodUpdate>,
     store: Store,
+    /// The pod was deleted: nothing records it again (a late task's change is dropped).
+    forgotten: AtomicBool,
 }
 
 impl PodShared {
@@ -46,6 +49,7 @@ impl PodShared {
             status: Mutex::new(status),
             updates,
             store,
+            forgotten: AtomicBool::new(false),
         }
     }
 
@@ -71,11 +75,14 @@ impl PodShared {
                 let excess = status.events.len().saturating_sub(EVENTS_KEPT);
                 status.events.drain(..excess);
             }
+            // Saved under the lock: records are written in the order of the changes.
+            if !self.forgotten.load(Ordering::SeqCst) {
+                if let Err(e) = self.store.save(&status) {
+                    tracing::warn!(pod = %status.name, namespace = %status.namespace, error = %e, "record the pod");
+                }
+            }
             status.clone()
         };
-        if let Err(e) = self.store.save(&pod) {
-            tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "record the pod");
-        }
         // No watcher is fine.
         let _ = self.updates.send(PodUpdate {
             pod: Some(pod),
@@ -138,11 +145,20 @@ impl PodShared {
         self.update(|p| p.stages.push(stage));
     }
 
-    /// Forgets the pod's record (it was deleted).
+    /// Forgets the pod's record (it was deleted); watchers get a last update.
     pub fn forget(&self) {
-        let pod = self.snapshot();
-        if let Err(e) = self.store.remove(&pod.uid) {
-            tracing::warn!(pod = %pod.name, error = %e, "remove the pod's record");
-        }
+        let pod = {
+            let status = self.status.lock().expect("pod status lock");
+            self.forgotten.store(true, Ordering::SeqCst);
+            if let Err(e) = self.store.remove(&status.uid) {
+                tracing::warn!(pod = %status.name, error = %e, "remove the pod's record");
+            }
+            status.clone()
+        };
+        let _ = self.updates.send(PodUpdate {
+            pod: Some(pod),
+            event: None,
+            last: true,
+        });
     }
 }

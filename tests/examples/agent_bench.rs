@@ -250,6 +250,12 @@ async fn main() {
             spread(&in_place).0 / spread(&recreate).0 * 100.0
         );
     }
+    // Leave nothing behind: the benchmark's images share layers with the tests' (a lazy layer
+    // already mounted for them would not be mounted again).
+    reset_images(&mut cri, &all).await;
+    for image in [full.to_string(), lazy.to_string()] {
+        let _ = cri.remove_image(&image).await;
+    }
     println!("\naccelerator: {}", {
         let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         if cpu.contains(" vmx") || cpu.contains(" svm") {

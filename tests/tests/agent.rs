@@ -464,10 +464,25 @@ async fn bad_manifests_and_missing_images_get_clear_errors() {
 async fn a_pod_deleted_while_it_starts_leaves_nothing() {
     setup().await;
     let agent = TestAgent::start("delstart");
-    let pod = agent
-        .run_nowait(&web_manifest("early", "kite", WEB_V1))
-        .await
+    // `kitectl run` watching the start: its stream must end when the pod is deleted.
+    let mut watching = tokio::process::Command::new(KITECTL)
+        .arg("--socket")
+        .arg(agent.socket())
+        .args(["run", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = watching.stdin.take().unwrap();
+        stdin
+            .write_all(web_manifest("early", "kite", WEB_V1).as_bytes())
+            .await
+            .unwrap();
+    }
+    let pod = agent.wait_pod("early", LIMIT, |_| true).await;
     // Every sandbox the CRI shows for it while it starts, to check each is gone after.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let watcher = {
@@ -497,6 +512,13 @@ async fn a_pod_deleted_while_it_starts_leaves_nothing() {
         .unwrap();
     watcher.abort();
     assert!(t.elapsed() < LIMIT);
+    let out = tokio::time::timeout(Duration::from_secs(10), watching.wait_with_output())
+        .await
+        .expect("kitectl run still waits for a pod that was deleted")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = kite_e2e::text(&out.stderr);
+    assert!(err.contains("did not become ready"), "{err}");
     assert_gone(&agent, &pod).await;
     let seen: Vec<String> = seen.lock().unwrap().iter().cloned().collect();
     for id in seen {
@@ -505,4 +527,39 @@ async fn a_pod_deleted_while_it_starts_leaves_nothing() {
             .unwrap();
     }
     assert!(agent_sandboxes(&agent.id).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_vm_dies_starts_again_in_a_new_sandbox() {
+    setup().await;
+    let agent = TestAgent::start("vmdies");
+    agent.kitectl_ok(
+        &["run", "-f", "-"],
+        Some(&web_manifest("phoenix", "kite", WEB_V1)),
+    );
+    let before = agent.get("phoenix").await.unwrap();
+    let qemu: i32 = qemu_pid(&before.sandbox_id).parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let after = agent
+        .wait_pod("phoenix", LIMIT, |p| {
+            p.ready && !p.sandbox_id.is_empty() && p.sandbox_id != before.sandbox_id
+        })
+        .await;
+    assert!(
+        event_reasons(&after).contains(&"SandboxChanged".to_string()),
+        "{:?}",
+        after.events
+    );
+    serves(&after, "v1").await;
+    let old = before.sandbox_id.clone();
+    tokio::task::spawn_blocking(move || assert_no_leaks(&old))
+        .await
+        .unwrap();
+    assert_eq!(agent_sandboxes(&agent.id).await.len(), 1);
+    agent.kitectl_ok(&["delete", "pod", "phoenix"], None);
+    assert_gone(&agent, &after).await;
 }
