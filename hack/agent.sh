@@ -6,30 +6,21 @@
 set -euo pipefail
 action=${1:-start}
 socket=/run/kite/agent.sock
-alive_pids() { ps -eo pid=,stat=,comm= | awk '$3=="kite-agent" && $2 !~ /^Z/ {print $1}'; }
-# Serving means a connect to the socket succeeds (the agent renames its socket into place only
-# when it serves; a killed one leaves a file nobody answers on).
-answers() {
-  python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' \
-    "$socket" 2>/dev/null
-}
-stop() {
-  local pids; pids=$(alive_pids)
-  [ -n "$pids" ] || return 0
-  kill $pids 2>/dev/null || true
-  for _ in $(seq 100); do [ -z "$(alive_pids)" ] && return 0; sleep 0.1; done
-  echo "agent.sh: kite-agent did not stop" >&2; return 1
-}
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/daemon-lib.sh"
+alive() { alive_pids kite-agent; }
+answers() { answers_on "$socket"; }
+stop() { stop_named kite-agent agent.sh; }
 start() {
   mkdir -p /var/log/kite /run/kite
   answers && return 0
   # One starting (it adopts the pods of its records before it serves) is given time.
   for _ in $(seq 300); do
-    [ -n "$(alive_pids)" ] || break
+    [ -n "$(alive)" ] || break
     answers && return 0
     sleep 0.1
   done
-  [ -z "$(alive_pids)" ] || stop
+  [ -z "$(alive)" ] || stop
   setsid nohup /usr/local/bin/kite-agent >>/var/log/kite/agent.log 2>&1 < /dev/null &
   for _ in $(seq 600); do answers && return 0; sleep 0.1; done
   echo "agent.sh: kite-agent did not start (see /var/log/kite/agent.log)" >&2

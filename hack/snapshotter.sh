@@ -8,20 +8,11 @@
 set -euo pipefail
 action=${1:-start}
 socket=/run/kite/snapshotter.sock
-alive_pids() { ps -eo pid=,stat=,comm= | awk '$3=="kite-snapshotte" && $2 !~ /^Z/ {print $1}'; }
-# Serving means a connect to the socket succeeds: a crashed daemon leaves its socket file behind,
-# and a starting one renames its socket into place only when it is about to serve.
-answers() {
-  python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' \
-    "$socket" 2>/dev/null
-}
-stop() {
-  local pids; pids=$(alive_pids)
-  [ -n "$pids" ] || return 0
-  kill $pids 2>/dev/null || true
-  for _ in $(seq 100); do [ -z "$(alive_pids)" ] && return 0; sleep 0.1; done
-  echo "snapshotter.sh: kite-snapshotter did not stop" >&2; return 1
-}
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/daemon-lib.sh"
+alive() { alive_pids kite-snapshotte; }
+answers() { answers_on "$socket"; }
+stop() { stop_named kite-snapshotte snapshotter.sh; }
 wait_answers() { for _ in $(seq "$1"); do answers && return 0; sleep 0.1; done; return 1; }
 start() {
   mkdir -p /var/log/kite /run/kite
@@ -30,24 +21,17 @@ start() {
   # away (killed a moment ago) is waited for, one that never answers is replaced.
   # (up to 30 s: at its start it may wait 20 s for kite-lazyfs, then mount layers again)
   for _ in $(seq 300); do
-    [ -n "$(alive_pids)" ] || break
+    [ -n "$(alive)" ] || break
     answers && return 0
     sleep 0.1
   done
-  [ -z "$(alive_pids)" ] || stop
+  [ -z "$(alive)" ] || stop
   setsid nohup /usr/local/bin/kite-snapshotter >>/var/log/kite/snapshotter.log 2>&1 < /dev/null &
   wait_answers 300 && return 0
   echo "snapshotter.sh: kite-snapshotter did not start (see /var/log/kite/snapshotter.log)" >&2
   return 1
 }
-lazyfs_pids() { ps -eo pid=,stat=,comm= | awk '$3=="kite-lazyfs" && $2 !~ /^Z/ {print $1}'; }
-stop_lazyfs() {
-  local pids; pids=$(lazyfs_pids)
-  [ -n "$pids" ] || return 0
-  kill $pids 2>/dev/null || true
-  for _ in $(seq 100); do [ -z "$(lazyfs_pids)" ] && return 0; sleep 0.1; done
-  echo "snapshotter.sh: kite-lazyfs did not stop" >&2; return 1
-}
+stop_lazyfs() { stop_named kite-lazyfs snapshotter.sh; }
 # containerd reaches the snapshotter when a Prepare through containerd works. (`ctr snapshots ls`
 # proves nothing: containerd answers it from its own metadata without calling the snapshotter.)
 reaches() {

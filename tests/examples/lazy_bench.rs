@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use kite_e2e::bench::{ms, push_full_image, spread, throttling_proxy, PROXY_PORT, ROOT};
 use kite_e2e::cri::{status_message, Cri, RemoveOnDrop, RUNC};
 use kite_snapshotter::convert::{convert_image, ConvertOptions};
-use kite_snapshotter::registry::{ImageRef, RegistryClient, RegistryOptions};
+use kite_snapshotter::registry::ImageRef;
 
 struct Round {
     first_output: f64,
@@ -145,16 +145,9 @@ fn app_dirs() -> (Option<PathBuf>, Option<PathBuf>) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
-    let (rounds, total, start, rate) = (arg(0, 3), arg(1, 1024), arg(2, 20), arg(3, 50));
+    let [rounds, total, start, rate] = kite_e2e::bench::scenario_args([3, 1024, 20, 50]);
     kite_e2e::require_setup();
-    let client = RegistryClient::new(RegistryOptions {
-        attempts: 3,
-        first_backoff: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .unwrap();
+    let client = kite_e2e::bench::registry_client();
     let tag = format!("{total}m-{start}m");
     let at = |port: u16, name: &str| format!("127.0.0.1:{port}/kite/lazybench:{name}-{tag}");
     let full = ImageRef::parse(&at(5000, "full")).unwrap();

@@ -219,29 +219,22 @@ impl Drop for TestAgent {
         self.kill9();
         // What a failed test left: this agent's sandboxes, found by its label.
         let id = self.id.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let Ok(mut cri) =
-                    kite_cri::CriClient::connect(Path::new(kite_cri::CONTAINERD_SOCKET)).await
-                else {
-                    return;
-                };
-                if let Ok(sandboxes) = cri
-                    .list_pod_sandboxes(&[("kite.io/agent", id.as_str())])
-                    .await
-                {
-                    for s in sandboxes {
-                        let _ = cri.stop_pod_sandbox(&s.id).await;
-                        let _ = cri.remove_pod_sandbox(&s.id).await;
-                    }
+        crate::block_on_own_thread(move || async move {
+            let Ok(mut cri) =
+                kite_cri::CriClient::connect(Path::new(kite_cri::CONTAINERD_SOCKET)).await
+            else {
+                return;
+            };
+            if let Ok(sandboxes) = cri
+                .list_pod_sandboxes(&[("kite.io/agent", id.as_str())])
+                .await
+            {
+                for s in sandboxes {
+                    let _ = cri.stop_pod_sandbox(&s.id).await;
+                    let _ = cri.remove_pod_sandbox(&s.id).await;
                 }
-            });
-        })
-        .join();
+            }
+        });
     }
 }
 

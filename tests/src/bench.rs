@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kite_snapshotter::registry::{Descriptor, ImageRef, Manifest, RegistryClient};
+use kite_snapshotter::registry::{Descriptor, ImageRef, Manifest, RegistryClient, RegistryOptions};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -30,6 +30,29 @@ pub fn random_fill(buf: &mut [u8], seed: u64) {
         let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
+}
+
+/// The scenario's arguments `[ROUNDS] [TOTAL_MIB] [START_MIB] [RATE_MB]`, each defaulting to
+/// its entry of `defaults`.
+pub fn scenario_args(defaults: [usize; 4]) -> [usize; 4] {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = defaults;
+    for (i, v) in out.iter_mut().enumerate() {
+        if let Some(a) = args.get(i).and_then(|a| a.parse().ok()) {
+            *v = a;
+        }
+    }
+    out
+}
+
+/// A registry client for building the benchmarks' images (a few retries).
+pub fn registry_client() -> RegistryClient {
+    RegistryClient::new(RegistryOptions {
+        attempts: 3,
+        first_backoff: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .expect("a registry client")
 }
 
 pub fn ms(d: Duration) -> f64 {

@@ -261,18 +261,10 @@ pub struct RemoveOnDrop(pub String);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let id = self.0.clone();
-        // A drop may run inside the test's runtime, which must not block: a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mut c = Cri::connect().await;
-                let _ = c.remove_pod(&id).await;
-            });
-        })
-        .join();
+        crate::block_on_own_thread(move || async move {
+            let mut c = Cri::connect().await;
+            let _ = c.remove_pod(&id).await;
+        });
     }
 }
 

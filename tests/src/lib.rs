@@ -241,6 +241,23 @@ pub fn write_config(name: &str, shim_section: &str) -> PathBuf {
     std::fs::write(&path, format!("[shim]\n{shim_section}\n")).expect("write config");
     path
 }
+/// Runs async clean-up from a `Drop` (which may run inside a test's runtime and must not block
+/// it): on a thread and runtime of its own, waited for.
+pub fn block_on_own_thread<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(f());
+    })
+    .join();
+}
+
 pub mod agent;
 pub mod bench;
 pub mod cri;
