@@ -169,8 +169,20 @@ impl PodWorker {
         self.shared.event(kind, reason, container, message);
     }
 
+    /// Records a stage that ends now.
     fn stage(&self, name: &str, origin: Instant, started: Instant, detail: String) {
-        let ended = Instant::now();
+        self.stage_until(name, origin, started, Instant::now(), detail);
+    }
+
+    /// Records a stage (in the status and the histograms).
+    fn stage_until(
+        &self,
+        name: &str,
+        origin: Instant,
+        started: Instant,
+        ended: Instant,
+        detail: String,
+    ) {
         self.shared.stage(name, origin, started, ended, detail);
         let kind = name.split('/').next().unwrap_or(name);
         self.ctx.metrics.observe_stage(
@@ -356,14 +368,14 @@ impl PodWorker {
             .map_err(|e| e.to_string())
     }
 
+    /// The pod's images, each once.
     fn images(&self) -> Vec<String> {
-        let mut images: Vec<String> = self
-            .plan
-            .containers
-            .iter()
-            .map(|c| c.image.clone())
-            .collect();
-        images.dedup();
+        let mut images: Vec<String> = Vec::new();
+        for c in &self.plan.containers {
+            if !images.contains(&c.image) {
+                images.push(c.image.clone());
+            }
+        }
         images
     }
 
@@ -373,7 +385,8 @@ impl PodWorker {
         if self.plan.runtime_class != "kite" || file.as_os_str().is_empty() {
             return String::new();
         }
-        let Ok(text) = std::fs::read_to_string(file) else {
+        // The file grows with every start on the node: its tail holds this sandbox's record.
+        let Some(text) = read_tail(file, 256 << 10) else {
             return String::new();
         };
         let needle = format!("\"sandbox\":\"{sandbox_id}\"");
@@ -451,13 +464,7 @@ impl PodWorker {
                 };
                 let ((pull_end, pulled), (sandbox_end, sandbox)) = tokio::join!(pull, sandbox);
                 let stage = |name: &str, end: Instant, detail: String| {
-                    self.shared.stage(name, bind, t0, end, detail);
-                    self.ctx.metrics.observe_stage(
-                        name,
-                        &self.plan.runtime_class,
-                        self.order.name(),
-                        secs(end - t0),
-                    );
+                    self.stage_until(name, bind, t0, end, detail)
                 };
                 stage("pull", pull_end, String::new());
                 let sandbox_detail = sandbox
@@ -676,7 +683,6 @@ impl PodWorker {
         } else {
             "Pending"
         };
-        let manifest_json = self.plan.manifest_json();
         // The first readiness: its stage and event go out before the flag, so whoever stops
         // watching at Ready has them.
         if all_ready && !self.ever_ready {
@@ -699,21 +705,15 @@ impl PodWorker {
                 );
             }
         }
-        let changed = {
-            let current = self.shared.snapshot();
-            current.containers != statuses
-                || current.ready != all_ready
-                || current.phase != phase
-                || current.manifest_json != manifest_json
-        };
-        if changed {
-            self.shared.update(|p| {
+        self.shared.update_if_changed(|p| {
+            let changed = p.containers != statuses || p.ready != all_ready || p.phase != phase;
+            if changed {
                 p.containers = statuses;
                 p.ready = all_ready;
                 p.phase = phase.into();
-                p.manifest_json = manifest_json;
-            });
-        }
+            }
+            changed
+        });
     }
 
     /// Reads container `i`'s state and runs its due probes; ends it (by the restart policy)
@@ -1226,6 +1226,8 @@ impl PodWorker {
         match outcome {
             Ok(()) => {
                 self.plan = new_plan;
+                let manifest_json = self.plan.manifest_json();
+                self.shared.update(|p| p.manifest_json = manifest_json);
                 self.runs[i].backoff = None;
                 self.publish_containers();
                 self.ctx
@@ -1287,6 +1289,22 @@ impl PodWorker {
             }
         }
     }
+}
+
+/// The last `max` bytes of a file, from its first whole line.
+fn read_tail(path: &std::path::Path, max: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let from = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Some(match (from, text.find('\n')) {
+        (0, _) | (_, None) => text,
+        (_, Some(cut)) => text[cut + 1..].to_string(),
+    })
 }
 
 /// Prefetches `images` through the prefetch API on `socket`, reporting failures as the pod's

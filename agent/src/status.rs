@@ -63,13 +63,27 @@ impl PodShared {
 
     /// Changes the status, records it and tells the watchers.
     pub fn update(&self, change: impl FnOnce(&mut Pod)) {
+        self.publish(
+            |p| {
+                change(p);
+                true
+            },
+            None,
+        );
+    }
+
+    /// Applies `change`, which says whether it changed anything; only then is the status
+    /// recorded and sent (the supervision calls this on every round).
+    pub fn update_if_changed(&self, change: impl FnOnce(&mut Pod) -> bool) {
         self.publish(change, None);
     }
 
-    fn publish(&self, change: impl FnOnce(&mut Pod), event: Option<Event>) {
+    fn publish(&self, change: impl FnOnce(&mut Pod) -> bool, event: Option<Event>) {
         let pod = {
             let mut status = self.status.lock().expect("pod status lock");
-            change(&mut status);
+            if !change(&mut status) && event.is_none() {
+                return;
+            }
             if let Some(e) = &event {
                 status.events.push(e.clone());
                 let excess = status.events.len().saturating_sub(EVENTS_KEPT);
@@ -123,7 +137,7 @@ impl PodShared {
             message,
             container: container.into(),
         };
-        self.publish(|_| {}, Some(event));
+        self.publish(|_| true, Some(event));
     }
 
     /// Records a stage that ran from `started` to `ended`, timed from `origin` (the bind, or
