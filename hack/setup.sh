@@ -11,7 +11,8 @@ log() { echo "setup: $*"; }
 # 1. Debian packages.
 pkgs=(containerd runc qemu-system-x86 containernetworking-plugins docker-registry
       libseccomp-dev libcap-ng-dev pkg-config cpio kmod iproute2 iptables busybox-static
-      python3 curl ca-certificates procps psmisc util-linux gcc protobuf-compiler iperf3)
+      python3 python3-pip curl ca-certificates procps psmisc util-linux gcc protobuf-compiler iperf3
+      openjdk-17-jdk-headless)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -95,5 +96,7 @@ for v in v1 v2; do
   "$here/hack/push-image.sh" "web-$v" --cmd "echo serving $v; mkdir -p /www && echo $v > /www/index.html && exec httpd -f -p 8080 -h /www"
 done
 "$here/hack/push-image.sh" web-broken --exec /no/such/command
+# The Java cache's apps (JDK 17 from Debian, JDK 25 from PyPI).
+"$here/hack/java-images.sh"
 ref=127.0.0.1:5000/kite/busybox:latest
 log "ready: containerd with runtime io.containerd.kite.v2, registry 127.0.0.1:5000, image $ref"

@@ -80,8 +80,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Pre-booted VMs kept ready for new pods (the warm pool; not used yet).
     pub warm_sandboxes: u32,
-    /// Node-level App CDS archive cache (the Java cache; not used yet).
-    pub cds_cache_dir: PathBuf,
+    /// The Java start-up cache (`[agent.java_cache]`).
+    pub java_cache: crate::javacache::JavaCacheConfig,
 }
 
 impl Default for AgentConfig {
@@ -107,7 +107,7 @@ impl Default for AgentConfig {
             metrics_addr: "127.0.0.1:9611".into(),
             log_level: "info".into(),
             warm_sandboxes: 0,
-            cds_cache_dir: "/var/lib/kite/cds".into(),
+            java_cache: Default::default(),
         }
     }
 }
@@ -149,6 +149,16 @@ impl AgentConfig {
                 "and ready_poll_ms must be positive",
             ));
         }
+        let j = &config.java_cache;
+        if j.enabled && (j.dir.as_os_str().is_empty() || !j.dir.is_absolute()) {
+            return Err(invalid("java_cache.dir", "must be an absolute path"));
+        }
+        if j.dump_grace_secs == 0 || j.observe_timeout_secs == 0 || j.ready_timeout_secs == 0 {
+            return Err(invalid(
+                "java_cache.dump_grace_secs",
+                "and the other java_cache timeouts must be positive",
+            ));
+        }
         Ok(config)
     }
 
@@ -175,6 +185,16 @@ mod tests {
         assert_eq!(c.warm_sandboxes, 2);
         assert_eq!(c.start_order, StartOrder::Kubelet);
         assert_eq!(c.default_runtime_class, "kite");
+        let c = AgentConfig::from_toml(
+            "[agent]\n[agent.java_cache]\nmax_bytes = 1000\nwarmup_secs = 1\n",
+            Path::new("/k"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.java_cache.max_bytes, c.java_cache.warmup_secs),
+            (1000, 1)
+        );
+        assert!(AgentConfig::from_toml("[agent.java_cache]\nsize = 1\n", Path::new("/k")).is_err());
         let err = AgentConfig::from_toml("[agent]\nwarm = 2\n", Path::new("/k.toml")).unwrap_err();
         let err = format!("{err}: {}", std::error::Error::source(&err).unwrap());
         assert!(err.contains("/k.toml") && err.contains("warm"), "{err}");

@@ -69,7 +69,16 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let api_socket = config.api_socket.clone();
     let metrics_addr = config.metrics_addr.clone();
+    let java_cache = if config.java_cache.enabled {
+        let cache = kite_agent::javacache::JavaCache::open(config.java_cache.clone())
+            .context("open the Java cache ([agent.java_cache] dir)")?;
+        metrics.set_java_cache_bytes(cache.bytes());
+        Some(Arc::new(cache))
+    } else {
+        None
+    };
     let ctx = Arc::new(NodeContext {
+        java_cache,
         config,
         cri,
         metrics: metrics.clone(),

@@ -243,6 +243,8 @@ pub struct PodPlan {
     pub grace_period: Duration,
     /// The pod's own choice (annotation), if it makes one.
     pub start_order: Option<StartOrder>,
+    /// The Java start-up cache (annotation `kite.io/java-cache: "on"`).
+    pub java_cache: bool,
     pub containers: Vec<ContainerPlan>,
     /// emptyDir volumes, by name.
     pub volumes: Vec<String>,
@@ -376,6 +378,19 @@ pub fn plan(mut pod: Pod, default_runtime_class: &str) -> Result<PodPlan, Manife
             )
         })?),
     };
+    let java_cache = match annotations
+        .get(crate::javacache::ANNOTATION)
+        .map(String::as_str)
+    {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => {
+            return Err(invalid(
+                format!("metadata.annotations[{}]", crate::javacache::ANNOTATION),
+                format!("{v:?}: must be on or off"),
+            ))
+        }
+    };
     let spec = pod
         .spec
         .as_ref()
@@ -447,6 +462,7 @@ pub fn plan(mut pod: Pod, default_runtime_class: &str) -> Result<PodPlan, Manife
         restart_policy,
         grace_period,
         start_order,
+        java_cache,
         containers,
         volumes,
         manifest: pod,

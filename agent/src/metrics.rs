@@ -31,6 +31,11 @@ pub struct Metrics {
     pub container_restarts: Counter,
     pub updates: Family<ResultLabels, Counter>,
     pub pods: Gauge,
+    /// Java cache: starts by what they got (mapped, rejected, corrupted, observed, skipped).
+    pub java_starts: Family<ResultLabels, Counter>,
+    /// Java cache: training runs by result (published, unusable, failed).
+    pub java_trainings: Family<ResultLabels, Counter>,
+    pub java_cache_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -77,8 +82,29 @@ impl Metrics {
         );
         let pods = Gauge::default();
         registry.register("pods", "Pods the agent holds", pods.clone());
+        let java_starts = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "java_cache_starts",
+            "Java container starts with the cache, by result (mapped, rejected, corrupted, observed, skipped)",
+            java_starts.clone(),
+        );
+        let java_trainings = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "java_cache_trainings",
+            "Java cache training runs, by result (published, unusable, failed)",
+            java_trainings.clone(),
+        );
+        let java_cache_bytes = Gauge::default();
+        registry.register(
+            "java_cache_bytes",
+            "Bytes of class archives the node holds",
+            java_cache_bytes.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            java_starts,
+            java_trainings,
+            java_cache_bytes,
             stage_seconds,
             pods_started,
             pod_start_failures,
@@ -96,6 +122,11 @@ impl Metrics {
                 start_order: start_order.into(),
             })
             .observe(secs);
+    }
+
+    pub fn set_java_cache_bytes(&self, bytes: u64) {
+        self.java_cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.

@@ -14,6 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AgentConfig, StartOrder};
 use crate::cri_config;
+use crate::javacache::jvmlog::{self, ArchiveVerdict};
+use crate::javacache::training::{self, TrainingError, TrainingRequest};
+use crate::javacache::{self, AfterRejection, AppKey, JavaCache, Method, Plan};
 use crate::manifest::{self, ContainerPlan, PodPlan};
 use crate::metrics::Metrics;
 use crate::probe::{self, ProbeState};
@@ -22,6 +25,8 @@ use crate::status::{now_ms, EventType, PodShared};
 /// What every pod worker shares: the configuration, the CRI and the metrics.
 pub struct NodeContext {
     pub config: AgentConfig,
+    /// The Java start-up cache (None when `[agent.java_cache] enabled = false`).
+    pub java_cache: Option<Arc<JavaCache>>,
     pub cri: CriClient,
     pub metrics: Arc<Metrics>,
 }
@@ -71,6 +76,21 @@ struct ContainerRun {
     /// Ended and not to be started again (its exit code).
     finished: Option<i32>,
     image_id: String,
+    /// The Java cache's part in this instance, when the pod asked for it.
+    java: Option<JavaRun>,
+}
+
+/// What the Java cache did for a container instance, until the JVM's log has been read.
+struct JavaRun {
+    key: AppKey,
+    /// The container as it was started (the plan a training copies).
+    container: ContainerPlan,
+    /// This instance's JVM logs on the host.
+    log_dir: std::path::PathBuf,
+    /// The archive it was given (None: it runs without, and tells its JDK).
+    attached: Option<javacache::Archive>,
+    started: Instant,
+    settled: bool,
 }
 
 impl ContainerRun {
@@ -87,6 +107,7 @@ impl ContainerRun {
             ready: false,
             finished: None,
             image_id: String::new(),
+            java: None,
         }
     }
 }
@@ -535,13 +556,14 @@ impl PodWorker {
             0
         };
         self.runs[i].attempt = attempt;
-        let config = cri_config::container_config(
+        let mut config = cri_config::container_config(
             &self.plan,
             c,
             attempt,
             &self.ctx.config.agent_id,
             &self.ctx.config.state_dir,
         );
+        self.runs[i].java = self.java_for(i, c, attempt, &mut config).await;
         let t = Instant::now();
         let id = self
             .cri
@@ -592,6 +614,330 @@ impl PodWorker {
             ),
         );
         Ok(())
+    }
+
+    /// The Java cache's part in starting instance `attempt` of container `c` (`i`): the archive
+    /// (sha256-checked first) or, without one, the log that tells the JDK; mounts and
+    /// `JAVA_TOOL_OPTIONS` (the user's kept, after kite's) go into `config`.
+    async fn java_for(
+        &mut self,
+        i: usize,
+        c: &ContainerPlan,
+        attempt: u32,
+        config: &mut kite_cri::api::ContainerConfig,
+    ) -> Option<JavaRun> {
+        if !self.plan.java_cache {
+            return None;
+        }
+        let Some(cache) = self.ctx.java_cache.clone() else {
+            if attempt == 0 {
+                self.event(
+                    EventType::Warning,
+                    "JavaCacheSkipped",
+                    &c.name,
+                    "the node's Java cache is disabled ([agent.java_cache] enabled = false)",
+                );
+            }
+            return None;
+        };
+        let key = javacache::app_key(&self.plan.runtime_class, &self.runs[i].image_id, c);
+        let starts = &self.ctx.metrics.java_starts;
+        let mut attached = None;
+        match cache.plan(&key) {
+            Plan::Skip(why) => {
+                starts.get_or_create(&result_label("skipped")).inc();
+                if attempt == 0 {
+                    self.event(
+                        EventType::Normal,
+                        "JavaCacheSkipped",
+                        &c.name,
+                        format!("{} is not cached: {why}", c.name),
+                    );
+                }
+                return None;
+            }
+            Plan::Attach { dir, archive } => {
+                let verified = {
+                    let (cache, key, a) = (cache.clone(), key.clone(), archive.clone());
+                    tokio::task::spawn_blocking(move || cache.verify(&key, &a))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("verify task: {e}")))
+                };
+                match verified {
+                    Ok(()) => {
+                        config.mounts.push(kite_cri::api::Mount {
+                            container_path: javacache::GUEST_ARCHIVE_DIR.into(),
+                            host_path: dir.display().to_string(),
+                            readonly: true,
+                            ..Default::default()
+                        });
+                        attached = Some(archive);
+                    }
+                    Err(why) => {
+                        starts.get_or_create(&result_label("corrupted")).inc();
+                        self.ctx.metrics.set_java_cache_bytes(cache.bytes());
+                        self.event(
+                            EventType::Warning,
+                            "JavaCacheCorrupted",
+                            &c.name,
+                            format!("{why}; evicted, {} starts without it", c.name),
+                        );
+                    }
+                }
+            }
+            Plan::Observe => {}
+        }
+        let log_dir = self
+            .ctx
+            .config
+            .state_dir
+            .join("java")
+            .join(&self.plan.uid)
+            .join(format!("{}-{attempt}", c.name));
+        let made = std::fs::create_dir_all(&log_dir).and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            // The JVM may run as any user of the image.
+            std::fs::set_permissions(&log_dir, std::fs::Permissions::from_mode(0o777))
+        });
+        if let Err(e) = made {
+            tracing::warn!(pod = %self.plan.name, dir = %log_dir.display(), error = %e, "java cache: make the log directory");
+            config
+                .mounts
+                .retain(|m| m.container_path != javacache::GUEST_ARCHIVE_DIR);
+            return None;
+        }
+        config.mounts.push(kite_cri::api::Mount {
+            container_path: javacache::GUEST_LOG_DIR.into(),
+            host_path: log_dir.display().to_string(),
+            readonly: false,
+            ..Default::default()
+        });
+        let ours = match &attached {
+            Some(a) => a.method.use_options(),
+            None => javacache::observe_options(),
+        };
+        let options = javacache::merged_tool_options(&ours, &c.env);
+        config.envs.retain(|kv| kv.key != "JAVA_TOOL_OPTIONS");
+        config.envs.push(kite_cri::api::KeyValue {
+            key: "JAVA_TOOL_OPTIONS".into(),
+            value: options,
+        });
+        if attached.is_none() {
+            starts.get_or_create(&result_label("observed")).inc();
+        }
+        Some(JavaRun {
+            key,
+            container: c.clone(),
+            log_dir,
+            attached,
+            started: Instant::now(),
+            settled: false,
+        })
+    }
+
+    /// Reads what the JVM of container `i` logged, once it is ready (or has had its time):
+    /// whether it mapped the archive it was given, or its JDK, which starts the training.
+    fn check_java(&mut self, i: usize) {
+        let ready = self.runs[i].ready;
+        let Some(run) = self.runs[i].java.as_mut() else {
+            return;
+        };
+        let Some(cache) = self.ctx.java_cache.clone() else {
+            return;
+        };
+        if run.settled {
+            return;
+        }
+        let timeout = Duration::from_secs(cache.config().observe_timeout_secs);
+        let timed_out = run.started.elapsed() >= timeout;
+        if !ready && !timed_out {
+            return;
+        }
+        let guest_archive = run.attached.as_ref().map(|a| a.method.guest_archive());
+        let logs = jvmlog::read_dir(
+            &run.log_dir,
+            javacache::LOG_PREFIX,
+            guest_archive.as_deref(),
+        );
+        if logs.is_empty() && !timed_out {
+            // Ready before its JVM logged (another process answers the probe): wait.
+            return;
+        }
+        run.settled = true;
+        let (key, container, attached) =
+            (run.key.clone(), run.container.clone(), run.attached.clone());
+        let name = container.name.clone();
+        let starts = &self.ctx.metrics.java_starts;
+        let feature = logs.iter().find_map(|l| l.feature);
+        if let Some(archive) = attached {
+            let verdict = match jvmlog::combined(&logs) {
+                ArchiveVerdict::NotMentioned if logs.is_empty() => {
+                    ArchiveVerdict::Rejected(format!(
+                        "no JVM in {name} logged within {} s of its start",
+                        timeout.as_secs()
+                    ))
+                }
+                ArchiveVerdict::NotMentioned => ArchiveVerdict::Rejected(
+                    "the JVM did not open the archive (an option of the container's overrides it?)"
+                        .into(),
+                ),
+                v => v,
+            };
+            match verdict {
+                ArchiveVerdict::Mapped => {
+                    starts.get_or_create(&result_label("mapped")).inc();
+                    self.event(
+                        EventType::Normal,
+                        "JavaCacheMapped",
+                        &name,
+                        format!(
+                            "the JVM of {name} mapped its {} archive ({:.1} MB, recorded by JDK {})",
+                            archive.method.name(),
+                            archive.bytes as f64 / 1e6,
+                            archive.jdk
+                        ),
+                    );
+                }
+                ArchiveVerdict::Rejected(why) => {
+                    starts.get_or_create(&result_label("rejected")).inc();
+                    match cache.reject(&key, &why) {
+                        AfterRejection::Retrain => {
+                            self.event(
+                                EventType::Warning,
+                                "JavaCacheRejected",
+                                &name,
+                                format!("the JVM of {name} rejected its archive ({why}); it is no longer given, and is recorded once more"),
+                            );
+                            if let Some(method) = feature.and_then(Method::for_feature) {
+                                self.spawn_training(i, key, container, method);
+                            }
+                        }
+                        AfterRejection::Unusable(reason) => {
+                            self.event(
+                                EventType::Warning,
+                                "JavaCacheRejected",
+                                &name,
+                                format!("{name} is no longer cached: {reason}"),
+                            );
+                        }
+                    }
+                    self.ctx.metrics.set_java_cache_bytes(cache.bytes());
+                }
+                ArchiveVerdict::NotMentioned => unreachable!("mapped to a rejection above"),
+            }
+            return;
+        }
+        let unusable = match (feature, logs.is_empty()) {
+            (_, true) => Some(format!(
+                "no JVM in {name} read JAVA_TOOL_OPTIONS within {} s of its start",
+                timeout.as_secs()
+            )),
+            (None, false) => Some("the JVM's log tells no version (JDK 9 or later needed)".into()),
+            (Some(f), false) => match Method::for_feature(f) {
+                None => Some(format!(
+                    "JDK {f} has no dynamic class archive (13 or later needed)"
+                )),
+                Some(_) => javacache::key::undumpable_class_path(&container),
+            },
+        };
+        if let Some(why) = unusable {
+            if cache.entry(&key).is_none_or(|e| e.unusable.is_none()) {
+                cache.mark_unusable(&key, &why);
+                self.event(
+                    EventType::Normal,
+                    "JavaCacheSkipped",
+                    &name,
+                    format!("{name} is not cached: {why}"),
+                );
+            }
+            return;
+        }
+        if let Some(method) = feature.and_then(Method::for_feature) {
+            self.spawn_training(i, key, container, method);
+        }
+    }
+
+    /// Records the archive of container `i` in a training run of its own, in the background.
+    fn spawn_training(&self, i: usize, key: AppKey, container: ContainerPlan, method: Method) {
+        let Some(cache) = self.ctx.java_cache.clone() else {
+            return;
+        };
+        let app = format!(
+            "{}/{} {} {}",
+            self.plan.namespace, self.plan.name, container.name, container.image
+        );
+        if !cache.begin_training(&key, &app) {
+            return;
+        }
+        let name = container.name.clone();
+        let mut plan = self.plan.clone();
+        plan.containers[i] = container;
+        let req = TrainingRequest {
+            key: key.clone(),
+            plan,
+            container: i,
+            method,
+            agent_id: self.ctx.config.agent_id.clone(),
+        };
+        let (shared, metrics, mut cri) = (
+            self.shared.clone(),
+            self.ctx.metrics.clone(),
+            self.cri.clone(),
+        );
+        tokio::spawn(async move {
+            let _slot = cache.training_slots.acquire().await;
+            shared.event(
+                EventType::Normal,
+                "JavaCacheTraining",
+                &name,
+                format!(
+                    "recording the {} of {name} in a training run of its own",
+                    method.name()
+                ),
+            );
+            let t = Instant::now();
+            let result = training::train(&cache, &mut cri, &req).await;
+            let (result_name, kind, reason, message) = match result {
+                Ok(a) => (
+                    "published",
+                    EventType::Normal,
+                    "JavaCacheTrained",
+                    format!(
+                        "{} of {name} recorded by JDK {} in {:.1} s ({:.1} MB); the next start maps it",
+                        method.name(),
+                        a.jdk,
+                        t.elapsed().as_secs_f64(),
+                        a.bytes as f64 / 1e6
+                    ),
+                ),
+                Err(TrainingError::Unusable(why)) => {
+                    cache.training_failed(&key, &why);
+                    (
+                        "unusable",
+                        EventType::Warning,
+                        "JavaCacheUnusable",
+                        format!("{name} is not cached: {why}"),
+                    )
+                }
+                Err(TrainingError::Transient(why)) => {
+                    cache.training_aborted(&key);
+                    (
+                        "failed",
+                        EventType::Warning,
+                        "JavaCacheTrainingFailed",
+                        format!("the training run of {name} failed ({why}); a later start tries again"),
+                    )
+                }
+            };
+            cache.end_training(&key);
+            metrics
+                .java_trainings
+                .get_or_create(&result_label(result_name))
+                .inc();
+            metrics.set_java_cache_bytes(cache.bytes());
+            tracing::info!(key = %key, result = result_name, "java cache: {message}");
+            shared.event(kind, reason, &name, message);
+        });
     }
 
     /// Container `i` ended (or could not start): restart it after its back-off, or leave it
@@ -839,6 +1185,7 @@ impl PodWorker {
                 continue;
             }
             self.observe(i).await;
+            self.check_java(i);
         }
         self.publish_containers();
         if self.last_reconcile.elapsed() >= RECONCILE_EVERY {
@@ -1032,7 +1379,8 @@ impl PodWorker {
         }
         let volumes = cri_config::volume_root(&self.ctx.config.state_dir, &self.plan.uid);
         let logs = cri_config::pod_log_dir(&self.ctx.config.log_dir, &self.plan);
-        for dir in [volumes, logs] {
+        let java_logs = self.ctx.config.state_dir.join("java").join(&self.plan.uid);
+        for dir in [volumes, logs, java_logs] {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(pod = %self.plan.name, error = %e, "remove {}", dir.display());

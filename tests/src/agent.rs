@@ -15,6 +15,10 @@ pub const KITECTL: &str = "/usr/local/bin/kitectl";
 pub const WEB_V1: &str = "127.0.0.1:5000/kite/web-v1:latest";
 pub const WEB_V2: &str = "127.0.0.1:5000/kite/web-v2:latest";
 pub const WEB_BROKEN: &str = "127.0.0.1:5000/kite/web-broken:latest";
+pub const JAVA17: &str = "127.0.0.1:5000/kite/java17-hello:latest";
+pub const JAVA25: &str = "127.0.0.1:5000/kite/java25-hello:latest";
+/// JDK 17, and its start copies the jar (a new mtime each start): archives are rejected.
+pub const JAVA17_STALE: &str = "127.0.0.1:5000/kite/java17-stale:latest";
 
 pub struct TestAgent {
     pub id: String,
@@ -25,6 +29,12 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent named `e2e-NAME-PID` and waits until it serves.
     pub fn start(name: &str) -> TestAgent {
+        TestAgent::start_with(name, "")
+    }
+
+    /// The same, with `extra` appended to its kite.toml (further sections such as
+    /// `[agent.java_cache]`). The Java cache lives in the agent's directory, with a 1 s warm-up.
+    pub fn start_with(name: &str, extra: &str) -> TestAgent {
         for path in [AGENT, KITECTL] {
             assert!(
                 Path::new(path).exists(),
@@ -47,7 +57,11 @@ impl TestAgent {
              backoff_max_ms = 8000\n\
              sync_interval_ms = 200\n\
              update_timeout_secs = 40\n\
-             log_level = \"info,kite_agent=debug\"\n",
+             log_level = \"info,kite_agent=debug\"\n\
+             [agent.java_cache]\n\
+             dir = \"{d}/java-cache\"\n\
+             warmup_secs = 1\n\
+             {extra}\n",
             d = dir.path().display()
         );
         std::fs::write(dir.path().join("kite.toml"), config).expect("write the agent's config");
@@ -121,6 +135,34 @@ impl TestAgent {
         }
     }
 
+    /// What the JVMs of instance `attempt` of container `container` of pod `uid` logged (the
+    /// files the JVM itself wrote through the options the agent gave it), concatenated.
+    pub fn jvm_log(&self, uid: &str, container: &str, attempt: u32) -> String {
+        let dir = self
+            .dir
+            .path()
+            .join("state/java")
+            .join(uid)
+            .join(format!("{container}-{attempt}"));
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                text.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
+            }
+        }
+        text
+    }
+
+    /// The Java cache's index (its archives by key).
+    pub fn java_index(&self) -> serde_json::Value {
+        let path = self.dir.path().join("java-cache/index.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        serde_json::from_str(&text).expect("the index is JSON")
+    }
+
     pub async fn client(&self) -> NodeAgentClient<Channel> {
         kite_protocol::node::connect(&self.socket())
             .await
@@ -192,6 +234,21 @@ impl TestAgent {
             .into_inner();
         let first = stream.next().await.expect("one answer")?;
         Ok(first.pod.expect("a pod"))
+    }
+
+    /// Deletes a pod with `grace` seconds (the agent's call returns when it is gone).
+    pub async fn delete(&self, name: &str, grace: u32) -> Result<(), tonic::Status> {
+        self.client()
+            .await
+            .delete_pod(kite_protocol::node::DeletePodRequest {
+                pod: Some(PodRef {
+                    namespace: "default".into(),
+                    name: name.into(),
+                }),
+                grace_period_secs: Some(grace),
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Waits until `check` holds for the pod (panics with its status after `limit`).
@@ -291,4 +348,41 @@ pub fn qemu_pid(sandbox_id: &str) -> String {
     .unwrap_or_else(|e| panic!("sandbox {sandbox_id} has no QEMU pid file: {e}"))
     .trim()
     .to_string()
+}
+
+/// A pod of the Java test app (HTTP on 8080, readiness probe) that asks for the Java cache,
+/// with `memory` as its limit and `tool_options` as its JAVA_TOOL_OPTIONS ("" for none).
+pub fn java_manifest(
+    name: &str,
+    runtime: &str,
+    image: &str,
+    memory: &str,
+    tool_options: &str,
+) -> String {
+    let env = if tool_options.is_empty() {
+        String::new()
+    } else {
+        format!("    env: [{{name: JAVA_TOOL_OPTIONS, value: \"{tool_options}\"}}]\n")
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  annotations: {{kite.io/java-cache: "on"}}
+spec:
+  runtimeClassName: {runtime}
+  terminationGracePeriodSeconds: 10
+  containers:
+  - name: app
+    image: {image}
+{env}    resources:
+      requests: {{cpu: 100m, memory: {memory}}}
+      limits: {{cpu: "1", memory: {memory}}}
+    readinessProbe:
+      httpGet: {{path: /, port: 8080}}
+      periodSeconds: 1
+      failureThreshold: 3
+"#
+    )
 }

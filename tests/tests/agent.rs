@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use kite_e2e::agent::*;
 use kite_e2e::cri::http_get;
 use kite_e2e::{assert_no_leaks, require_setup};
-use kite_protocol::node::{DeletePodRequest, Pod, PodRef, UpdateContainerRequest};
+use kite_protocol::node::{Pod, PodRef, UpdateContainerRequest};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -498,18 +498,7 @@ async fn a_pod_deleted_while_it_starts_leaves_nothing() {
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let t = Instant::now();
-    agent
-        .client()
-        .await
-        .delete_pod(DeletePodRequest {
-            pod: Some(PodRef {
-                namespace: "default".into(),
-                name: "early".into(),
-            }),
-            grace_period_secs: Some(1),
-        })
-        .await
-        .unwrap();
+    agent.delete("early", 1).await.unwrap();
     watcher.abort();
     assert!(t.elapsed() < LIMIT);
     let out = tokio::time::timeout(Duration::from_secs(10), watching.wait_with_output())
