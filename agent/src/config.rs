@@ -201,6 +201,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../../deploy/kite.toml");
+        let c = AgentConfig::from_toml(text, Path::new("deploy/kite.toml")).unwrap();
+        assert_eq!(c.java_cache, crate::javacache::JavaCacheConfig::default());
+        assert_eq!(c.start_order, StartOrder::Parallel);
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let err = AgentConfig::from_toml(
             "[agent]\ndefault_runtime_class = \"gvisor\"\n",
