@@ -249,12 +249,5 @@ async fn main() {
     for image in [full.to_string(), lazy.to_string()] {
         let _ = cri.remove_image(&image).await;
     }
-    println!("\naccelerator: {}", {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        if cpu.contains(" vmx") || cpu.contains(" svm") {
-            "KVM"
-        } else {
-            "TCG"
-        }
-    });
+    println!("\naccelerator: {}", kite_e2e::bench::accelerator());
 }

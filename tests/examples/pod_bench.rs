@@ -176,14 +176,9 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
-    let accel = if std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .split_whitespace()
-        .any(|f| f == "vmx" || f == "svm")
-    {
-        "KVM"
-    } else {
-        "TCG (software emulation)"
+    let accel = match kite_e2e::bench::accelerator() {
+        "TCG" => "TCG (software emulation)",
+        a => a,
     };
     let mut c = Cri::connect().await;
     for image in [IMAGE, IPERF_IMAGE] {

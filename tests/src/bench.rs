@@ -55,6 +55,17 @@ pub fn registry_client() -> RegistryClient {
     .expect("a registry client")
 }
 
+/// The accelerator kite's VMs get on this machine ("KVM" when the CPU exposes vmx/svm, else
+/// "TCG"), for labelling absolute figures.
+pub fn accelerator() -> &'static str {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if cpu.split_whitespace().any(|f| f == "vmx" || f == "svm") {
+        "KVM"
+    } else {
+        "TCG"
+    }
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
