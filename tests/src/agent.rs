@@ -60,9 +60,14 @@ impl TestAgent {
              log_level = \"info,kite_agent=debug\"\n\
              [agent.java_cache]\n\
              dir = \"{d}/java-cache\"\n\
-             warmup_secs = 1\n\
+             {warmup}\
              {extra}\n",
-            d = dir.path().display()
+            d = dir.path().display(),
+            warmup = if extra.contains("warmup_secs") {
+                ""
+            } else {
+                "warmup_secs = 1\n"
+            },
         );
         std::fs::write(dir.path().join("kite.toml"), config).expect("write the agent's config");
         let mut agent = TestAgent {
