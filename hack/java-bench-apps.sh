@@ -17,9 +17,9 @@
 #              on the first request) and /static.html a static page
 #   zookeeper  ZooKeeper 3.8 standalone (data in /tmp), its AdminServer (embedded Jetty) on
 #              :8080; GET /commands/ruok
-#   activemq   ActiveMQ 5.17 broker (KahaDB in /tmp, OpenWire on :61616) started by
-#              hack/java/spring/ActiveMqBench.java, which answers GET / on :8080 once the broker
-#              has started (Debian ships neither the web console nor Jolokia)
+#   activemq   ActiveMQ 5.17 broker (KahaDB in /tmp, OpenWire on :61616) as /usr/bin/activemq
+#              starts it; Debian ships neither the web console nor Jolokia: its configuration
+#              ends with a Jetty on :8080, created once the broker has started; GET / is static
 # The packages are installed without starting a service (a policy-rc.d refuses every start
 # while apt runs; tomcat10 and zookeeper, the packages with services, are not installed: their
 # jars come from tomcat10-common/libtomcat10-java and libzookeeper-java).
@@ -97,7 +97,7 @@ jar_create() {
 }
 mkdir -p "$out"
 
-# 2. spring: app.jar (hack/java/spring, but ActiveMqBench) and its libraries in lib/.
+# 2. spring: app.jar (hack/java/spring) and its libraries in lib/.
 spring_jars=(spring3-core.jar spring3-beans.jar spring3-context.jar spring3-aop.jar
              spring3-expression.jar spring3-web.jar spring3-web.servlet.jar spring3-jdbc.jar
              spring3-transaction.jar commons-logging.jar servlet-api.jar
@@ -109,11 +109,200 @@ if ! fresh spring "$0" "$java_src" $(pkg_files "${spring_pkgs[@]}"); then
   tmp=$out/spring.tmp
   rm -rf "$tmp" && mkdir -p "$tmp"
   copy_jars "$tmp/lib" "${spring_jars[@]}"
-  srcs=()
-  for f in "$java_src"/*.java; do [ "$(basename "$f")" = ActiveMqBench.java ] || srcs+=("$f"); done
-  "$jdk17/bin/javac" --release 17 -nowarn -d "$tmp/classes" -cp "$(classpath "$tmp/lib" "$tmp/lib")" "${srcs[@]}" 2>&1 |
-    { grep -v 'bad path element' || true; }
+  # (The manifests of Debian's jars name jars of /usr/share/java that it need not have.)
+  "$jdk17/bin/javac" --release 17 -nowarn -d "$tmp/classes" -cp "$(classpath "$tmp/lib" "$tmp/lib")" \
+    "$java_src"/*.java 2>&1 | { grep -v 'bad path element' || true; }
   jar_create "$tmp/app.jar" "$tmp/classes" kite.bench.SpringBench
   rm -rf "$tmp/classes"
   finish spring "$tmp" / java -cp "/app/app.jar:$(classpath /app/lib "$tmp/lib")" kite.bench.SpringBench
+fi
+
+# 3. tomcat: Debian's Tomcat 10 (catalina.home /app/tomcat: bin/ and lib/ as tomcat10-common
+#    has them, plus the ECJ compiler Jasper needs) and a catalina.base /app/base with the
+#    configuration of Debian's tomcat10 package (not installed: it wants systemd; its .deb is
+#    downloaded and unpacked) and a ROOT webapp. The start copies the base to /tmp/tomcat (logs,
+#    work and temp are written there) and runs java as catalina.sh would.
+if ! fresh tomcat "$0" $(pkg_files "${tomcat_pkgs[@]}"); then
+  log "tomcat"
+  tmp=$out/tomcat.tmp
+  rm -rf "$tmp" && mkdir -p "$tmp/tomcat/bin" "$tmp/base"/{conf,logs,temp,work,webapps/ROOT}
+  version=$(dpkg-query -W -f='${Version}' tomcat10-common)
+  debs=/var/lib/kite/java-build/debs
+  deb=$debs/tomcat10_${version//:/%3a}_all.deb
+  if ! [ -f "$deb" ]; then
+    mkdir -p "$debs"
+    (cd "$debs" && apt-get download -qq "tomcat10=$version" 2>/dev/null) ||
+      { apt-get update -qq && (cd "$debs" && apt-get download -qq "tomcat10=$version" 2>/dev/null); }
+  fi
+  dpkg-deb -x "$deb" "$tmp/deb"
+  cp --preserve=timestamps "$tmp/deb/usr/share/tomcat10/etc"/* "$tmp/base/conf/"
+  rm -rf "$tmp/deb"
+  # Debian's SecurityListener refuses to start Tomcat as root, which a container's java is.
+  sed -i '/org.apache.catalina.security.SecurityListener/d' "$tmp/base/conf/server.xml"
+  copy_jars "$tmp/tomcat/bin" /usr/share/tomcat10/bin/bootstrap.jar /usr/share/tomcat10/bin/tomcat-juli.jar
+  copy_jars "$tmp/tomcat/lib" /usr/share/tomcat10/lib/*.jar eclipse-jdt-core.jar
+  cat >"$tmp/base/webapps/ROOT/index.jsp" <<'JSP'
+<%@ page contentType="text/html; charset=UTF-8" session="false" import="java.time.Instant" %>
+<!DOCTYPE html>
+<html><head><title>kite tomcat bench</title></head>
+<body>
+<h1>Hello from Tomcat <%= application.getServerInfo() %></h1>
+<p>java <%= Runtime.version() %>, <%= Instant.now() %>, <%= request.getRemoteAddr() %></p>
+<ul><% for (String p : new String[] {"java.vm.name", "os.name", "catalina.base"}) { %>
+<li><%= p %> = <%= System.getProperty(p) %></li><% } %></ul>
+</body></html>
+JSP
+  cat >"$tmp/base/webapps/ROOT/static.html" <<'HTML'
+<!DOCTYPE html>
+<html><head><title>kite tomcat bench</title></head><body><h1>Hello from Tomcat</h1></body></html>
+HTML
+  # The JVM options of catalina.sh (Debian's tomcat-start.sh runs it).
+  tomcat_java="java -Djava.util.logging.config.file=/tmp/tomcat/conf/logging.properties"
+  tomcat_java+=" -Djava.util.logging.manager=org.apache.juli.ClassLoaderLogManager"
+  tomcat_java+=" -Djdk.tls.ephemeralDHKeySize=2048 -Djava.protocol.handler.pkgs=org.apache.catalina.webresources"
+  tomcat_java+=" -Dsun.io.useCanonCaches=false"
+  tomcat_java+=" --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/java.lang.reflect=ALL-UNNAMED"
+  tomcat_java+=" --add-opens=java.base/java.io=ALL-UNNAMED"
+  tomcat_java+=" --add-opens=java.base/java.util=ALL-UNNAMED --add-opens=java.base/java.util.concurrent=ALL-UNNAMED"
+  tomcat_java+=" --add-opens=java.rmi/sun.rmi.transport=ALL-UNNAMED"
+  tomcat_java+=" -classpath /app/tomcat/bin/bootstrap.jar:/app/tomcat/bin/tomcat-juli.jar"
+  tomcat_java+=" -Dcatalina.home=/app/tomcat -Dcatalina.base=/tmp/tomcat -Djava.io.tmpdir=/tmp/tomcat/temp"
+  tomcat_java+=" org.apache.catalina.startup.Bootstrap start"
+  finish tomcat "$tmp" / sh -c "rm -rf /tmp/tomcat && cp -r /app/base /tmp/tomcat && exec $tomcat_java"
+fi
+
+# 4. zookeeper: ZooKeeper standalone as Debian's zkServer.sh start-foreground runs it (main
+#    QuorumPeerMain, local JMX, log4j 1.2 through slf4j, logging to the console), data in
+#    /tmp/zookeeper, the AdminServer (Jetty) on :8080. 3.8.0's AdminServer answers 200 to
+#    every command, with an error in the JSON while the server does not serve yet: it starts
+#    just before the server loads its data and opens :2181.
+zookeeper_jars=(zookeeper.jar zookeeper-jute.jar slf4j-api.jar slf4j-log4j12.jar log4j-1.2.jar
+                jetty9-server.jar jetty9-servlet.jar jetty9-security.jar jetty9-http.jar
+                jetty9-io.jar jetty9-util.jar servlet-api.jar
+                jackson-databind.jar jackson-core.jar jackson-annotations.jar
+                metrics-core.jar commons-cli.jar snappy-java.jar)
+if ! fresh zookeeper "$0" $(pkg_files "${zookeeper_pkgs[@]}"); then
+  log "zookeeper"
+  tmp=$out/zookeeper.tmp
+  rm -rf "$tmp" && mkdir -p "$tmp/conf"
+  copy_jars "$tmp/lib" "${zookeeper_jars[@]}"
+  cat >"$tmp/conf/zoo.cfg" <<'CFG'
+tickTime=2000
+initLimit=10
+syncLimit=5
+dataDir=/tmp/zookeeper/data
+clientPort=2181
+admin.enableServer=true
+admin.serverAddress=0.0.0.0
+admin.serverPort=8080
+CFG
+  cat >"$tmp/conf/log4j.properties" <<'CFG'
+log4j.rootLogger=${zookeeper.root.logger}
+log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
+log4j.appender.CONSOLE.Threshold=INFO
+log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
+log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} - %-5p [%t:%C{1}@%L] - %m%n
+CFG
+  finish zookeeper "$tmp" /commands/ruok java -Dzookeeper.log.dir=/tmp/zookeeper/log \
+    -Dzookeeper.root.logger=INFO,CONSOLE -Dlog4j.configuration=file:/app/conf/log4j.properties \
+    -XX:+HeapDumpOnOutOfMemoryError "-XX:OnOutOfMemoryError=kill -9 %p" \
+    -Dcom.sun.management.jmxremote -Dcom.sun.management.jmxremote.local.only=true \
+    -cp "$(classpath /app/lib "$tmp/lib")" org.apache.zookeeper.server.quorum.QuorumPeerMain /app/conf/zoo.cfg
+fi
+
+# 5. activemq: the ActiveMQ broker as Debian's /usr/bin/activemq starts it (console Main, its
+#    JVM options, xbean configuration), but on a flat class path: the jars of Debian's
+#    /usr/share/activemq/lib and lib/optional (those that exist) plus Jetty. Debian ships
+#    neither the web console nor Jolokia: the configuration (Debian's, data in /tmp) ends with
+#    a Jetty on :8080 serving conf/www, defined after the broker so that it starts once the
+#    broker has (as upstream's jetty.xml import for the web console).
+activemq_jars=(jetty9-server.jar jetty9-http.jar jetty9-io.jar jetty9-util.jar servlet-api.jar)
+if ! fresh activemq "$0" $(pkg_files "${activemq_pkgs[@]}" libjetty9-java); then
+  log "activemq"
+  tmp=$out/activemq.tmp
+  rm -rf "$tmp" && mkdir -p "$tmp/conf/www"
+  debian_jars=()
+  for j in /usr/share/activemq/lib/*.jar /usr/share/activemq/lib/optional/*.jar; do
+    [ -e "$j" ] && debian_jars+=("$j")  # a few of lib/optional's links point to no package's jar
+  done
+  copy_jars "$tmp/lib" "${debian_jars[@]}" "${activemq_jars[@]}"
+  cat >"$tmp/conf/activemq.xml" <<'XML'
+<beans
+  xmlns="http://www.springframework.org/schema/beans"
+  xmlns:amq="http://activemq.apache.org/schema/core"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xsi:schemaLocation="http://www.springframework.org/schema/beans http://www.springframework.org/schema/beans/spring-beans-2.0.xsd
+  http://activemq.apache.org/schema/core http://activemq.apache.org/schema/core/activemq-core.xsd">
+
+    <!-- ${...} from system properties (activemq.data, activemq.conf) -->
+    <bean class="org.springframework.beans.factory.config.PropertyPlaceholderConfigurer"/>
+
+    <!-- Debian's /etc/activemq/instances-available/main/activemq.xml, its data in activemq.data -->
+    <broker xmlns="http://activemq.apache.org/schema/core"
+            useJmx="false"
+            brokerName="localhost"
+            dataDirectory="${activemq.data}">
+        <persistenceAdapter>
+            <kahaDB directory="${activemq.data}/kahadb"/>
+        </persistenceAdapter>
+        <transportConnectors>
+            <transportConnector name="openwire" uri="tcp://0.0.0.0:61616"/>
+        </transportConnectors>
+    </broker>
+
+    <!-- The HTTP endpoint on :8080, created after the broker bean has started the broker. -->
+    <bean id="jettyServer" class="org.eclipse.jetty.server.Server" init-method="start" destroy-method="stop">
+        <constructor-arg value="8080"/>
+        <property name="handler">
+            <bean class="org.eclipse.jetty.server.handler.ContextHandler">
+                <property name="contextPath" value="/"/>
+                <property name="resourceBase" value="${activemq.conf}/www"/>
+                <property name="handler">
+                    <bean class="org.eclipse.jetty.server.handler.ResourceHandler">
+                        <property name="welcomeFiles"><list><value>index.html</value></list></property>
+                    </bean>
+                </property>
+            </bean>
+        </property>
+    </bean>
+</beans>
+XML
+  cat >"$tmp/conf/log4j.properties" <<'CFG'
+log4j.rootLogger=INFO, console
+log4j.logger.org.apache.activemq.spring=WARN
+log4j.logger.org.springframework=WARN
+log4j.logger.org.apache.xbean=WARN
+log4j.appender.console=org.apache.log4j.ConsoleAppender
+log4j.appender.console.layout=org.apache.log4j.PatternLayout
+log4j.appender.console.layout.ConversionPattern=%d | %-5p | %m | %c | %t%n
+CFG
+  cat >"$tmp/conf/login.config" <<'CFG'
+activemq {
+    org.apache.activemq.jaas.PropertiesLoginModule required
+        org.apache.activemq.jaas.properties.user="users.properties"
+        org.apache.activemq.jaas.properties.group="groups.properties";
+};
+CFG
+  echo '<!DOCTYPE html><html><head><title>ActiveMQ</title></head><body><h1>ActiveMQ broker localhost is up</h1></body></html>' \
+    >"$tmp/conf/www/index.html"
+  # /usr/bin/activemq's JVM options (and ACTIVEMQ_OPTS but the heap size).
+  opens=(--add-reads=java.xml=java.logging
+         --add-opens java.base/java.security=ALL-UNNAMED --add-opens java.base/java.net=ALL-UNNAMED
+         --add-opens java.base/java.lang=ALL-UNNAMED --add-opens java.base/java.util=ALL-UNNAMED
+         --add-opens java.naming/javax.naming.spi=ALL-UNNAMED
+         --add-opens java.rmi/sun.rmi.transport.tcp=ALL-UNNAMED
+         --add-opens java.base/java.util.concurrent=ALL-UNNAMED
+         --add-opens java.base/java.util.concurrent.atomic=ALL-UNNAMED
+         --add-exports=java.base/sun.net.www.protocol.http=ALL-UNNAMED
+         --add-exports=java.base/sun.net.www.protocol.https=ALL-UNNAMED
+         --add-exports=java.base/sun.net.www.protocol.jar=ALL-UNNAMED
+         --add-exports=jdk.xml.dom/org.w3c.dom.html=ALL-UNNAMED
+         --add-exports=jdk.naming.rmi/com.sun.jndi.url.rmi=ALL-UNNAMED)
+  finish activemq "$tmp" / java -Dorg.apache.activemq.UseDedicatedTaskRunner=true \
+    -Djava.util.logging.config.file=logging.properties \
+    -Djava.security.auth.login.config=/app/conf/login.config \
+    -Dlog4j.configuration=file:/app/conf/log4j.properties "${opens[@]}" \
+    -Dactivemq.classpath=/app/conf -Dactivemq.home=/app -Dactivemq.base=/app \
+    -Dactivemq.conf=/app/conf -Dactivemq.data=/tmp/activemq/data \
+    -cp "$(classpath /app/lib "$tmp/lib")" org.apache.activemq.console.Main start xbean:file:/app/conf/activemq.xml
 fi

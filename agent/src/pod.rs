@@ -867,6 +867,14 @@ impl PodWorker {
             self.plan.namespace, self.plan.name, container.name, container.image
         );
         if !cache.begin_training(&key, &app) {
+            if cache.entry(&key).is_some_and(|e| e.training) {
+                self.event(
+                    EventType::Normal,
+                    "JavaCacheTraining",
+                    &container.name,
+                    "another start of this app is recording its archive; a later start maps it",
+                );
+            }
             return;
         }
         let name = container.name.clone();

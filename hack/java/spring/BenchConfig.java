@@ -3,14 +3,30 @@ package kite.bench;
 import javax.sql.DataSource;
 import org.h2.jdbcx.JdbcDataSource;
 import org.springframework.context.annotation.Bean;
-import org.springframework.context.annotation.Configuration;
 import org.springframework.jdbc.core.JdbcTemplate;
-import org.springframework.web.servlet.config.annotation.EnableWebMvc;
+import org.springframework.web.method.support.CompositeUriComponentsContributor;
+import org.springframework.web.servlet.config.annotation.WebMvcConfigurationSupport;
+import org.springframework.web.servlet.mvc.method.annotation.RequestMappingHandlerAdapter;
 
-/** The application context: an H2 database in memory, its repository and the controller. */
-@Configuration
-@EnableWebMvc
-public class BenchConfig {
+/**
+ * The application context: Spring MVC, an H2 database in memory, its repository and the
+ * controller. Debian 12's Spring 4.3.30 cannot proxy classes: its CGLIB asks its repackaged ASM
+ * for API level 7, which accepts at most 6, so enhancing a @Configuration class (this one, or
+ * the DelegatingWebMvcConfiguration that @EnableWebMvc imports) fails. This class is a "lite"
+ * configuration instead: @Bean methods without @Configuration, Spring MVC from
+ * WebMvcConfigurationSupport (what @EnableWebMvc imports), dependencies as method parameters.
+ * In a lite configuration a @Bean method calling another gets a new object, not the bean: the
+ * one of WebMvcConfigurationSupport that needs the bean is overridden below.
+ */
+public class BenchConfig extends WebMvcConfigurationSupport {
+    /** Built from the handler adapter bean (the inherited method calls its factory method). */
+    @Bean
+    @Override
+    public CompositeUriComponentsContributor mvcUriComponentsContributor() {
+        RequestMappingHandlerAdapter adapter = getApplicationContext().getBean(RequestMappingHandlerAdapter.class);
+        return new CompositeUriComponentsContributor(adapter.getArgumentResolvers(), mvcConversionService());
+    }
+
     @Bean
     public DataSource dataSource() {
         JdbcDataSource ds = new JdbcDataSource();
@@ -21,17 +37,17 @@ public class BenchConfig {
     }
 
     @Bean
-    public JdbcTemplate jdbcTemplate() {
-        return new JdbcTemplate(dataSource());
+    public JdbcTemplate jdbcTemplate(DataSource dataSource) {
+        return new JdbcTemplate(dataSource);
     }
 
     @Bean
-    public GreetingRepository greetingRepository() {
-        return new GreetingRepository(jdbcTemplate());
+    public GreetingRepository greetingRepository(JdbcTemplate jdbc) {
+        return new GreetingRepository(jdbc);
     }
 
     @Bean
-    public GreetingController greetingController() {
-        return new GreetingController(greetingRepository());
+    public GreetingController greetingController(GreetingRepository greetings) {
+        return new GreetingController(greetings);
     }
 }
