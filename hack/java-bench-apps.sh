@@ -4,25 +4,29 @@
 # /app in an image whose JDK is at /opt/java (hack/java-images.sh's layout). Idempotent: an
 # app whose tree is complete and newer than its sources (this script, its Java sources, its
 # Debian packages) is kept. Beside its files, each tree holds
-#   argv.json    the JSON argv that runs it (`java ...`, or `sh -c '... exec java ...'`):
-#                the JVM is PID 1, leaves on SIGTERM and takes JAVA_TOOL_OPTIONS as given
+#   argv.json    the JSON argv that runs it, `java ...`: the JVM is PID 1, leaves on SIGTERM
+#                and takes JAVA_TOOL_OPTIONS as given
 #   probe_path   the path of the readiness GET on :8080 (200 once the app serves)
 # Class paths name jar files only (the JVM's CDS dump refuses a class path directory), each
-# jar copied dereferenced (Debian's /usr/share/java symlinks) with its package's mtime; state
-# goes to /tmp only.
-#   spring     hack/java/spring: Spring MVC 4.3 (DispatcherServlet, @EnableWebMvc) on embedded
-#              Jetty 9.4, Jackson, JdbcTemplate on an in-memory H2 database; GET / is JSON
+# jar copied dereferenced (Debian's /usr/share/java symlinks) with its package's mtime. The
+# apps only read /app (no empty directory in it matters: images leave them out) and write
+# to /tmp only.
+#   spring     hack/java/spring: Spring MVC 4.3 (DispatcherServlet, an annotation-configured
+#              context with what @EnableWebMvc imports) on embedded Jetty 9.4, Jackson,
+#              JdbcTemplate on an in-memory H2 database; GET / is JSON of a row
 #   tomcat     Tomcat 10.1 (Bootstrap, catalina.home /app/tomcat, catalina.base /app/base,
-#              work dir in /tmp): a ROOT webapp whose GET / is a JSP (compiled by Jasper/ECJ
-#              on the first request) and /static.html a static page
+#              logs and work dir in /tmp/tomcat): a ROOT webapp whose GET / is a JSP (compiled
+#              by Jasper with ECJ on the first request) and /static.html a static page
 #   zookeeper  ZooKeeper 3.8 standalone (data in /tmp), its AdminServer (embedded Jetty) on
-#              :8080; GET /commands/ruok
+#              :8080; GET /commands/ruok (200 a few tens of ms early: see 4.)
 #   activemq   ActiveMQ 5.17 broker (KahaDB in /tmp, OpenWire on :61616) as /usr/bin/activemq
 #              starts it; Debian ships neither the web console nor Jolokia: its configuration
 #              ends with a Jetty on :8080, created once the broker has started; GET / is static
-# The packages are installed without starting a service (a policy-rc.d refuses every start
-# while apt runs; tomcat10 and zookeeper, the packages with services, are not installed: their
-# jars come from tomcat10-common/libtomcat10-java and libzookeeper-java).
+# The packages are installed without starting a service: a policy-rc.d refuses every start
+# while apt runs (activemq ships an init script), and neither tomcat10 (its service wants
+# systemd; its configuration comes from its .deb, unpacked, not installed) nor zookeeper (its
+# scripts and configuration; it wants a desktop JRE) are installed: the jars come from
+# tomcat10-common/libtomcat10-java and libzookeeper-java.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log() { echo "java-bench-apps: $*"; }
@@ -39,8 +43,8 @@ spring_pkgs=(libspring-core-java libspring-beans-java libspring-context-java lib
              libspring-jdbc-java libspring-transaction-java libjetty9-java libservlet-api-java
              libjackson2-databind-java libh2-java libcommons-logging-java)
 tomcat_pkgs=(tomcat10-common libtomcat10-java libeclipse-jdt-core-java)
-zookeeper_pkgs=(libzookeeper-java libjetty9-java libjackson2-databind-java libslf4j-java
-                liblog4j1.2-java libcommons-cli-java libdropwizard-metrics-java)
+zookeeper_pkgs=(libzookeeper-java libjetty9-java libservlet-api-java libjackson2-databind-java libslf4j-java
+                liblog4j1.2-java libdropwizard-metrics-java libsnappy-java)
 activemq_pkgs=(activemq libactivemq-java)
 missing=()
 for p in "${spring_pkgs[@]}" "${tomcat_pkgs[@]}" "${zookeeper_pkgs[@]}" "${activemq_pkgs[@]}"; do
@@ -54,11 +58,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   if ! [ -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
   fi
-  apt-get update -qq
   rc=0
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+  apt_out=$(apt-get update -qq 2>&1 &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1) || rc=$?
   [ -z "$own_policy" ] || rm -f "$policy"
-  [ $rc = 0 ] || exit $rc
+  [ $rc = 0 ] || { echo "$apt_out" >&2; exit $rc; }
 fi
 
 # fresh APP SRC...: the tree of APP is complete (argv.json is written last) and no source is newer.
@@ -120,25 +124,35 @@ fi
 # 3. tomcat: Debian's Tomcat 10 (catalina.home /app/tomcat: bin/ and lib/ as tomcat10-common
 #    has them, plus the ECJ compiler Jasper needs) and a catalina.base /app/base with the
 #    configuration of Debian's tomcat10 package (not installed: it wants systemd; its .deb is
-#    downloaded and unpacked) and a ROOT webapp. The start copies the base to /tmp/tomcat (logs,
-#    work and temp are written there) and runs java as catalina.sh would.
+#    downloaded and unpacked) and a ROOT webapp, run by java as catalina.sh would. The base
+#    is only read: logs, the work directory (compiled JSPs) and temp go to /tmp/tomcat and /tmp.
 if ! fresh tomcat "$0" $(pkg_files "${tomcat_pkgs[@]}"); then
   log "tomcat"
   tmp=$out/tomcat.tmp
-  rm -rf "$tmp" && mkdir -p "$tmp/tomcat/bin" "$tmp/base"/{conf,logs,temp,work,webapps/ROOT}
+  rm -rf "$tmp" && mkdir -p "$tmp/tomcat/bin" "$tmp/base/conf" "$tmp/base/webapps/ROOT"
   version=$(dpkg-query -W -f='${Version}' tomcat10-common)
   debs=/var/lib/kite/java-build/debs
   deb=$debs/tomcat10_${version//:/%3a}_all.deb
   if ! [ -f "$deb" ]; then
     mkdir -p "$debs"
-    (cd "$debs" && apt-get download -qq "tomcat10=$version" 2>/dev/null) ||
-      { apt-get update -qq && (cd "$debs" && apt-get download -qq "tomcat10=$version" 2>/dev/null); }
+    download() { (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root "tomcat10=$version"); }
+    download 2>/dev/null || { apt-get update -qq && download; }
   fi
   dpkg-deb -x "$deb" "$tmp/deb"
   cp --preserve=timestamps "$tmp/deb/usr/share/tomcat10/etc"/* "$tmp/base/conf/"
   rm -rf "$tmp/deb"
   # Debian's SecurityListener refuses to start Tomcat as root, which a container's java is.
-  sed -i '/org.apache.catalina.security.SecurityListener/d' "$tmp/base/conf/server.xml"
+  # The host creates no directories (conf/Catalina/localhost) and works in /tmp; the logs go
+  # to /tmp/tomcat/logs (created by their first write).
+  sed -i -e '/org.apache.catalina.security.SecurityListener/d' \
+    -e 's|<Host name="localhost"  appBase="webapps"|& workDir="/tmp/tomcat/work" createDirs="false"|' \
+    -e 's|directory="logs"|directory="/tmp/tomcat/logs"|' "$tmp/base/conf/server.xml"
+  sed -i 's|${catalina.base}/logs|/tmp/tomcat/logs|' "$tmp/base/conf/logging.properties"
+  grep -q 'workDir="/tmp/tomcat/work"' "$tmp/base/conf/server.xml" &&
+    grep -q 'directory="/tmp/tomcat/logs"' "$tmp/base/conf/server.xml" &&
+    ! grep -q 'catalina.base' "$tmp/base/conf/logging.properties" &&
+    ! grep -q SecurityListener "$tmp/base/conf/server.xml" ||
+    { echo "java-bench-apps: tomcat10's server.xml or logging.properties changed" >&2; exit 1; }
   copy_jars "$tmp/tomcat/bin" /usr/share/tomcat10/bin/bootstrap.jar /usr/share/tomcat10/bin/tomcat-juli.jar
   copy_jars "$tmp/tomcat/lib" /usr/share/tomcat10/lib/*.jar eclipse-jdt-core.jar
   cat >"$tmp/base/webapps/ROOT/index.jsp" <<'JSP'
@@ -157,30 +171,29 @@ JSP
 <html><head><title>kite tomcat bench</title></head><body><h1>Hello from Tomcat</h1></body></html>
 HTML
   # The JVM options of catalina.sh (Debian's tomcat-start.sh runs it).
-  tomcat_java="java -Djava.util.logging.config.file=/tmp/tomcat/conf/logging.properties"
-  tomcat_java+=" -Djava.util.logging.manager=org.apache.juli.ClassLoaderLogManager"
-  tomcat_java+=" -Djdk.tls.ephemeralDHKeySize=2048 -Djava.protocol.handler.pkgs=org.apache.catalina.webresources"
-  tomcat_java+=" -Dsun.io.useCanonCaches=false"
-  tomcat_java+=" --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/java.lang.reflect=ALL-UNNAMED"
-  tomcat_java+=" --add-opens=java.base/java.io=ALL-UNNAMED"
-  tomcat_java+=" --add-opens=java.base/java.util=ALL-UNNAMED --add-opens=java.base/java.util.concurrent=ALL-UNNAMED"
-  tomcat_java+=" --add-opens=java.rmi/sun.rmi.transport=ALL-UNNAMED"
-  tomcat_java+=" -classpath /app/tomcat/bin/bootstrap.jar:/app/tomcat/bin/tomcat-juli.jar"
-  tomcat_java+=" -Dcatalina.home=/app/tomcat -Dcatalina.base=/tmp/tomcat -Djava.io.tmpdir=/tmp/tomcat/temp"
-  tomcat_java+=" org.apache.catalina.startup.Bootstrap start"
-  finish tomcat "$tmp" / sh -c "rm -rf /tmp/tomcat && cp -r /app/base /tmp/tomcat && exec $tomcat_java"
+  finish tomcat "$tmp" / java -Djava.util.logging.config.file=/app/base/conf/logging.properties \
+    -Djava.util.logging.manager=org.apache.juli.ClassLoaderLogManager \
+    -Djdk.tls.ephemeralDHKeySize=2048 -Djava.protocol.handler.pkgs=org.apache.catalina.webresources \
+    -Dsun.io.useCanonCaches=false \
+    --add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/java.lang.reflect=ALL-UNNAMED \
+    --add-opens=java.base/java.io=ALL-UNNAMED --add-opens=java.base/java.util=ALL-UNNAMED \
+    --add-opens=java.base/java.util.concurrent=ALL-UNNAMED --add-opens=java.rmi/sun.rmi.transport=ALL-UNNAMED \
+    -classpath /app/tomcat/bin/bootstrap.jar:/app/tomcat/bin/tomcat-juli.jar \
+    -Dcatalina.home=/app/tomcat -Dcatalina.base=/app/base -Djava.io.tmpdir=/tmp \
+    org.apache.catalina.startup.Bootstrap start
 fi
 
 # 4. zookeeper: ZooKeeper standalone as Debian's zkServer.sh start-foreground runs it (main
 #    QuorumPeerMain, local JMX, log4j 1.2 through slf4j, logging to the console), data in
 #    /tmp/zookeeper, the AdminServer (Jetty) on :8080. 3.8.0's AdminServer answers 200 to
-#    every command, with an error in the JSON while the server does not serve yet: it starts
-#    just before the server loads its data and opens :2181.
+#    every command, with an error in the JSON while the server does not serve, and it starts
+#    just before the server loads its data and opens :2181: no URL of it answers 200 only
+#    once ZooKeeper serves; /commands/ruok can pass up to the few tens of ms that takes.
 zookeeper_jars=(zookeeper.jar zookeeper-jute.jar slf4j-api.jar slf4j-log4j12.jar log4j-1.2.jar
                 jetty9-server.jar jetty9-servlet.jar jetty9-security.jar jetty9-http.jar
                 jetty9-io.jar jetty9-util.jar servlet-api.jar
                 jackson-databind.jar jackson-core.jar jackson-annotations.jar
-                metrics-core.jar commons-cli.jar snappy-java.jar)
+                metrics-core.jar snappy-java.jar)
 if ! fresh zookeeper "$0" $(pkg_files "${zookeeper_pkgs[@]}"); then
   log "zookeeper"
   tmp=$out/zookeeper.tmp
@@ -276,16 +289,10 @@ log4j.appender.console=org.apache.log4j.ConsoleAppender
 log4j.appender.console.layout=org.apache.log4j.PatternLayout
 log4j.appender.console.layout.ConversionPattern=%d | %-5p | %m | %c | %t%n
 CFG
-  cat >"$tmp/conf/login.config" <<'CFG'
-activemq {
-    org.apache.activemq.jaas.PropertiesLoginModule required
-        org.apache.activemq.jaas.properties.user="users.properties"
-        org.apache.activemq.jaas.properties.group="groups.properties";
-};
-CFG
   echo '<!DOCTYPE html><html><head><title>ActiveMQ</title></head><body><h1>ActiveMQ broker localhost is up</h1></body></html>' \
     >"$tmp/conf/www/index.html"
-  # /usr/bin/activemq's JVM options (and ACTIVEMQ_OPTS but the heap size).
+  # The JVM options of /usr/bin/activemq with Debian's ACTIVEMQ_OPTS (activemq-options) but
+  # its heap size (-Xms512M -Xmx512M): the JVM's default, as for the other apps.
   opens=(--add-reads=java.xml=java.logging
          --add-opens java.base/java.security=ALL-UNNAMED --add-opens java.base/java.net=ALL-UNNAMED
          --add-opens java.base/java.lang=ALL-UNNAMED --add-opens java.base/java.util=ALL-UNNAMED
@@ -299,8 +306,6 @@ CFG
          --add-exports=jdk.xml.dom/org.w3c.dom.html=ALL-UNNAMED
          --add-exports=jdk.naming.rmi/com.sun.jndi.url.rmi=ALL-UNNAMED)
   finish activemq "$tmp" / java -Dorg.apache.activemq.UseDedicatedTaskRunner=true \
-    -Djava.util.logging.config.file=logging.properties \
-    -Djava.security.auth.login.config=/app/conf/login.config \
     -Dlog4j.configuration=file:/app/conf/log4j.properties "${opens[@]}" \
     -Dactivemq.classpath=/app/conf -Dactivemq.home=/app -Dactivemq.base=/app \
     -Dactivemq.conf=/app/conf -Dactivemq.data=/tmp/activemq/data \
