@@ -37,6 +37,31 @@ pub fn volume_root(state_dir: &Path, uid: &str) -> PathBuf {
     state_dir.join("volumes").join(uid)
 }
 
+/// The pod's `/etc/hosts` on the host (a kubelet manages one per pod too: without it a
+/// container's own hostname does not resolve, and a JVM's `InetAddress.getLocalHost()` waits
+/// for DNS to time out).
+pub fn hosts_path(state_dir: &Path, uid: &str) -> PathBuf {
+    state_dir.join("hosts").join(uid)
+}
+
+/// Writes the pod's hosts file: localhost and the pod's IP under its hostname.
+pub fn write_hosts(state_dir: &Path, uid: &str, ip: &str, hostname: &str) -> std::io::Result<()> {
+    let path = hosts_path(state_dir, uid);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = String::from(
+        "# kite-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
+    );
+    if !ip.is_empty() {
+        text.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
 fn linux_resources(
     limits_cpu: Option<u64>,
     requests_cpu: Option<u64>,
@@ -151,6 +176,11 @@ pub fn container_config(
                 readonly: *readonly,
                 ..Default::default()
             })
+            .chain(std::iter::once(Mount {
+                container_path: "/etc/hosts".into(),
+                host_path: hosts_path(state_dir, &plan.uid).display().to_string(),
+                ..Default::default()
+            }))
             .collect(),
         labels,
         log_path: container_log_path(&container.name, attempt),
@@ -206,5 +236,10 @@ spec:
             format!("/state/volumes/{}/data", plan.uid)
         );
         assert_eq!(c.labels[LABEL_CONTAINER], "c");
+        assert_eq!(c.mounts[1].container_path, "/etc/hosts");
+        let dir = tempfile::tempdir().unwrap();
+        write_hosts(dir.path(), &plan.uid, "10.88.0.7", "web").unwrap();
+        let text = std::fs::read_to_string(hosts_path(dir.path(), &plan.uid)).unwrap();
+        assert!(text.contains("127.0.0.1\tlocalhost\n") && text.ends_with("10.88.0.7\tweb\n"));
     }
 }

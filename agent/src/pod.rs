@@ -440,11 +440,21 @@ impl PodWorker {
             }
         };
         self.ip = ip.clone();
+        self.write_hosts();
         self.sandbox_id = Some(sandbox_id.clone());
         self.shared.update(|p| {
             p.sandbox_id = sandbox_id;
             p.ip = ip;
         });
+    }
+
+    /// The pod's /etc/hosts, for its current IP.
+    fn write_hosts(&self) {
+        let state = &self.ctx.config.state_dir;
+        let hostname = &self.sandbox_config.hostname;
+        if let Err(e) = cri_config::write_hosts(state, &self.plan.uid, &self.ip, hostname) {
+            tracing::warn!(pod = %self.plan.name, error = %e, "write the pod's hosts file");
+        }
     }
 
     async fn start(&mut self) -> Result<(), Interrupted> {
@@ -556,6 +566,10 @@ impl PodWorker {
             0
         };
         self.runs[i].attempt = attempt;
+        if !cri_config::hosts_path(&self.ctx.config.state_dir, &self.plan.uid).exists() {
+            // An adopted pod of an agent that wrote none.
+            self.write_hosts();
+        }
         let mut config = cri_config::container_config(
             &self.plan,
             c,
@@ -1388,6 +1402,8 @@ impl PodWorker {
         let volumes = cri_config::volume_root(&self.ctx.config.state_dir, &self.plan.uid);
         let logs = cri_config::pod_log_dir(&self.ctx.config.log_dir, &self.plan);
         let java_logs = self.ctx.config.state_dir.join("java").join(&self.plan.uid);
+        let hosts = cri_config::hosts_path(&self.ctx.config.state_dir, &self.plan.uid);
+        let _ = std::fs::remove_file(&hosts);
         for dir in [volumes, logs, java_logs] {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {

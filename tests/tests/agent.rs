@@ -84,6 +84,12 @@ async fn manifests_run_as_kite_and_runc_pods_ready_by_http_probe_through_kitectl
         assert!(pod.ready && !pod.ip.is_empty(), "{pod:#?}");
         assert_eq!(pod.runtime_class, runtime);
         serves(&pod, "v1").await;
+        // The pod's own hostname resolves to its IP (a kubelet-like /etc/hosts).
+        let hosts = agent.kitectl_ok(&["exec", &name, "--", "cat", "/etc/hosts"], None);
+        assert!(
+            hosts.contains(&format!("{}\t{name}\n", pod.ip)) && hosts.contains("localhost"),
+            "{hosts}"
+        );
         if runtime == "kite" {
             // The start's parallel order: the fetch did not wait for the sandbox.
             let stage = |n: &str| {

@@ -126,6 +126,8 @@ async fn run(
         .network
         .map(|n| n.ip)
         .unwrap_or_default();
+    cri_config::write_hosts(out, &plan.uid, &ip, &sandbox.hostname)
+        .map_err(|e| TrainingError::Transient(format!("write the hosts file: {e}")))?;
     let cid = cri
         .create_container(&id, &container, &sandbox)
         .await
