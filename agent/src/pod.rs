@@ -1664,7 +1664,7 @@ impl PodWorker {
 }
 
 /// The last `max` bytes of a file, from its first whole line.
-fn read_tail(path: &std::path::Path, max: u64) -> Option<String> {
+pub(crate) fn read_tail(path: &std::path::Path, max: u64) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();

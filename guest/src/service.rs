@@ -22,7 +22,7 @@ use crate::reaper::Reaper;
 use crate::runtime::{self, HelperResult};
 
 /// How long container set-up (the runtime helper) may take.
-const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
+const HELPER_TIMEOUT: Duration = kite_protocol::GUEST_HELPER_TIMEOUT;
 
 struct Container {
     /// "" is the container's init process; other keys are exec ids.

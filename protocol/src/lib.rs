@@ -183,5 +183,10 @@ pub const VSOCK_PORT: u32 = 1024;
 /// Path inside the guest where the sandbox's virtio-fs share is mounted.
 pub const GUEST_SHARE_DIR: &str = "/run/kite/share";
 
+/// How long the guest agent lets container set-up (its runtime helper: libcontainer) take
+/// before it gives up with its own error. The shim waits longer than this, so the guest's
+/// reason reaches containerd instead of a bare channel timeout.
+pub const GUEST_HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// virtio-fs tag of the sandbox share.
 pub const SHARE_TAG: &str = "kiteshare";

@@ -100,6 +100,8 @@ async fn run(
     }
     let sandbox = cri_config::sandbox_config(&plan, 0, &req.agent_id, out);
     let log_dir = cri_config::pod_log_dir(out, &plan);
+    // What the training container printed (its CRI log), for the reasons of a failure.
+    let output = log_dir.join(cri_config::container_log_path(&c.name, 0));
     std::fs::create_dir_all(&log_dir)
         .map_err(|e| TrainingError::Transient(format!("create {}: {e}", log_dir.display())))?;
     let mut container = cri_config::container_config(&plan, &c, 0, &req.agent_id, out);
@@ -147,9 +149,10 @@ async fn run(
         if status.state != ContainerState::ContainerRunning as i32 {
             if status.state == ContainerState::ContainerExited as i32 {
                 return Err(TrainingError::Unusable(format!(
-                    "the training run exited with code {} before it was ready{}",
+                    "the training run exited with code {} before it was ready{}{}",
                     status.exit_code,
-                    errors_of(out)
+                    errors_of(out),
+                    output_of(&output)
                 )));
             }
         } else {
@@ -201,10 +204,11 @@ async fn run(
     let size = std::fs::metadata(&produced).map(|m| m.len()).unwrap_or(0);
     if size == 0 || !errors.is_empty() {
         return Err(TrainingError::Unusable(format!(
-            "the JVM wrote no usable {} at exit (exit code {}){}",
+            "the JVM wrote no usable {} at exit (exit code {}){}{}",
             req.method.name(),
             status.exit_code,
-            errors_of(out)
+            errors_of(out),
+            output_of(&output)
         )));
     }
     let jdk = logs
@@ -217,6 +221,25 @@ async fn run(
             super::JavaCacheError::TooLarge { .. } => TrainingError::Unusable(e.to_string()),
             e => TrainingError::Transient(kite_protocol::errors::error_chain(&e)),
         })
+}
+
+/// The last lines the training container printed (a JVM that crashed says why there), as a
+/// suffix of a message. CRI log lines are `<time> <stream> <tag> <text>`.
+fn output_of(log: &Path) -> String {
+    let Some(text) = crate::pod::read_tail(log, 4096) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(3)..];
+    format!("; its last output: {}", tail.join(" | "))
 }
 
 /// The JVMs' error lines in a training's output, as a suffix of a message.

@@ -247,10 +247,12 @@ impl GuestAgent for GuestAgentClient {
             stdin: container.stdin,
             ..Default::default()
         };
-        // Creating runs libcontainer in the guest: allow it twice the time.
+        // Creating runs libcontainer in the guest, which gives up after its own timeout: wait
+        // a little longer, so its reason arrives rather than a bare channel timeout.
+        let limit = kite_protocol::GUEST_HELPER_TIMEOUT + Duration::from_secs(15);
         let created = self
             .0
-            .create_container(rpc_context(Some(CALL * 2)), &request)
+            .create_container(rpc_context(Some(limit)), &request)
             .await?;
         Ok(created.pid)
     }
