@@ -5,9 +5,12 @@
 //!   in one redb file; an etcd store implements the same trait later;
 //! - [`pki`]: the cluster's CA and identities (coordinator, nodes, admins) in certificates;
 //! - [`token`]: bootstrap tokens by which nodes join;
+//! - [`placement`]: filter and score nodes for a replica (image locality, spread, room, the
+//!   Java archive), all of an app's new replicas at once;
 //! - [`config`]: the `[coordinator]` section of kite.toml.
 
 pub mod config;
 pub mod pki;
+pub mod placement;
 pub mod store;
 pub mod token;
