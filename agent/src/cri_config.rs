@@ -57,9 +57,7 @@ pub fn write_hosts(state_dir: &Path, uid: &str, ip: &str, hostname: &str) -> std
     if !ip.is_empty() {
         text.push_str(&format!("{ip}\t{hostname}\n"));
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)
+    kite_config::files::write_atomic(&path, text.as_bytes(), 0o644)
 }
 
 fn linux_resources(

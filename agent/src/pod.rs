@@ -933,7 +933,7 @@ impl PodWorker {
                     ),
                 ),
                 Err(TrainingError::Unusable(why)) => {
-                    cache.training_failed(&key, &why);
+                    cache.mark_unusable(&key, &why);
                     (
                         "unusable",
                         EventType::Warning,
@@ -951,7 +951,6 @@ impl PodWorker {
                     )
                 }
             };
-            cache.end_training(&key);
             metrics
                 .java_trainings
                 .get_or_create(&result_label(result_name))

@@ -48,9 +48,8 @@ impl Store {
 
     pub fn save(&self, pod: &Pod) -> Result<(), StoreError> {
         let path = self.path(&pod.uid);
-        let tmp = self.dir.join(format!(".{}.tmp", pod.uid));
-        std::fs::write(&tmp, pod.encode_to_vec()).map_err(io("write", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("rename into", &path))
+        kite_config::files::write_atomic(&path, &pod.encode_to_vec(), 0o644)
+            .map_err(io("write", &path))
     }
 
     pub fn remove(&self, uid: &str) -> Result<(), StoreError> {

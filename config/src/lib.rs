@@ -1,5 +1,5 @@
 //! What every kite daemon shares: its configuration and its plumbing ([`daemon`]: sockets,
-//! signals, logging).
+//! signals, logging; [`files`]: files replaced whole).
 //!
 //! kite.toml: one file, one section per component (`[shim]`, `[snapshotter]`, `[agent]`, …).
 //! Each component owns its section's type; this crate reads a section out of the file, so that
@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod daemon;
+pub mod files;
 
 use serde::de::DeserializeOwned;
 

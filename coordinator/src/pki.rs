@@ -5,7 +5,6 @@
 //! the peer asks for (a node's CSR contributes only its public key).
 
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -271,29 +270,15 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
 }
 
 /// Writes `text` to `path` with `mode` from its creation (a key is never readable by others,
-/// not even for a moment), atomically (temporary file, rename).
+/// not even for a moment), atomically and durably.
 pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(text.as_bytes())
-        .map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("sync", &tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .map_err(io_err("chmod", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+    kite_config::files::write_durable(path, text.as_bytes(), mode).map_err(io_err("write", path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn der(pem_text: &str) -> Vec<u8> {
         let (_, p) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).unwrap();

@@ -63,20 +63,6 @@ async fn delete(agent: &TestAgent, name: &str) {
         .unwrap_or_else(|e| panic!("delete {name}: {}", e.message()));
 }
 
-/// Runs a manifest and waits for readiness: the pod's status (its stages).
-async fn run_ready(agent: &TestAgent, manifest: &str, name: &str) -> Pod {
-    agent
-        .run_nowait(manifest)
-        .await
-        .unwrap_or_else(|e| panic!("run {name}: {}", e.message()));
-    agent
-        .wait_pod(name, LIMIT, |p| {
-            assert!(p.phase != "Failed", "pod {name} failed: {}", p.message);
-            p.ready
-        })
-        .await
-}
-
 fn bind_to_ready(p: &Pod) -> f64 {
     p.stages
         .iter()
@@ -156,8 +142,9 @@ async fn main() {
                 for order in ["kubelet", "parallel"] {
                     reset_images(&mut cri, &all).await;
                     let name = format!("bench-{r}-{i}-{runtime}-{order}");
-                    let pod =
-                        run_ready(&agent, &app_manifest(&name, runtime, order, image), &name).await;
+                    let pod = agent
+                        .run_ready(&app_manifest(&name, runtime, order, image), &name, LIMIT)
+                        .await;
                     eprintln!(
                         "round {r} {label} {runtime} {order}: bind → ready {:.0} ms",
                         bind_to_ready(&pod)
@@ -220,7 +207,9 @@ async fn main() {
         for image in [WEB_V1, WEB_V2] {
             cri.pull(image).await.unwrap();
         }
-        run_ready(&agent, &web_manifest(&name, runtime, WEB_V1), &name).await;
+        agent
+            .run_ready(&web_manifest(&name, runtime, WEB_V1), &name, LIMIT)
+            .await;
         let (mut in_place, mut recreate) = (Vec::new(), Vec::new());
         let mut current = WEB_V1;
         for _ in 0..rounds {
@@ -230,7 +219,9 @@ async fn main() {
             let next = if current == WEB_V1 { WEB_V2 } else { WEB_V1 };
             let t = Instant::now();
             delete(&agent, &name).await;
-            run_ready(&agent, &web_manifest(&name, runtime, next), &name).await;
+            agent
+                .run_ready(&web_manifest(&name, runtime, next), &name, LIMIT)
+                .await;
             recreate.push(ms(t.elapsed()));
             current = next;
         }

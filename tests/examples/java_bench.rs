@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kite_e2e::agent::TestAgent;
+use kite_e2e::agent::{JavaPod, TestAgent};
 use kite_e2e::bench::spread;
 use kite_protocol::node::Pod;
 
@@ -35,51 +35,18 @@ fn probe_path(app: &str) -> String {
 }
 
 fn manifest(name: &str, runtime: &str, image: &str, probe: &str, cache: bool) -> String {
-    let on = if cache { "on" } else { "off" };
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  annotations: {{kite.io/java-cache: "{on}"}}
-spec:
-  runtimeClassName: {runtime}
-  terminationGracePeriodSeconds: 10
-  containers:
-  - name: app
-    image: {image}
-    resources:
-      requests: {{cpu: "1", memory: 1Gi}}
-      limits: {{cpu: "1", memory: 1Gi}}
-    readinessProbe:
-      httpGet: {{path: "{probe}", port: 8080}}
-      periodSeconds: 1
-      failureThreshold: 600
-"#
-    )
-}
-
-async fn run_ready(agent: &TestAgent, manifest: &str, name: &str) -> Pod {
-    agent
-        .run_nowait(manifest)
-        .await
-        .unwrap_or_else(|e| panic!("run {name}: {}", e.message()));
-    agent
-        .wait_pod(name, LIMIT, |p| {
-            assert!(p.phase != "Failed", "pod {name} failed: {}", p.message);
-            p.ready
-        })
-        .await
-}
-
-async fn delete(agent: &TestAgent, name: &str) {
-    agent
-        .delete(name, 10)
-        .await
-        .unwrap_or_else(|e| panic!("delete {name}: {}", e.message()));
-    while agent.get(name).await.is_some() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    JavaPod {
+        name,
+        runtime,
+        image,
+        memory: "1Gi",
+        cpu_request: "1",
+        tool_options: "",
+        probe_path: probe,
+        failure_threshold: 600,
+        cache,
     }
+    .manifest()
 }
 
 fn event_ms(p: &Pod, reason: &str) -> Option<i64> {
@@ -150,12 +117,13 @@ async fn main() {
                 let before: BTreeSet<String> =
                     archives(&agent).into_iter().map(|(k, _)| k).collect();
                 let name = format!("train-{tag}");
-                run_ready(
-                    &agent,
-                    &manifest(&name, runtime, &image, &probe, true),
-                    &name,
-                )
-                .await;
+                agent
+                    .run_ready(
+                        &manifest(&name, runtime, &image, &probe, true),
+                        &name,
+                        LIMIT,
+                    )
+                    .await;
                 let pod = agent
                     .wait_pod(&name, LIMIT, |p| {
                         p.events.iter().any(|e| {
@@ -166,7 +134,7 @@ async fn main() {
                         })
                     })
                     .await;
-                delete(&agent, &name).await;
+                agent.delete_gone(&name, 10, LIMIT).await;
                 let mut row = Row {
                     app: app.clone(),
                     jdk,
@@ -208,12 +176,13 @@ async fn main() {
                     };
                     for cache in order {
                         let name = format!("{tag}-{r}-{}", if cache { "with" } else { "without" });
-                        let pod = run_ready(
-                            &agent,
-                            &manifest(&name, runtime, &image, &probe, cache),
-                            &name,
-                        )
-                        .await;
+                        let pod = agent
+                            .run_ready(
+                                &manifest(&name, runtime, &image, &probe, cache),
+                                &name,
+                                LIMIT,
+                            )
+                            .await;
                         let ms = ready_ms(&pod);
                         if cache {
                             let pod = agent
@@ -234,7 +203,7 @@ async fn main() {
                             row.without.push(ms);
                         }
                         eprintln!("{name}: ready {ms:.0} ms");
-                        delete(&agent, &name).await;
+                        agent.delete_gone(&name, 10, LIMIT).await;
                     }
                 }
                 rows.push(row);

@@ -256,6 +256,34 @@ impl TestAgent {
             .map(|_| ())
     }
 
+    /// Runs a manifest and waits until the pod is ready (panics when it fails, or is not ready
+    /// within `limit`): its status (stages, events).
+    pub async fn run_ready(&self, manifest: &str, name: &str, limit: Duration) -> Pod {
+        self.run_nowait(manifest)
+            .await
+            .unwrap_or_else(|e| panic!("run {name}: {}", e.message()));
+        self.wait_pod(name, limit, |p| {
+            assert!(p.phase != "Failed", "pod {name} failed: {}", p.message);
+            p.ready
+        })
+        .await
+    }
+
+    /// Deletes a pod with `grace` seconds and waits until the agent no longer lists it.
+    pub async fn delete_gone(&self, name: &str, grace: u32, limit: Duration) {
+        self.delete(name, grace)
+            .await
+            .unwrap_or_else(|e| panic!("delete {name}: {}", e.message()));
+        let start = Instant::now();
+        while self.get(name).await.is_some() {
+            assert!(
+                start.elapsed() < limit,
+                "{name} not deleted within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until `check` holds for the pod (panics with its status after `limit`).
     pub async fn wait_pod(&self, name: &str, limit: Duration, check: impl Fn(&Pod) -> bool) -> Pod {
         let start = Instant::now();
@@ -355,26 +383,40 @@ pub fn qemu_pid(sandbox_id: &str) -> String {
     .to_string()
 }
 
-/// A pod of the Java test app (HTTP on 8080, readiness probe) that asks for the Java cache,
-/// with `memory` as its limit and `tool_options` as its JAVA_TOOL_OPTIONS ("" for none).
-pub fn java_manifest(
-    name: &str,
-    runtime: &str,
-    image: &str,
-    memory: &str,
-    tool_options: &str,
-) -> String {
-    let env = if tool_options.is_empty() {
-        String::new()
-    } else {
-        format!("    env: [{{name: JAVA_TOOL_OPTIONS, value: \"{tool_options}\"}}]\n")
-    };
-    format!(
-        r#"apiVersion: v1
+/// A Java app's pod (HTTP on 8080 with a readiness probe), for the Java cache's tests and
+/// benchmark.
+#[derive(Clone, Debug)]
+pub struct JavaPod<'a> {
+    pub name: &'a str,
+    pub runtime: &'a str,
+    pub image: &'a str,
+    /// Its memory request and limit.
+    pub memory: &'a str,
+    pub cpu_request: &'a str,
+    /// JAVA_TOOL_OPTIONS ("" for none).
+    pub tool_options: &'a str,
+    pub probe_path: &'a str,
+    pub failure_threshold: u32,
+    /// The annotation `kite.io/java-cache`: on or off.
+    pub cache: bool,
+}
+
+impl JavaPod<'_> {
+    pub fn manifest(&self) -> String {
+        let env = if self.tool_options.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "    env: [{{name: JAVA_TOOL_OPTIONS, value: \"{}\"}}]\n",
+                self.tool_options
+            )
+        };
+        format!(
+            r#"apiVersion: v1
 kind: Pod
 metadata:
   name: {name}
-  annotations: {{kite.io/java-cache: "on"}}
+  annotations: {{kite.io/java-cache: "{cache}"}}
 spec:
   runtimeClassName: {runtime}
   terminationGracePeriodSeconds: 10
@@ -382,12 +424,44 @@ spec:
   - name: app
     image: {image}
 {env}    resources:
-      requests: {{cpu: 100m, memory: {memory}}}
+      requests: {{cpu: "{cpu}", memory: {memory}}}
       limits: {{cpu: "1", memory: {memory}}}
     readinessProbe:
-      httpGet: {{path: /, port: 8080}}
+      httpGet: {{path: "{probe}", port: 8080}}
       periodSeconds: 1
-      failureThreshold: 3
-"#
-    )
+      failureThreshold: {failures}
+"#,
+            name = self.name,
+            cache = if self.cache { "on" } else { "off" },
+            runtime = self.runtime,
+            image = self.image,
+            cpu = self.cpu_request,
+            memory = self.memory,
+            probe = self.probe_path,
+            failures = self.failure_threshold,
+        )
+    }
+}
+
+/// A pod of the Java test app that asks for the Java cache, with `memory` as its limit and
+/// `tool_options` as its JAVA_TOOL_OPTIONS ("" for none).
+pub fn java_manifest(
+    name: &str,
+    runtime: &str,
+    image: &str,
+    memory: &str,
+    tool_options: &str,
+) -> String {
+    JavaPod {
+        name,
+        runtime,
+        image,
+        memory,
+        cpu_request: "100m",
+        tool_options,
+        probe_path: "/",
+        failure_threshold: 3,
+        cache: true,
+    }
+    .manifest()
 }

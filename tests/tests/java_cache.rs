@@ -32,23 +32,11 @@ fn events(p: &Pod) -> String {
 }
 
 async fn run_ready(agent: &TestAgent, manifest: &str, name: &str) -> Pod {
-    agent
-        .run_nowait(manifest)
-        .await
-        .unwrap_or_else(|e| panic!("run {name}: {e}"));
-    agent.wait_pod(name, LIMIT, |p| p.ready).await
+    agent.run_ready(manifest, name, LIMIT).await
 }
 
 async fn delete(agent: &TestAgent, name: &str) {
-    agent
-        .delete(name, 2)
-        .await
-        .unwrap_or_else(|e| panic!("delete {name}: {e}"));
-    let start = Instant::now();
-    while agent.get(name).await.is_some() {
-        assert!(start.elapsed() < LIMIT, "{name} not deleted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    agent.delete_gone(name, 2, LIMIT).await
 }
 
 /// Waits for an event on the pod (the training's end, the JVM's verdict).

@@ -17,7 +17,7 @@ pub mod key;
 pub mod training;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -344,12 +344,8 @@ impl JavaCache {
 
     fn save(&self, index: &Index) -> Result<(), JavaCacheError> {
         let path = self.config.dir.join("index.json");
-        let tmp = self.config.dir.join("index.json.tmp");
         let bytes = serde_json::to_vec_pretty(index).expect("index serialises");
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(&bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("sync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+        kite_config::files::write_durable(&path, &bytes, 0o644).map_err(io_err("write", &path))
     }
 
     fn with_index<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
@@ -387,15 +383,17 @@ impl JavaCache {
         let actual = file_sha256(&file).map_err(|e| format!("read {}: {e}", file.display()));
         match actual {
             Ok(sum) if sum == archive.sha256 => {
-                self.with_index(|index| {
-                    if let Some(a) = index
-                        .entries
-                        .get_mut(key.as_str())
-                        .and_then(|e| e.archive.as_mut())
-                    {
-                        a.last_used_ms = now_ms();
-                    }
-                });
+                // In memory only: a start does not wait for the index on disk; the next
+                // change that is saved carries it (the LRU order after a crash may be a
+                // little older, nothing more).
+                let mut index = self.index.lock().expect("java cache lock");
+                if let Some(a) = index
+                    .entries
+                    .get_mut(key.as_str())
+                    .and_then(|e| e.archive.as_mut())
+                {
+                    a.last_used_ms = now_ms();
+                }
                 Ok(())
             }
             other => {
@@ -441,12 +439,7 @@ impl JavaCache {
         })
     }
 
-    /// The training of `key` ended without an archive: remembered as the key's reason.
-    pub fn training_failed(&self, key: &AppKey, why: &str) {
-        self.mark_unusable(key, why);
-    }
-
-    /// Never cache `key`, for `why`.
+    /// Never cache `key`, for `why` (also how a training that made no archive ends).
     pub fn mark_unusable(&self, key: &AppKey, why: &str) {
         self.with_index(|index| {
             let e = index.entries.entry(key.to_string()).or_default();
@@ -572,14 +565,6 @@ impl JavaCache {
                 e.trainings = e.trainings.saturating_sub(1);
             }
         });
-    }
-
-    /// A training run's claim ends (whatever became of it).
-    pub fn end_training(&self, key: &AppKey) {
-        let mut index = self.index.lock().expect("java cache lock");
-        if let Some(e) = index.entries.get_mut(key.as_str()) {
-            e.training = false;
-        }
     }
 
     /// Bytes of archives held.

@@ -10,7 +10,7 @@ use kite_cri::api::{ContainerState, Mount};
 use kite_cri::CriClient;
 
 use super::{jvmlog, merged_tool_options, AppKey, Archive, JavaCache, Method, GUEST_OUT_DIR};
-use crate::cri_config::{self, LABEL_AGENT};
+use crate::cri_config;
 use crate::manifest::PodPlan;
 use crate::probe;
 
@@ -114,7 +114,6 @@ async fn run(
         readonly: false,
         ..Default::default()
     });
-    debug_assert!(sandbox.labels.contains_key(LABEL_AGENT));
 
     let id = cri
         .run_pod_sandbox(&sandbox, &plan.runtime_class)
