@@ -33,9 +33,10 @@ fi
 
 # 3. kite: the shim on the host, the guest kernel and initrd.
 log "building kite"
-(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter -p kite-agent -p kitectl)
+(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter -p kite-agent -p kitectl -p kite-coordinator)
 install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
 install -m 0755 "$here/target/release/kitectl" /usr/local/bin/
+install -m 0755 "$here/target/release/kite-coordinator" /usr/local/bin/
 # A running agent keeps the old binary until it is restarted (its pods keep running).
 if ! cmp -s "$here/target/release/kite-agent" /usr/local/bin/kite-agent; then
   install -m 0755 "$here/target/release/kite-agent" /usr/local/bin/

@@ -49,4 +49,13 @@ fn node_api() {
         .type_attribute(".kite.node.v1", "#[serde(rename_all = \"camelCase\")]")
         .compile_protos(&["proto/node.proto"], &["proto"])
         .expect("generate the node API from proto/node.proto");
+    println!("cargo:rerun-if-changed=proto/coordinator.proto");
+    tonic_prost_build::configure()
+        .type_attribute(".kite.coordinator.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(
+            ".kite.coordinator.v1",
+            "#[serde(rename_all = \"camelCase\")]",
+        )
+        .compile_protos(&["proto/coordinator.proto"], &["proto"])
+        .expect("generate the coordinator API from proto/coordinator.proto");
 }

@@ -82,6 +82,8 @@ pub struct AgentConfig {
     pub warm_sandboxes: u32,
     /// The Java start-up cache (`[agent.java_cache]`).
     pub java_cache: crate::javacache::JavaCacheConfig,
+    /// The link to a cluster coordinator (`[agent.coordinator]`; none by default).
+    pub coordinator: crate::link::CoordinatorLinkConfig,
 }
 
 impl Default for AgentConfig {
@@ -108,6 +110,7 @@ impl Default for AgentConfig {
             log_level: "info".into(),
             warm_sandboxes: 0,
             java_cache: Default::default(),
+            coordinator: Default::default(),
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod cri_config;
 pub mod javacache;
+pub mod link;
 pub mod manifest;
 pub mod metrics;
 pub mod node;

@@ -83,12 +83,22 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         cri,
         metrics: metrics.clone(),
     });
+    let link_config = ctx.config.coordinator.clone();
+    let state_dir = ctx.config.state_dir.clone();
     let node = Arc::new(Node::new(ctx, store, Capacity::of_this_node()));
     node.recover()
         .await
         .context("list the sandboxes this agent made, to adopt its pods")?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if !link_config.address.is_empty() {
+        tokio::spawn(kite_agent::link::run(
+            node.clone(),
+            link_config,
+            state_dir,
+            stop_rx.clone(),
+        ));
+    }
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };

@@ -319,14 +319,19 @@ pub fn parse(text: &str, default_runtime_class: &str) -> Result<PodPlan, Manifes
     plan(pod, default_runtime_class)
 }
 
-fn dns_label(path: &str, s: &str) -> Result<(), ManifestError> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
+/// Whether `s` is a DNS label (lowercase letters, digits and '-', not at the ends) of at most
+/// `max` characters: what Kubernetes requires of names.
+pub fn is_dns_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
+        && !s.ends_with('-')
+}
+
+fn dns_label(path: &str, s: &str) -> Result<(), ManifestError> {
+    if is_dns_label(s, 63) {
         Ok(())
     } else {
         Err(invalid(

@@ -146,18 +146,28 @@ pub async fn serve(
     metrics: std::sync::Arc<Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_text(addr, move || metrics.render(), stop).await
+}
+
+/// Serves `GET /metrics` on `addr` with what `render` gives (OpenMetrics text) until `stop`
+/// completes: every kite daemon's endpoint.
+pub async fn serve_text(
+    addr: &str,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let metrics = metrics.clone();
+            let render = render.clone();
             async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    metrics.render(),
+                    render(),
                 )
             }
         }),

@@ -139,6 +139,14 @@ impl Node {
         &self.ctx
     }
 
+    /// What pods may use of the node, and what their requests take of it now.
+    pub fn capacity(&self) -> (Capacity, Capacity) {
+        (
+            self.allocatable,
+            Self::used(&self.pods.lock().expect("pods lock")),
+        )
+    }
+
     fn used(pods: &BTreeMap<(String, String), PodEntry>) -> Capacity {
         let mut used = Capacity {
             cpu_millis: 0,

@@ -22,6 +22,13 @@ pub struct CoordinatorConfig {
     pub advertise: Vec<String>,
     pub metrics_addr: String,
     pub log_level: String,
+    /// A node whose heartbeat stops for this long is NotReady (no new pods).
+    pub node_timeout_secs: u64,
+    /// A NotReady node's pods are placed elsewhere after this further time.
+    pub pod_eviction_secs: u64,
+    /// How long a rollout waits for its nodes to prefetch the new images before it updates
+    /// anyway (prefetch only saves time; it gates nothing).
+    pub prefetch_timeout_secs: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -34,6 +41,9 @@ impl Default for CoordinatorConfig {
             advertise: Vec::new(),
             metrics_addr: "127.0.0.1:9621".into(),
             log_level: "info".into(),
+            node_timeout_secs: 20,
+            pod_eviction_secs: 30,
+            prefetch_timeout_secs: 120,
         }
     }
 }

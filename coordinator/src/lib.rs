@@ -9,8 +9,14 @@
 //!   Java archive), all of an app's new replicas at once;
 //! - [`config`]: the `[coordinator]` section of kite.toml.
 
+pub mod app;
+pub mod cluster;
 pub mod config;
+pub mod controller;
+pub mod metrics;
+pub mod ops;
 pub mod pki;
 pub mod placement;
+pub mod server;
 pub mod store;
 pub mod token;

@@ -230,19 +230,6 @@ impl ClusterCa {
     }
 }
 
-/// A key and a CSR for it (what a joining node sends; it keeps the key).
-pub fn new_csr(name: &str) -> Result<(String, String), PkiError> {
-    check_name(name)?;
-    let key = KeyPair::generate().map_err(cert_err("generate a key"))?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    let csr = params
-        .serialize_request(&key)
-        .map_err(cert_err("make a certificate signing request"))?;
-    let pem = csr.pem().map_err(cert_err("encode the request"))?;
-    Ok((key.serialize_pem(), pem))
-}
-
 /// The kite identity a peer's certificate (DER, already verified against the CA by TLS)
 /// names: its common name and organization.
 pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
@@ -305,7 +292,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let ca = ClusterCa::load(dir.path()).unwrap();
         // A node asks for "admin" in its CSR; it gets the node name the token allowed.
-        let (_key, csr) = new_csr("admin").unwrap();
+        let (_key, csr) = kite_agent::link::new_csr("admin").unwrap();
         let node = ca
             .sign_csr(&csr, &Identity::Node("node-1".into()), 365)
             .unwrap();

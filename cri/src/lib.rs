@@ -91,6 +91,26 @@ impl CriClient {
         Ok(answer.into_inner().image_ref)
     }
 
+    /// ListImages: the references (tags and digests) of every image the runtime holds, with
+    /// its size.
+    pub async fn list_images(&mut self) -> Result<Vec<(Vec<String>, u64)>, CriError> {
+        let answer = self
+            .images
+            .list_images(ListImagesRequest::default())
+            .await
+            .map_err(call("list images".to_string()))?;
+        Ok(answer
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| {
+                let mut refs = i.repo_tags;
+                refs.extend(i.repo_digests);
+                (refs, i.size)
+            })
+            .collect())
+    }
+
     /// RemoveImage (containerd deletes it at once: its snapshots go unless in use).
     pub async fn remove_image(&mut self, image: &str) -> Result<(), CriError> {
         let request = RemoveImageRequest {

@@ -1,6 +1,7 @@
-//! `kitectl`: kite's CLI. For now it talks to the node agent on its API socket; the coordinator
-//! will extend it.
+//! `kitectl`: kite's CLI. It talks to a node's agent on its API socket, or, with
+//! `--coordinator`, to the cluster's coordinator ([`cluster`]).
 
+mod cluster;
 mod output;
 
 use std::collections::HashMap;
@@ -27,6 +28,19 @@ struct Cli {
         env = "KITE_AGENT_SOCKET"
     )]
     socket: PathBuf,
+    /// The cluster's coordinator (HOST:PORT): apps, their pods and the nodes instead of one
+    /// node's pods.
+    #[arg(long, global = true, env = "KITE_COORDINATOR")]
+    coordinator: Option<String>,
+    /// The admin credential for the coordinator: admin.crt, admin.key and ca.crt
+    /// (`kite-coordinator init` writes them).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/etc/kite/pki",
+        env = "KITE_CREDENTIALS"
+    )]
+    credentials: PathBuf,
     /// The namespace of the pods named.
     #[arg(short = 'n', long, global = true, default_value = "default")]
     namespace: String,
@@ -45,7 +59,45 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Lists pods (`get pods`), or shows one (`get pod NAME`).
+    /// Creates or changes an app from an apps/v1 Deployment manifest (coordinator), and shows
+    /// its rollout until it is done (unless --no-wait).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Sets an app's replicas (coordinator): kitectl scale deployment/NAME --replicas N.
+    Scale {
+        app: String,
+        #[arg(long)]
+        replicas: u32,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// An app's rollout (coordinator): status, history, undo [--to-revision N], pause, resume.
+    Rollout {
+        action: String,
+        app: String,
+        #[arg(long, default_value_t = 0)]
+        to_revision: u64,
+    },
+    /// No new pods on the node (coordinator).
+    Cordon { node: String },
+    /// New pods on the node again (coordinator).
+    Uncordon { node: String },
+    /// Cordons the node and moves its pods to other nodes (coordinator).
+    Drain { node: String },
+    /// Bootstrap tokens for joining nodes (coordinator): kitectl token create [--ttl 24h].
+    Token {
+        action: String,
+        #[arg(long, default_value = "24h")]
+        ttl: humantime::Duration,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Lists pods (`get pods`), or shows one (`get pod NAME`); with --coordinator also apps
+    /// (deployments) and nodes.
     Get {
         /// pods (or pod, po)
         kind: String,
@@ -488,6 +540,20 @@ fn read_manifest(file: &PathBuf) -> anyhow::Result<String> {
     }
 }
 
+/// The name a manifest file gives its object; its namespace, if it names one, replaces
+/// `namespace`.
+fn named_in(file: &PathBuf, namespace: &mut String) -> anyhow::Result<String> {
+    let value: serde_json::Value = serde_yaml_ng::from_str(&read_manifest(file)?)
+        .with_context(|| format!("{} is not YAML or JSON", file.display()))?;
+    if let Some(ns) = value["metadata"]["namespace"].as_str() {
+        *namespace = ns.to_string();
+    }
+    Ok(value["metadata"]["name"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{}: metadata.name is missing", file.display()))?
+        .to_string())
+}
+
 /// `KEY=VALUE` pairs.
 fn pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
     items
@@ -501,7 +567,68 @@ fn pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> 
         .collect()
 }
 
+/// The commands against the coordinator.
+async fn cluster_main(address: &str, cli: Cli) -> anyhow::Result<i32> {
+    let mut ctl = cluster::ClusterCtl::connect(address, &cli.credentials, cli.namespace).await?;
+    match cli.command {
+        Command::Apply { file, no_wait } => ctl.apply(read_manifest(&file)?, !no_wait).await?,
+        Command::Scale {
+            app,
+            replicas,
+            no_wait,
+        } => {
+            ctl.scale(&cluster::app_name(&app)?, replicas, !no_wait)
+                .await?
+        }
+        Command::Rollout {
+            action,
+            app,
+            to_revision,
+        } => {
+            ctl.rollout(&action, &cluster::app_name(&app)?, to_revision)
+                .await?
+        }
+        Command::Cordon { node } => ctl.schedulable(&node, true, false).await?,
+        Command::Uncordon { node } => ctl.schedulable(&node, false, false).await?,
+        Command::Drain { node } => ctl.schedulable(&node, true, true).await?,
+        Command::Token {
+            action,
+            ttl,
+            description,
+        } => match action.as_str() {
+            "create" => ctl.token_create(ttl.as_secs(), description).await?,
+            other => bail!("token {other}: kitectl knows token create"),
+        },
+        Command::Get {
+            kind,
+            name,
+            output,
+            all_namespaces,
+        } => {
+            ctl.get(&kind, name.as_deref(), output.as_deref(), all_namespaces)
+                .await?
+        }
+        Command::Describe { kind, name } => ctl.describe(&kind, &name).await?,
+        Command::Delete { kind, name, file, .. } => {
+            let name = match (kind, name, file) {
+                (_, _, Some(file)) => named_in(&file, &mut ctl.namespace)?,
+                (Some(_), Some(name), None) => name,
+                (Some(kind), None, None) => cluster::app_name(&kind)?,
+                _ => bail!("delete what? kitectl delete deployment NAME, or -f FILE"),
+            };
+            ctl.delete(&name).await?
+        }
+        _ => bail!(
+            "this command talks to a node's agent: run it on the node without --coordinator (logs and exec through the coordinator are not there yet)"
+        ),
+    }
+    Ok(0)
+}
+
 async fn main_inner(cli: Cli) -> anyhow::Result<i32> {
+    if let Some(address) = cli.coordinator.clone() {
+        return cluster_main(&address, cli).await;
+    }
     let client = kite_protocol::node::connect(&cli.socket)
         .await
         .map_err(|e| {
@@ -556,18 +683,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<i32> {
             grace_period,
         } => {
             let name = match (kind, name, file) {
-                (_, _, Some(file)) => {
-                    let text = read_manifest(&file)?;
-                    let value: serde_json::Value = serde_yaml_ng::from_str(&text)
-                        .with_context(|| format!("{} is not YAML or JSON", file.display()))?;
-                    if let Some(ns) = value["metadata"]["namespace"].as_str() {
-                        ctl.namespace = ns.to_string();
-                    }
-                    value["metadata"]["name"]
-                        .as_str()
-                        .ok_or_else(|| anyhow!("{}: metadata.name is missing", file.display()))?
-                        .to_string()
-                }
+                (_, _, Some(file)) => named_in(&file, &mut ctl.namespace)?,
                 (Some(kind), Some(name), None) => {
                     check_pod_kind(&kind)?;
                     name
@@ -596,6 +712,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<i32> {
             }
         },
         Command::Prefetch { image } => ctl.prefetch(image).await?,
+        Command::Apply { .. }
+        | Command::Scale { .. }
+        | Command::Rollout { .. }
+        | Command::Cordon { .. }
+        | Command::Uncordon { .. }
+        | Command::Drain { .. }
+        | Command::Token { .. } => {
+            bail!("this command talks to the coordinator: give --coordinator HOST:PORT (or KITE_COORDINATOR)")
+        }
         Command::Events { pod, watch } => ctl.events(&pod_name(&pod)?, watch).await?,
     }
     Ok(0)

@@ -61,6 +61,44 @@ pub mod node {
     }
 }
 
+/// The coordinator's API (`kite.coordinator.v1`, gRPC over TLS): feature `node-api`.
+#[cfg(feature = "node-api")]
+#[allow(clippy::all, missing_docs)]
+pub mod cluster {
+    tonic::include_proto!("kite.coordinator.v1");
+
+    /// A TLS channel to the coordinator at `address` (`host:port`), trusting only the cluster's
+    /// CA (`ca_pem`), presenting `identity` (certificate and key PEM) when given: a node's or an
+    /// admin's. Without one, only `NodeLink.Join` answers.
+    pub async fn connect(
+        address: &str,
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        // The coordinator's certificate names it by the host clients dial.
+        let host = address
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']))
+            .unwrap_or(address);
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca_pem))
+            .domain_name(host);
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Endpoint::from_shared(format!("https://{address}"))?
+            .tls_config(tls)?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tcp_keepalive(Some(std::time::Duration::from_secs(10)))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+    }
+}
+
 /// A gRPC channel to a server on a unix socket (containerd's CRI, the node agent's API).
 #[cfg(feature = "grpc")]
 pub async fn unix_channel(

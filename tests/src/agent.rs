@@ -89,38 +89,14 @@ impl TestAgent {
 
     /// Starts the agent process (again) and waits until its API answers.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .expect("open the agent's log");
-        let child = Command::new(AGENT)
-            .arg("--config")
-            .arg(self.dir.path().join("kite.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start kite-agent");
-        self.child = Some(child);
         let socket = self.socket();
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("kite-agent exited ({status}): {}", self.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "kite-agent does not serve on {}: {}",
-                socket.display(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child = Some(crate::start_daemon(
+            AGENT,
+            &self.dir.path().join("kite.toml"),
+            &self.dir.path().join("agent.log"),
+            Duration::from_secs(60),
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        ));
     }
 
     /// SIGKILL: the agent dies without a word; its pods must not notice.
@@ -285,6 +261,33 @@ impl TestAgent {
     }
 
     /// Waits until `check` holds for the pod (panics with its status after `limit`).
+    /// The names of the pods the agent has.
+    pub async fn pod_names(&self) -> std::collections::BTreeSet<String> {
+        self.client()
+            .await
+            .list_pods(kite_protocol::node::ListPodsRequest::default())
+            .await
+            .expect("list the agent's pods")
+            .into_inner()
+            .pods
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
+    }
+
+    /// Waits until the agent no longer has the pod.
+    pub async fn wait_pod_gone(&self, name: &str, limit: Duration) {
+        let start = Instant::now();
+        while self.get(name).await.is_some() {
+            assert!(
+                start.elapsed() < limit,
+                "pod {name} still on the agent after {limit:?}: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn wait_pod(&self, name: &str, limit: Duration, check: impl Fn(&Pod) -> bool) -> Pod {
         let start = Instant::now();
         loop {

@@ -43,6 +43,44 @@ pub fn require_setup() {
 }
 
 /// A container id unique to this test run.
+/// Starts `binary --config CONFIG` with its output appended to `log`, and waits until
+/// `serving` says it serves (a panic with its log if it exits or takes over `limit`).
+pub fn start_daemon(
+    binary: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    limit: Duration,
+    serving: impl Fn() -> bool,
+) -> std::process::Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+    let start = std::time::Instant::now();
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    while !serving() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{binary} exited ({status}): {}", log_text());
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{binary} does not serve after {limit:?}: {}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 pub fn unique_id(name: &str) -> String {
     format!("e2e-{name}-{}", std::process::id())
 }
@@ -260,6 +298,7 @@ where
 
 pub mod agent;
 pub mod bench;
+pub mod cluster;
 pub mod cri;
 
 /// Runs `hack/snapshotter.sh ACTION` (start, restart, stop, stop-all); panics if it fails.

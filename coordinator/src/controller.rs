@@ -1,0 +1,514 @@
+//! The controllers: one reconcile pass over every app, run when anything changes and every
+//! second. A pass is level-triggered (it looks at what is, not at what happened), so a
+//! restarted coordinator picks up where the last one stopped — a rollout mid-batch included.
+//!
+//! - **Lost nodes**: a node NotReady for `pod_eviction_secs` loses its assignments; the
+//!   replicas are placed elsewhere, and the node's agent removes the pods when it comes back.
+//! - **Rollouts**: prefetch on every node that runs the app, then batches of `maxUnavailable`
+//!   (in place: the pod's containers are replaced in its sandbox; recreate: new pods), each
+//!   waiting for readiness; a batch that fails or misses `progressDeadlineSeconds` rolls the
+//!   app back to the previous revision.
+//! - **Replicas**: missing ones are placed together (their nodes start fetching at once),
+//!   extra ones removed (not-ready, out-of-date and crowded ones first).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use kite_protocol::cluster::{coordinator_message, CoordinatorMessage, PrefetchOrder};
+use rand::Rng;
+
+use crate::app::{self, Strategy};
+use crate::cluster::{
+    now_ms, AppRecord, Cluster, ClusterError, Inner, NodeState, Op, PodRecord, RolloutState,
+};
+use crate::metrics::Metrics;
+use crate::placement::{self, NodeView, PodRequest, Resources, Weights};
+
+/// Runs the controllers until `stop` turns true.
+pub async fn run(cluster: std::sync::Arc<Cluster>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = cluster.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // Changes come in bursts (a node's reports, a commit's own poke): one pass for them.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        reconcile(&cluster);
+        cluster
+            .metrics
+            .observe_reconcile(started.elapsed().as_secs_f64());
+    }
+}
+
+/// One pass over every node and app.
+pub fn reconcile(cluster: &Cluster) {
+    let mut inner = cluster.lock();
+    if let Err(e) = evict_lost_nodes(cluster, &mut inner) {
+        tracing::warn!(error = %e, "evict the pods of lost nodes");
+    }
+    let apps: Vec<String> = inner.apps.keys().cloned().collect();
+    for key in apps {
+        if let Err(e) = reconcile_app(cluster, &mut inner, &key) {
+            tracing::warn!(app = %key, error = %kite_protocol::errors::error_chain(&e), "reconcile");
+        }
+    }
+    let mut states: BTreeMap<&'static str, i64> = BTreeMap::new();
+    for e in inner.nodes.values() {
+        *states
+            .entry(cluster.node_state(&e.live).name())
+            .or_default() += 1;
+    }
+    for s in ["Ready", "NotReady", "Unknown"] {
+        cluster
+            .metrics
+            .nodes
+            .get_or_create(&vec![("state".into(), s.into())])
+            .set(states.get(s).copied().unwrap_or(0));
+    }
+    cluster
+        .metrics
+        .pods
+        .set(i64::try_from(inner.pods.len()).unwrap_or(i64::MAX));
+    cluster
+        .metrics
+        .apps
+        .set(i64::try_from(inner.apps.len()).unwrap_or(i64::MAX));
+}
+
+/// Above this share of nodes not ready, nothing is evicted: when most nodes fall silent at
+/// once the likelier cause is the coordinator's side (its restart, its network), and moving
+/// every pod would do more harm than waiting (Kubernetes' node controller stops evicting in a
+/// zone past 55% unhealthy, for the same reason).
+const MAX_UNREADY_SHARE: f64 = 0.55;
+
+fn evict_lost_nodes(cluster: &Cluster, inner: &mut Inner) -> Result<(), ClusterError> {
+    let grace = Duration::from_secs(cluster.config.pod_eviction_secs);
+    let total = inner.nodes.len();
+    let unready = inner
+        .nodes
+        .values()
+        .filter(|e| cluster.node_state(&e.live) != NodeState::Ready)
+        .count();
+    if unready == 0 {
+        return Ok(());
+    }
+    #[allow(clippy::cast_precision_loss)]
+    if unready == total || unready as f64 / total as f64 > MAX_UNREADY_SHARE {
+        tracing::debug!(unready, total, "most nodes are not ready: no evictions");
+        return Ok(());
+    }
+    let mut ops = Vec::new();
+    for (name, entry) in &inner.nodes {
+        if cluster.node_state(&entry.live) == NodeState::Ready
+            || cluster.unready_since(&entry.live).elapsed() < grace
+        {
+            continue;
+        }
+        let pods = inner.by_node.get(name).cloned().unwrap_or_default();
+        if !pods.is_empty() {
+            tracing::warn!(node = %name, pods = pods.len(), "node lost: its pods go elsewhere");
+        }
+        ops.extend(pods.into_iter().map(Op::DeletePod));
+    }
+    cluster.commit(inner, ops).map(|_| ())
+}
+
+fn reconcile_app(cluster: &Cluster, inner: &mut Inner, key: &str) -> Result<(), ClusterError> {
+    let Some(app) = inner.apps.get(key).map(|s| s.value.clone()) else {
+        return Ok(());
+    };
+    if let Some(r) = &app.rollout {
+        if !r.state.finished() && !app.paused {
+            step_rollout(cluster, inner, app.clone())?;
+        }
+    }
+    let Some(app) = inner.apps.get(key).map(|s| s.value.clone()) else {
+        return Ok(());
+    };
+    let pods = pods_of(inner, key);
+    let want = app.replicas as usize;
+    if pods.len() < want {
+        let (ops, unschedulable) =
+            place_new(cluster, inner, &app, app.revision, want - pods.len(), &[]);
+        let mut app_after = app.clone();
+        match unschedulable {
+            Some(message) => {
+                app_after.set_condition("Available", false, "Unschedulable", message);
+            }
+            None => app_after.conditions.retain(|c| c.reason != "Unschedulable"),
+        }
+        let mut ops = ops;
+        if conditions_changed(&app, &app_after) {
+            ops.push(Op::PutApp(app_after));
+        }
+        cluster.commit(inner, ops)?;
+    } else if pods.len() > want {
+        let mut extra = pods.clone();
+        // Not ready first, then out of date, then on the most crowded node, then the newest.
+        let mut per_node: HashMap<&str, usize> = HashMap::new();
+        for p in &pods {
+            *per_node.entry(p.node.as_str()).or_default() += 1;
+        }
+        extra.sort_by_key(|p| {
+            (
+                Cluster::pod_ready(inner, p),
+                p.revision == app.revision,
+                std::cmp::Reverse(per_node[p.node.as_str()]),
+                std::cmp::Reverse(p.created_ms),
+            )
+        });
+        let ops = extra
+            .into_iter()
+            .take(pods.len() - want)
+            .map(|p| Op::DeletePod(p.key()))
+            .collect();
+        cluster.commit(inner, ops)?;
+    }
+    Ok(())
+}
+
+fn conditions_changed(a: &AppRecord, b: &AppRecord) -> bool {
+    let view = |r: &AppRecord| {
+        r.conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.kind.clone(),
+                    c.status,
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    view(a) != view(b)
+}
+
+pub fn pods_of(inner: &Inner, app: &str) -> Vec<PodRecord> {
+    inner
+        .by_app
+        .get(app)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| inner.pods.get(k).map(|s| s.value.clone()))
+        .collect()
+}
+
+/// The nodes as placement sees them, with the pods `leaving` (about to be replaced) not
+/// counted.
+fn node_views(cluster: &Cluster, inner: &Inner, leaving: &[String]) -> Vec<NodeView> {
+    let mut requests: HashMap<(String, u64), Resources> = HashMap::new();
+    let mut views = Vec::with_capacity(inner.nodes.len());
+    for (name, entry) in &inner.nodes {
+        let live = &entry.live;
+        let status = &live.status;
+        let mut view = NodeView {
+            name: name.clone(),
+            ready: cluster.node_state(live) == NodeState::Ready,
+            cordoned: entry.record.value.cordoned,
+            allocatable: Resources {
+                cpu_millis: status.allocatable_cpu_millis,
+                memory_bytes: status.allocatable_memory_bytes,
+            },
+            runtime_classes: status.runtime_classes.iter().cloned().collect(),
+            layers: status.layers.iter().cloned().collect(),
+            fetching: status.fetching.iter().cloned().collect(),
+            java_archives: status.java_archives.iter().cloned().collect(),
+            ..Default::default()
+        };
+        for key in inner.by_node.get(name).into_iter().flatten() {
+            if leaving.contains(key) {
+                continue;
+            }
+            let Some(pod) = inner.pods.get(key) else {
+                continue;
+            };
+            let pod = &pod.value;
+            let r = *requests
+                .entry((pod.app.clone(), pod.revision))
+                .or_insert_with(|| {
+                    inner
+                        .apps
+                        .get(&pod.app)
+                        .and_then(|a| a.value.template(pod.revision))
+                        .map(|t| app::requests_of(t).0)
+                        .unwrap_or_default()
+                });
+            view.requested.cpu_millis += r.cpu_millis;
+            view.requested.memory_bytes += r.memory_bytes;
+            *view.replicas.entry(pod.app.clone()).or_default() += 1;
+        }
+        views.push(view);
+    }
+    views
+}
+
+fn new_pod_name(inner: &Inner, namespace: &str, app: &str) -> String {
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    loop {
+        let suffix: String = (0..5)
+            .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+            .collect();
+        let name = format!("{app}-{suffix}");
+        if !inner.pods.contains_key(&format!("{namespace}/{name}")) {
+            return name;
+        }
+    }
+}
+
+/// Places `count` new pods of `app` at `revision`, together: the pod records to put, and why
+/// some found no node.
+fn place_new(
+    cluster: &Cluster,
+    inner: &Inner,
+    app: &AppRecord,
+    revision: u64,
+    count: usize,
+    leaving: &[String],
+) -> (Vec<Op>, Option<String>) {
+    let Some(template) = app.template(revision) else {
+        return (
+            Vec::new(),
+            Some(format!("revision {revision} is not in the history")),
+        );
+    };
+    let (requests, runtime_class, images) = app::requests_of(template);
+    let request = PodRequest {
+        app: app.key(),
+        requests,
+        runtime_class,
+        layers: images.into_iter().map(|i| (i, 1)).collect(),
+        java_key: None,
+    };
+    let mut views = node_views(cluster, inner, leaving);
+    let decisions = placement::place_all(&mut views, &vec![request; count], &Weights::default());
+    let mut ops = Vec::new();
+    let mut failure = None;
+    let mut names = BTreeSet::new();
+    for d in decisions {
+        match d {
+            Ok(d) => {
+                let mut name = new_pod_name(inner, &app.namespace, &app.name);
+                while !names.insert(name.clone()) {
+                    name = new_pod_name(inner, &app.namespace, &app.name);
+                }
+                Metrics::count(&cluster.metrics.placements, "result", "placed");
+                ops.push(Op::PutPod(PodRecord {
+                    namespace: app.namespace.clone(),
+                    name,
+                    app: app.key(),
+                    node: views[d.node].name.clone(),
+                    revision,
+                    created_ms: now_ms(),
+                }));
+            }
+            Err(u) => {
+                Metrics::count(&cluster.metrics.placements, "result", "unschedulable");
+                failure = Some(u.to_string());
+            }
+        }
+    }
+    (ops, failure)
+}
+
+/// Moves `pods` to `revision`: in place (the same pods, a new revision to run) or by new pods.
+fn move_pods(
+    cluster: &Cluster,
+    inner: &Inner,
+    app: &AppRecord,
+    strategy: Strategy,
+    pods: &[PodRecord],
+    revision: u64,
+) -> Vec<Op> {
+    match strategy {
+        Strategy::InPlace => pods
+            .iter()
+            .map(|p| {
+                Op::PutPod(PodRecord {
+                    revision,
+                    ..p.clone()
+                })
+            })
+            .collect(),
+        Strategy::Recreate => {
+            let leaving: Vec<String> = pods.iter().map(PodRecord::key).collect();
+            let (mut ops, _) = place_new(cluster, inner, app, revision, pods.len(), &leaving);
+            ops.extend(leaving.into_iter().map(Op::DeletePod));
+            ops
+        }
+    }
+}
+
+/// Why a pod at its assigned revision failed, if it did.
+fn pod_failure(inner: &Inner, pod: &PodRecord) -> Option<String> {
+    let report = Cluster::report_of(inner, pod)?;
+    if !report.update_error.is_empty() {
+        return Some(format!("pod {}: {}", pod.name, report.update_error));
+    }
+    if report.phase == "Failed" {
+        return Some(format!("pod {} failed: {}", pod.name, report.message));
+    }
+    None
+}
+
+fn step_rollout(
+    cluster: &Cluster,
+    inner: &mut Inner,
+    mut app: AppRecord,
+) -> Result<(), ClusterError> {
+    let mut r = app.rollout.clone().expect("a rollout");
+    let now = now_ms();
+    let deadline_ms =
+        i64::try_from(app.progress_deadline_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let pods = pods_of(inner, &app.key());
+    match r.state {
+        RolloutState::Prefetching => {
+            let images: Vec<String> = app
+                .template(r.to)
+                .map(|t| app::images_of(t).into_values().collect())
+                .unwrap_or_default();
+            if r.batch_started_ms == 0 {
+                let nodes: BTreeSet<String> = pods.iter().map(|p| p.node.clone()).collect();
+                for node in &nodes {
+                    Cluster::send(
+                        inner,
+                        node,
+                        CoordinatorMessage {
+                            msg: Some(coordinator_message::Msg::Prefetch(PrefetchOrder {
+                                images: images.clone(),
+                            })),
+                        },
+                    );
+                }
+                r.prefetch_nodes = nodes.into_iter().collect();
+                r.batch_started_ms = now;
+                r.message = format!(
+                    "{} node(s) prefetch {}",
+                    r.prefetch_nodes.len(),
+                    images.join(", ")
+                );
+            } else {
+                let done = r.prefetch_nodes.iter().all(|n| {
+                    inner.nodes.get(n).is_none_or(|e| {
+                        e.live.tx.is_none()
+                            || images.iter().all(|i| {
+                                matches!(
+                                    e.live.prefetch.get(i).map(String::as_str),
+                                    Some("done" | "failed")
+                                )
+                            })
+                    })
+                });
+                let timeout =
+                    i64::try_from(cluster.config.prefetch_timeout_secs * 1000).unwrap_or(i64::MAX);
+                if !done && now - r.batch_started_ms < timeout {
+                    return Ok(());
+                }
+                r.state = RolloutState::Updating;
+                r.batch = 0;
+                r.batch_started_ms = 0;
+                r.message = "prefetched; updating".into();
+            }
+            app.rollout = Some(r);
+            cluster.commit(inner, vec![Op::PutApp(app)]).map(|_| ())
+        }
+        RolloutState::Updating => {
+            let in_flight: Vec<&PodRecord> = pods
+                .iter()
+                .filter(|p| p.revision == r.to && !Cluster::pod_ready(inner, p))
+                .collect();
+            if r.batch > 0 && !in_flight.is_empty() {
+                let failure = in_flight.iter().find_map(|p| pod_failure(inner, p));
+                let late = now - r.batch_started_ms > deadline_ms;
+                if failure.is_none() && !late {
+                    return Ok(());
+                }
+                let reason = if failure.is_some() {
+                    "UpdateFailed"
+                } else {
+                    "ProgressDeadlineExceeded"
+                };
+                let why = failure.unwrap_or_else(|| {
+                    format!(
+                        "batch {} not ready within progressDeadlineSeconds ({} s): {}",
+                        r.batch,
+                        app.progress_deadline_secs,
+                        in_flight
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                });
+                tracing::warn!(app = %app.key(), from = r.to, to = r.from, reason = %why, "rollout failed: rolling back");
+                r.state = RolloutState::RollingBack;
+                r.message = format!("rolling back to revision {}: {why}", r.from);
+                r.batch_started_ms = now;
+                app.revision = r.from;
+                app.set_condition("Progressing", false, reason, why);
+                app.rollout = Some(r);
+                return cluster.commit(inner, vec![Op::PutApp(app)]).map(|_| ());
+            }
+            let mut remaining: Vec<PodRecord> = pods
+                .iter()
+                .filter(|p| p.revision != r.to)
+                .cloned()
+                .collect();
+            if remaining.is_empty() {
+                if !in_flight.is_empty() {
+                    return Ok(());
+                }
+                r.state = RolloutState::Complete;
+                r.finished_ms = now;
+                r.message = format!("{} pod(s) at revision {}", pods.len(), r.to);
+                app.set_condition("Progressing", true, "RolloutComplete", r.message.clone());
+                Metrics::count(&cluster.metrics.rollouts, "result", "complete");
+                app.rollout = Some(r);
+                return cluster.commit(inner, vec![Op::PutApp(app)]).map(|_| ());
+            }
+            // Not-ready pods go first (they serve nothing now), then by name.
+            remaining.sort_by_key(|p| (Cluster::pod_ready(inner, p), p.name.clone()));
+            let n = app::batch_size(&app.max_unavailable, app.replicas).unwrap_or(1) as usize;
+            let batch: Vec<PodRecord> = remaining.into_iter().take(n).collect();
+            let mut ops = move_pods(cluster, inner, &app, r.strategy, &batch, r.to);
+            r.batch += 1;
+            r.batch_started_ms = now;
+            r.message = format!(
+                "batch {}: {}",
+                r.batch,
+                batch
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            app.rollout = Some(r);
+            ops.push(Op::PutApp(app));
+            cluster.commit(inner, ops).map(|_| ())
+        }
+        RolloutState::RollingBack => {
+            let stale: Vec<PodRecord> = pods
+                .iter()
+                .filter(|p| p.revision != r.from)
+                .cloned()
+                .collect();
+            if !stale.is_empty() {
+                let ops = move_pods(cluster, inner, &app, r.strategy, &stale, r.from);
+                return cluster.commit(inner, ops).map(|_| ());
+            }
+            let settled = pods.iter().all(|p| Cluster::pod_ready(inner, p));
+            if !settled && now - r.batch_started_ms < deadline_ms {
+                return Ok(());
+            }
+            r.state = RolloutState::RolledBack;
+            r.finished_ms = now;
+            Metrics::count(&cluster.metrics.rollouts, "result", "rolled_back");
+            app.rollout = Some(r);
+            cluster.commit(inner, vec![Op::PutApp(app)]).map(|_| ())
+        }
+        RolloutState::Complete | RolloutState::RolledBack => Ok(()),
+    }
+}

@@ -1,0 +1,485 @@
+//! kite-coordinator with node agents that joined it, against the real containerd CRI, CNI,
+//! QEMU and registry: apps from Deployment manifests placed over two nodes, scaled, rolled out
+//! in place (same sandbox, VM and IP) and rolled back by themselves when a batch fails; a lost
+//! node's replicas moved; a restarted coordinator finishing a rollout; and the security cases
+//! (tokens, foreign CAs, nodes reaching for other nodes' pods, kitectl without the admin
+//! credential).
+//!
+//! The two nodes are two agents (each its own CRI label, socket and state) over the machine's
+//! containerd; each test has a coordinator of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kite_e2e::agent::*;
+use kite_e2e::cluster::*;
+use kite_e2e::cri::http_get;
+use kite_e2e::require_setup;
+use kite_protocol::cluster::node_link_client::NodeLinkClient;
+use kite_protocol::cluster::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn setup() {
+    tokio::task::spawn_blocking(require_setup).await.unwrap();
+}
+
+async fn serves(pod: &PodInfo, body: &str) {
+    let got = http_get(&format!("{}:8080", pod.ip), "/", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("pod {} ({}): {e}", pod.name, pod.ip));
+    assert_eq!(got.trim(), body, "pod {} serves", pod.name);
+}
+
+fn all_ready_at(app: &App, pods: &[PodInfo], revision: u64) -> bool {
+    pods.len() == app.replicas as usize
+        && pods
+            .iter()
+            .all(|p| p.ready && p.revision == revision && p.running_revision == revision)
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    kite_e2e::text(&out.stderr)
+}
+
+async fn join(c: &TestCoordinator, token: &str, node: &str) -> Result<JoinResponse, tonic::Status> {
+    let ca = std::fs::read_to_string(c.pki().join("ca.crt")).unwrap();
+    let (_key, csr) = kite_agent::link::new_csr(node).unwrap();
+    let channel = kite_protocol::cluster::connect(&c.address, &ca, None)
+        .await
+        .expect("TLS without a client certificate");
+    NodeLinkClient::new(channel)
+        .join(JoinRequest {
+            token: token.into(),
+            node_name: node.into(),
+            csr_pem: csr,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_takes_a_good_token_and_every_call_checks_who_calls() {
+    setup().await;
+    let c = TestCoordinator::start("security", "");
+    let other = TestCoordinator::start("security-other", "");
+
+    // Tokens: malformed, unknown, expired, reused; a name joined already.
+    let e = join(&c, "abc", "node-x").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("not a bootstrap token"),
+        "{}",
+        e.message()
+    );
+    let e = join(&c, "abcdef.0123456789abcdef", "node-x")
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("unknown"), "{}", e.message());
+    let short = c.token("1s");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = join(&c, &short, "node-x").await.unwrap_err();
+    assert!(e.message().contains("expired"), "{}", e.message());
+    let token = c.token("10m");
+    let ca = std::fs::read_to_string(c.pki().join("ca.crt")).unwrap();
+    let (key_a, csr_a) = kite_agent::link::new_csr("node-a").unwrap();
+    let channel = kite_protocol::cluster::connect(&c.address, &ca, None)
+        .await
+        .unwrap();
+    let joined = NodeLinkClient::new(channel)
+        .join(JoinRequest {
+            token: token.clone(),
+            node_name: "node-a".into(),
+            csr_pem: csr_a,
+        })
+        .await
+        .expect("a good token joins")
+        .into_inner();
+    let e = join(&c, &token, "node-b").await.unwrap_err();
+    assert!(e.message().contains("already used"), "{}", e.message());
+    let e = join(&c, &c.token("10m"), "node-a").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    join(&c, &c.token("10m"), "node-b")
+        .await
+        .expect("node-b joins");
+
+    // A node sees its own assignments only, and speaks only for itself.
+    let node_a = kite_protocol::cluster::connect(&c.address, &ca, Some((&joined.cert_pem, &key_a)))
+        .await
+        .unwrap();
+    let mut link = NodeLinkClient::new(node_a.clone());
+    link.list_assignments(NodeRef {
+        name: "node-a".into(),
+    })
+    .await
+    .expect("a node lists its own assignments");
+    let e = link
+        .list_assignments(NodeRef {
+            name: "node-b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("may not see node node-b"),
+        "{}",
+        e.message()
+    );
+    let hello = NodeMessage {
+        msg: Some(node_message::Msg::Hello(NodeHello {
+            name: "node-b".into(),
+            ..Default::default()
+        })),
+    };
+    let e = link
+        .link(futures::stream::iter(vec![hello]))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("may not speak for node"),
+        "{}",
+        e.message()
+    );
+    // A node's certificate is no admin's.
+    let e = cluster_client::ClusterClient::new(node_a)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("not an admin"), "{}", e.message());
+    // No certificate at all: only Join answers.
+    let anonymous = kite_protocol::cluster::connect(&c.address, &ca, None)
+        .await
+        .unwrap();
+    let e = cluster_client::ClusterClient::new(anonymous)
+        .list_apps(ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // kitectl: without the admin credential; with an admin credential of another cluster.
+    let empty = tempfile::tempdir().unwrap();
+    let out = c.kitectl_as(empty.path(), &["get", "nodes"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("needs an admin credential"),
+        "{}",
+        stderr(&out)
+    );
+    let foreign = tempfile::tempdir().unwrap();
+    std::fs::copy(c.pki().join("ca.crt"), foreign.path().join("ca.crt")).unwrap();
+    for f in ["admin.crt", "admin.key"] {
+        std::fs::copy(other.pki().join(f), foreign.path().join(f)).unwrap();
+    }
+    let out = c.kitectl_as(foreign.path(), &["get", "nodes"]);
+    assert!(!out.status.success(), "another cluster's admin got in");
+    let nodes = c.kitectl_ok(&["get", "nodes"]);
+    assert!(
+        nodes.contains("node-a") && nodes.contains("node-b"),
+        "{nodes}"
+    );
+    assert!(!nodes.contains("node-x"), "{nodes}");
+}
+
+/// The pods' sandboxes by pod name, from the agents.
+async fn sandboxes(agents: &[&TestAgent], pods: &[PodInfo]) -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    for p in pods {
+        for a in agents {
+            if let Some(pod) = a.get(&p.name).await {
+                out.insert(p.name.clone(), (pod.sandbox_id.clone(), pod.ip.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
+    setup().await;
+    let c = TestCoordinator::start("apps", "");
+    let (a, b) = (c.agent("apps-a"), c.agent("apps-b"));
+    let v1 = web_app(
+        "web",
+        "runc",
+        WEB_V1,
+        3,
+        "  strategy: {rollingUpdate: {maxUnavailable: 1}}\n",
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &v1).unwrap();
+    let path = file.path().to_str().unwrap();
+    let out = c.kitectl_ok(&["apply", "-f", path]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+
+    // Spread over both nodes; each serves.
+    let (_, pods) = c
+        .wait_app("web", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
+        .await;
+    let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["apps-a", "apps-b"]), "{pods:#?}");
+    for p in &pods {
+        serves(p, "v1").await;
+    }
+
+    // Scale out to 6 (3 per node), in to 2, back to 3.
+    c.kitectl_ok(&["scale", "deployment/web", "--replicas", "6"]);
+    let (_, pods) = c
+        .wait_app("web", "6 ready", LIMIT, |a, p| all_ready_at(a, p, 1))
+        .await;
+    let per_node = |pods: &[PodInfo], n: &str| pods.iter().filter(|p| p.node == n).count();
+    assert_eq!(
+        (per_node(&pods, "apps-a"), per_node(&pods, "apps-b")),
+        (3, 3)
+    );
+    c.kitectl_ok(&["scale", "deployment/web", "--replicas", "2"]);
+    let (_, pods) = c
+        .wait_app("web", "2", LIMIT, |a, p| {
+            a.replicas == 2 && all_ready_at(a, p, 1)
+        })
+        .await;
+    let kept: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
+    let start = std::time::Instant::now();
+    loop {
+        let mut on_nodes = a.pod_names().await;
+        on_nodes.extend(b.pod_names().await);
+        if on_nodes == kept {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the nodes run {on_nodes:?}, not {kept:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.kitectl_ok(&["scale", "deployment/web", "--replicas", "3", "--no-wait"]);
+    let (_, pods) = c
+        .wait_app("web", "3", LIMIT, |a, p| {
+            a.replicas == 3 && all_ready_at(a, p, 1)
+        })
+        .await;
+    let before = sandboxes(&[&a, &b], &pods).await;
+    assert_eq!(before.len(), 3);
+
+    // v1 → v2 in place: the same sandboxes and IPs serve v2.
+    std::fs::write(file.path(), v1.replace(WEB_V1, WEB_V2)).unwrap();
+    let out = c.kitectl_ok(&["apply", "-f", path]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let (app, pods) = c
+        .wait_app("web", "at v2", LIMIT, |a, p| all_ready_at(a, p, 2))
+        .await;
+    assert_eq!(app.rollout.as_ref().unwrap().strategy, "InPlace");
+    assert_eq!(app.rollout.as_ref().unwrap().state, "Complete");
+    assert_eq!(
+        sandboxes(&[&a, &b], &pods).await,
+        before,
+        "in place: same sandboxes and IPs"
+    );
+    for p in &pods {
+        serves(p, "v2").await;
+    }
+
+    // v2 → broken: the first batch fails, the app rolls back by itself; the other replicas
+    // serve v2 throughout.
+    std::fs::write(file.path(), v1.replace(WEB_V1, WEB_BROKEN)).unwrap();
+    let out = c.kitectl(&["apply", "-f", path]);
+    assert!(
+        !out.status.success(),
+        "a rollout that rolled back is an error"
+    );
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+    let (app, pods) = c
+        .wait_app("web", "back at v2", LIMIT, |a, p| {
+            a.rollout.as_ref().is_some_and(|r| r.state == "RolledBack") && all_ready_at(a, p, 2)
+        })
+        .await;
+    let rollout = app.rollout.as_ref().unwrap();
+    assert_eq!(
+        (rollout.from_revision, rollout.to_revision, rollout.batch),
+        (2, 3, 1),
+        "{rollout:?}"
+    );
+    assert_eq!(app.revision, 2);
+    let cond = app
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("False", "UpdateFailed"),
+        "{cond:?}"
+    );
+    assert_eq!(sandboxes(&[&a, &b], &pods).await, before);
+    for p in &pods {
+        serves(p, "v2").await;
+    }
+
+    // History and undo (to v1, in place).
+    let history = c.kitectl_ok(&["rollout", "history", "deployment/web"]);
+    assert!(
+        history.contains("web-v1") && history.contains("web-broken"),
+        "{history}"
+    );
+    c.kitectl_ok(&["rollout", "undo", "deployment/web", "--to-revision", "1"]);
+    let (_, pods) = c
+        .wait_app("web", "undone to v1", LIMIT, |a, p| {
+            a.revision == 4 && all_ready_at(a, p, 4)
+        })
+        .await;
+    for p in &pods {
+        serves(p, "v1").await;
+    }
+
+    // Deleting the app removes its pods from the nodes.
+    c.kitectl_ok(&["delete", "deployment", "web"]);
+    for p in &pods {
+        a.wait_pod_gone(&p.name, LIMIT).await;
+        b.wait_pod_gone(&p.name, LIMIT).await;
+    }
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_s_replicas_move_and_its_agent_removes_them_on_return() {
+    setup().await;
+    let c = TestCoordinator::start("lost", "");
+    let a = c.agent("lost-a");
+    let mut b = c.agent("lost-b");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), web_app("lost", "runc", WEB_V1, 2, "")).unwrap();
+    c.kitectl_ok(&["apply", "-f", file.path().to_str().unwrap()]);
+    let (_, pods) = c
+        .wait_app("lost", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
+        .await;
+    let on_b: Vec<String> = pods
+        .iter()
+        .filter(|p| p.node == "lost-b")
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(on_b.len(), 1, "one replica per node: {pods:#?}");
+
+    // The node's agent dies: NotReady after 3 s, its replica on lost-a 3 s later.
+    b.kill9();
+    let (_, pods) = c
+        .wait_app("lost", "moved to lost-a", LIMIT, |a, p| {
+            all_ready_at(a, p, 1) && p.iter().all(|p| p.node == "lost-a")
+        })
+        .await;
+    for p in &pods {
+        serves(p, "v1").await;
+    }
+    let nodes = c.kitectl_ok(&["get", "nodes"]);
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.contains("lost-b") && l.contains("NotReady")),
+        "{nodes}"
+    );
+
+    // It comes back: the pod the coordinator moved away is removed from it.
+    b.spawn();
+    b.wait_pod_gone(&on_b[0], LIMIT).await;
+    let nodes = c.kitectl_ok(&["get", "nodes"]);
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.contains("lost-b") && l.contains("Ready") && !l.contains("NotReady")),
+        "{nodes}"
+    );
+    let sandboxes = agent_sandboxes(&b.id).await;
+    assert!(
+        sandboxes.is_empty(),
+        "lost-b keeps sandboxes: {sandboxes:?}"
+    );
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_finishes_the_rollout() {
+    setup().await;
+    let mut c = TestCoordinator::start("restart", "");
+    let (_a, _b) = (c.agent("restart-a"), c.agent("restart-b"));
+    // Each batch takes seconds: the readiness probe starts 3 s after the container.
+    let v1 = web_app(
+        "slow",
+        "runc",
+        WEB_V1,
+        4,
+        "  strategy: {rollingUpdate: {maxUnavailable: 1}}\n",
+    )
+    .replace(
+        "periodSeconds: 1",
+        "periodSeconds: 1\n          initialDelaySeconds: 3",
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &v1).unwrap();
+    let path = file.path().to_str().unwrap();
+    c.kitectl_ok(&["apply", "-f", path]);
+    c.wait_app("slow", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
+        .await;
+    std::fs::write(file.path(), v1.replace(WEB_V1, WEB_V2)).unwrap();
+    c.kitectl_ok(&["apply", "-f", path, "--no-wait"]);
+    c.wait_app("slow", "in its first batch", LIMIT, |a, _| {
+        a.rollout
+            .as_ref()
+            .is_some_and(|r| r.state == "Updating" && r.batch >= 1)
+    })
+    .await;
+    c.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.spawn();
+    let (app, pods) = c
+        .wait_app("slow", "rolled out", LIMIT, |a, p| {
+            a.rollout.as_ref().is_some_and(|r| r.state == "Complete") && all_ready_at(a, p, 2)
+        })
+        .await;
+    let rollout = app.rollout.clone().unwrap();
+    assert!(rollout.batch >= 4, "{rollout:?}\n{}", c.log());
+    for p in &pods {
+        serves(p, "v2").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kite_pods_roll_out_in_place_in_their_vms() {
+    setup().await;
+    let c = TestCoordinator::start("kite", "");
+    let (a, b) = (c.agent("kite-a"), c.agent("kite-b"));
+    let v1 = web_app("vm", "kite", WEB_V1, 2, "");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &v1).unwrap();
+    let path = file.path().to_str().unwrap();
+    c.kitectl_ok(&["apply", "-f", path]);
+    let (_, pods) = c
+        .wait_app("vm", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
+        .await;
+    let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "{pods:#?}");
+    let before = sandboxes(&[&a, &b], &pods).await;
+    let qemu: Vec<String> = before.values().map(|(id, _)| qemu_pid(id)).collect();
+    for p in &pods {
+        serves(p, "v1").await;
+    }
+    std::fs::write(file.path(), v1.replace(WEB_V1, WEB_V2)).unwrap();
+    c.kitectl_ok(&["apply", "-f", path]);
+    let (_, pods) = c
+        .wait_app("vm", "at v2", LIMIT, |a, p| all_ready_at(a, p, 2))
+        .await;
+    let after = sandboxes(&[&a, &b], &pods).await;
+    assert_eq!(after, before, "same sandboxes and IPs");
+    let qemu_after: Vec<String> = after.values().map(|(id, _)| qemu_pid(id)).collect();
+    assert_eq!(qemu_after, qemu, "same VMs");
+    for p in &pods {
+        serves(p, "v2").await;
+    }
+    c.kitectl_ok(&["delete", "deployment", "vm"]);
+    for (agent, pod) in [
+        (&a, &pods[0]),
+        (&a, &pods[1]),
+        (&b, &pods[0]),
+        (&b, &pods[1]),
+    ] {
+        agent.wait_pod_gone(&pod.name, LIMIT).await;
+    }
+}
