@@ -575,9 +575,11 @@ async fn session(
         let a = assigned.lock().expect("assigned lock");
         reports(node, &a)
     };
+    let mut last_status = node_status(node).await;
+    let mut last_status_sent = std::time::Instant::now();
     let hello = NodeHello {
         name: name.into(),
-        status: Some(node_status(node).await),
+        status: Some(last_status.clone()),
         pods: Some(PodReports {
             full: true,
             pods: sent.values().cloned().collect(),
@@ -595,7 +597,7 @@ async fn session(
     tracing::info!(node = %name, coordinator = %config.address, "linked to the coordinator");
     let mut report_tick = tokio::time::interval(Duration::from_millis(config.report_ms.max(50)));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(config.heartbeat_secs.max(1)));
-    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             message = inbound.message() => {
@@ -640,9 +642,15 @@ async fn session(
                 }
             }
             _ = status_tick.tick() => {
-                let m = send(node_message::Msg::Status(node_status(node).await));
-                if tx.send(m).await.is_err() {
-                    return Ok(());
+                // Sent when it changed (an image pulled, a pod's requests), at least every 30 s.
+                let status = node_status(node).await;
+                if status != last_status || last_status_sent.elapsed() >= Duration::from_secs(30) {
+                    let m = send(node_message::Msg::Status(status.clone()));
+                    if tx.send(m).await.is_err() {
+                        return Ok(());
+                    }
+                    last_status = status;
+                    last_status_sent = std::time::Instant::now();
                 }
             }
         }

@@ -36,11 +36,14 @@ fn main() -> anyhow::Result<()> {
     let config = AgentConfig::load(&path, args.config.is_none())
         .map_err(|e| anyhow::anyhow!(kite_protocol::errors::error_chain(&e)))?;
     daemon::init_logging(&config.log_level).context("log_level in [agent]")?;
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("start the runtime")?
-        .block_on(run(config))
+        .context("start the runtime")?;
+    let result = runtime.block_on(run(config));
+    // Work left on blocking threads (a CRI call, a checksum) does not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// containerd may still be starting (the agent starts beside it).

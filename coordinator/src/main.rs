@@ -54,11 +54,14 @@ fn main() -> anyhow::Result<()> {
         Command::Init => init(&config),
         Command::Serve => {
             daemon::init_logging(&config.log_level).context("log_level in [coordinator]")?;
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
-                .context("start the runtime")?
-                .block_on(serve(config))
+                .context("start the runtime")?;
+            let result = runtime.block_on(serve(config));
+            // Work left on blocking threads (a CRI call, a checksum) does not hold the exit up.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
     }
 }

@@ -9,14 +9,17 @@ use kite_protocol::cluster::cluster_client::ClusterClient;
 use kite_protocol::cluster::{App, AppRef, ListRequest, PodInfo};
 use tonic::transport::Channel;
 
-use crate::agent::{TestAgent, KITECTL};
+use crate::agent::KITECTL;
 
 pub const COORDINATOR: &str = "/usr/local/bin/kite-coordinator";
 
+/// A coordinator: a process of the test's own, or a rig's.
 pub struct TestCoordinator {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     child: Option<Child>,
     pub address: String,
+    pki: PathBuf,
+    rig: Option<u32>,
 }
 
 fn free_port() -> u16 {
@@ -60,35 +63,68 @@ impl TestCoordinator {
             .expect("run kite-coordinator init");
         assert!(out.status.success(), "init: {}", crate::text(&out.stderr));
         let mut c = TestCoordinator {
-            dir,
+            pki: dir.path().join("pki"),
+            dir: Some(dir),
             child: None,
             address,
+            rig: None,
         };
         c.spawn();
         c
     }
 
     pub fn pki(&self) -> PathBuf {
-        self.dir.path().join("pki")
+        self.pki.clone()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        match (&self.dir, self.rig) {
+            (Some(d), _) => d.path().join("coordinator.log"),
+            (None, Some(id)) => PathBuf::from(format!("/var/log/kite/rig{id}/coordinator.log")),
+            (None, None) => PathBuf::new(),
+        }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// Starts the coordinator (again) and waits until it takes connections.
     pub fn spawn(&mut self) {
+        if let Some(id) = self.rig {
+            let out = rig_script(id, &["coordinator-up"]);
+            assert!(
+                out.status.success(),
+                "rig coordinator-up: {}",
+                crate::text(&out.stderr)
+            );
+            return;
+        }
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("the coordinator's directory")
+            .path();
         let address = self.address.clone();
         self.child = Some(crate::start_daemon(
             COORDINATOR,
-            &self.dir.path().join("kite.toml"),
-            &self.dir.path().join("coordinator.log"),
+            &dir.join("kite.toml"),
+            &dir.join("coordinator.log"),
             Duration::from_secs(30),
             || std::net::TcpStream::connect(&address).is_ok(),
         ));
     }
 
     pub fn kill9(&mut self) {
+        if let Some(id) = self.rig {
+            let out = rig_script(id, &["coordinator-kill"]);
+            assert!(
+                out.status.success(),
+                "rig coordinator-kill: {}",
+                crate::text(&out.stderr)
+            );
+            return;
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -128,24 +164,6 @@ impl TestCoordinator {
         self.kitectl_ok(&["token", "create", "--ttl", ttl])
             .trim()
             .to_string()
-    }
-
-    /// An agent that joins as `node` with a fresh token.
-    pub fn agent(&self, node: &str) -> TestAgent {
-        let token = self.token("10m");
-        TestAgent::start_with(
-            node,
-            &format!(
-                "[agent.coordinator]\n\
-                 address = \"{}\"\n\
-                 ca_file = \"{}/ca.crt\"\n\
-                 token = \"{token}\"\n\
-                 node_name = \"{node}\"\n\
-                 heartbeat_secs = 1\n",
-                self.address,
-                self.pki().display()
-            ),
-        )
     }
 
     pub async fn client(&self) -> ClusterClient<Channel> {
@@ -213,7 +231,10 @@ impl TestCoordinator {
 
 impl Drop for TestCoordinator {
     fn drop(&mut self) {
-        self.kill9();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -247,4 +268,146 @@ spec:
           requests: {{cpu: 50m, memory: 32Mi}}
 "#
     )
+}
+
+/// A cluster on hack/rig.sh: the coordinator and `nodes` nodes, each a network namespace with
+/// its own containerd, snapshotter and agent. Torn down (everything) when dropped.
+pub struct Rig {
+    pub id: u32,
+    pub nodes: u32,
+    pub coordinator: TestCoordinator,
+}
+
+const RIG_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/rig.sh");
+
+fn rig_script(id: u32, args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg(RIG_SCRIPT)
+        .args(args)
+        .env("RIG", id.to_string())
+        .env("NODE_TIMEOUT_SECS", "3")
+        .env("POD_EVICTION_SECS", "3")
+        .env(
+            "AGENT_EXTRA",
+            "update_timeout_secs = 40\nsync_interval_ms = 200",
+        )
+        .output()
+        .expect("run hack/rig.sh")
+}
+
+impl Rig {
+    /// Rig `id` (1-9; each test its own) with `nodes` nodes; one left by a failed run is
+    /// removed first.
+    pub fn up(id: u32, nodes: u32) -> Rig {
+        let _ = rig_script(id, &["down"]);
+        let out = rig_script(id, &["up", &nodes.to_string()]);
+        assert!(
+            out.status.success(),
+            "hack/rig.sh up: {}{}",
+            crate::text(&out.stdout),
+            crate::text(&out.stderr)
+        );
+        Rig {
+            id,
+            nodes,
+            coordinator: TestCoordinator {
+                dir: None,
+                child: None,
+                address: format!("10.99.{id}.1:9620"),
+                pki: PathBuf::from(format!("/etc/kite/rig{id}/pki")),
+                rig: Some(id),
+            },
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) {
+        let out = rig_script(self.id, args);
+        assert!(
+            out.status.success(),
+            "hack/rig.sh {args:?}: {}{}",
+            crate::text(&out.stdout),
+            crate::text(&out.stderr)
+        );
+    }
+
+    /// Node `i`'s agent API socket.
+    pub fn agent_socket(&self, node: u32) -> PathBuf {
+        PathBuf::from(format!("/run/kite/rig{}/node{node}/agent.sock", self.id))
+    }
+
+    /// The pod as node `i`'s agent has it.
+    pub async fn node_pod(&self, node: u32, name: &str) -> Option<kite_protocol::node::Pod> {
+        let mut client = kite_protocol::node::connect(&self.agent_socket(node))
+            .await
+            .ok()?;
+        client
+            .get_pod(kite_protocol::node::PodRef {
+                namespace: "default".into(),
+                name: name.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// The names of node `i`'s pods.
+    pub async fn node_pods(&self, node: u32) -> std::collections::BTreeSet<String> {
+        let mut client = kite_protocol::node::connect(&self.agent_socket(node))
+            .await
+            .expect("connect to the node's agent");
+        client
+            .list_pods(kite_protocol::node::ListPodsRequest::default())
+            .await
+            .expect("list the node's pods")
+            .into_inner()
+            .pods
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
+    }
+
+    /// Tears the rig down and checks it left nothing: namespaces, links, mounts, processes.
+    pub fn down_clean(mut self) {
+        self.run(&["down"]);
+        let id = self.id;
+        self.id = 0;
+        let netns = crate::text(
+            &Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        );
+        assert!(
+            !netns.contains(&format!("kite-r{id}-")),
+            "namespaces left: {netns}"
+        );
+        let links = crate::text(&Command::new("ip").args(["link"]).output().unwrap().stdout);
+        assert!(
+            !links.contains(&format!("kiterig{id}")),
+            "links left: {links}"
+        );
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let prefix = format!("rig{id}/");
+        assert!(!mounts.contains(&prefix), "mounts left: {mounts}");
+        let ps = crate::text(
+            &Command::new("ps")
+                .args(["-eo", "args"])
+                .output()
+                .unwrap()
+                .stdout,
+        );
+        assert!(
+            !ps.lines().any(|l| l.contains(&format!("/rig{id}/"))),
+            "processes left: {ps}"
+        );
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            let _ = rig_script(self.id, &["down"]);
+        }
+    }
 }

@@ -5,13 +5,13 @@
 //! (tokens, foreign CAs, nodes reaching for other nodes' pods, kitectl without the admin
 //! credential).
 //!
-//! The two nodes are two agents (each its own CRI label, socket and state) over the machine's
-//! containerd; each test has a coordinator of its own.
+//! The pods' tests run on a rig of two nodes of their own (hack/rig.sh: a network namespace
+//! per node with its own containerd, snapshotter and agent), checked to leave nothing behind.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kite_e2e::agent::*;
+use kite_e2e::agent::{qemu_pid, KITECTL, WEB_BROKEN, WEB_V1, WEB_V2};
 use kite_e2e::cluster::*;
 use kite_e2e::cri::http_get;
 use kite_e2e::require_setup;
@@ -183,12 +183,12 @@ async fn joining_takes_a_good_token_and_every_call_checks_who_calls() {
     assert!(!nodes.contains("node-x"), "{nodes}");
 }
 
-/// The pods' sandboxes by pod name, from the agents.
-async fn sandboxes(agents: &[&TestAgent], pods: &[PodInfo]) -> BTreeMap<String, (String, String)> {
+/// The pods' sandboxes and IPs by pod name, from the nodes' agents.
+async fn sandboxes(rig: &Rig, pods: &[PodInfo]) -> BTreeMap<String, (String, String)> {
     let mut out = BTreeMap::new();
     for p in pods {
-        for a in agents {
-            if let Some(pod) = a.get(&p.name).await {
+        for node in 1..=rig.nodes {
+            if let Some(pod) = rig.node_pod(node, &p.name).await {
                 out.insert(p.name.clone(), (pod.sandbox_id.clone(), pod.ip.clone()));
             }
         }
@@ -196,11 +196,34 @@ async fn sandboxes(agents: &[&TestAgent], pods: &[PodInfo]) -> BTreeMap<String, 
     out
 }
 
+/// Waits until the nodes run exactly `names`.
+async fn nodes_run(rig: &Rig, names: &BTreeSet<String>) {
+    let start = std::time::Instant::now();
+    loop {
+        let mut on_nodes = BTreeSet::new();
+        for node in 1..=rig.nodes {
+            on_nodes.extend(rig.node_pods(node).await);
+        }
+        if on_nodes == *names {
+            return;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the nodes run {on_nodes:?}, not {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn names(pods: &[PodInfo]) -> BTreeSet<String> {
+    pods.iter().map(|p| p.name.clone()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
     setup().await;
-    let c = TestCoordinator::start("apps", "");
-    let (a, b) = (c.agent("apps-a"), c.agent("apps-b"));
+    let rig = Rig::up(1, 2);
+    let c = &rig.coordinator;
     let v1 = web_app(
         "web",
         "runc",
@@ -219,7 +242,7 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
         .wait_app("web", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
         .await;
     let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
-    assert_eq!(nodes, BTreeSet::from(["apps-a", "apps-b"]), "{pods:#?}");
+    assert_eq!(nodes, BTreeSet::from(["node1", "node2"]), "{pods:#?}");
     for p in &pods {
         serves(p, "v1").await;
     }
@@ -230,37 +253,21 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
         .wait_app("web", "6 ready", LIMIT, |a, p| all_ready_at(a, p, 1))
         .await;
     let per_node = |pods: &[PodInfo], n: &str| pods.iter().filter(|p| p.node == n).count();
-    assert_eq!(
-        (per_node(&pods, "apps-a"), per_node(&pods, "apps-b")),
-        (3, 3)
-    );
+    assert_eq!((per_node(&pods, "node1"), per_node(&pods, "node2")), (3, 3));
     c.kitectl_ok(&["scale", "deployment/web", "--replicas", "2"]);
     let (_, pods) = c
         .wait_app("web", "2", LIMIT, |a, p| {
             a.replicas == 2 && all_ready_at(a, p, 1)
         })
         .await;
-    let kept: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
-    let start = std::time::Instant::now();
-    loop {
-        let mut on_nodes = a.pod_names().await;
-        on_nodes.extend(b.pod_names().await);
-        if on_nodes == kept {
-            break;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "the nodes run {on_nodes:?}, not {kept:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    nodes_run(&rig, &names(&pods)).await;
     c.kitectl_ok(&["scale", "deployment/web", "--replicas", "3", "--no-wait"]);
     let (_, pods) = c
         .wait_app("web", "3", LIMIT, |a, p| {
             a.replicas == 3 && all_ready_at(a, p, 1)
         })
         .await;
-    let before = sandboxes(&[&a, &b], &pods).await;
+    let before = sandboxes(&rig, &pods).await;
     assert_eq!(before.len(), 3);
 
     // v1 → v2 in place: the same sandboxes and IPs serve v2.
@@ -270,10 +277,13 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
     let (app, pods) = c
         .wait_app("web", "at v2", LIMIT, |a, p| all_ready_at(a, p, 2))
         .await;
-    assert_eq!(app.rollout.as_ref().unwrap().strategy, "InPlace");
-    assert_eq!(app.rollout.as_ref().unwrap().state, "Complete");
+    let rollout = app.rollout.as_ref().unwrap();
     assert_eq!(
-        sandboxes(&[&a, &b], &pods).await,
+        (rollout.strategy.as_str(), rollout.state.as_str()),
+        ("InPlace", "Complete")
+    );
+    assert_eq!(
+        sandboxes(&rig, &pods).await,
         before,
         "in place: same sandboxes and IPs"
     );
@@ -281,10 +291,41 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
         serves(p, "v2").await;
     }
 
-    // v2 → broken: the first batch fails, the app rolls back by itself; the other replicas
-    // serve v2 throughout.
+    // v2 → broken: the first batch fails and the app rolls back by itself, while the other
+    // replicas serve v2 throughout.
     std::fs::write(file.path(), v1.replace(WEB_V1, WEB_BROKEN)).unwrap();
-    let out = c.kitectl(&["apply", "-f", path]);
+    let apply = {
+        let (address, pki, path) = (c.address.clone(), c.pki(), path.to_string());
+        std::thread::spawn(move || {
+            std::process::Command::new(KITECTL)
+                .args(["--coordinator", &address, "--credentials"])
+                .arg(pki)
+                .args(["apply", "-f", &path])
+                .output()
+                .unwrap()
+        })
+    };
+    let mut served = 0;
+    while !apply.is_finished() {
+        let (app, pods) = (c.app("web").await, c.pods("web").await);
+        let batch: Vec<&str> = app
+            .rollout
+            .as_ref()
+            .map(|r| r.message.as_str())
+            .unwrap_or("")
+            .split([' ', ',', ':'])
+            .collect();
+        for p in pods
+            .iter()
+            .filter(|p| p.revision == 2 && !batch.contains(&p.name.as_str()))
+        {
+            serves(p, "v2").await;
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served > 0, "no replica was checked while the rollout ran");
+    let out = apply.join().unwrap();
     assert!(
         !out.status.success(),
         "a rollout that rolled back is an error"
@@ -312,7 +353,7 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
         ("False", "UpdateFailed"),
         "{cond:?}"
     );
-    assert_eq!(sandboxes(&[&a, &b], &pods).await, before);
+    assert_eq!(sandboxes(&rig, &pods).await, before);
     for p in &pods {
         serves(p, "v2").await;
     }
@@ -335,35 +376,33 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
 
     // Deleting the app removes its pods from the nodes.
     c.kitectl_ok(&["delete", "deployment", "web"]);
-    for p in &pods {
-        a.wait_pod_gone(&p.name, LIMIT).await;
-        b.wait_pod_gone(&p.name, LIMIT).await;
-    }
+    nodes_run(&rig, &BTreeSet::new()).await;
+    rig.down_clean();
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_node_s_replicas_move_and_its_agent_removes_them_on_return() {
     setup().await;
-    let c = TestCoordinator::start("lost", "");
-    let a = c.agent("lost-a");
-    let mut b = c.agent("lost-b");
+    let rig = Rig::up(2, 2);
+    let c = &rig.coordinator;
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), web_app("lost", "runc", WEB_V1, 2, "")).unwrap();
     c.kitectl_ok(&["apply", "-f", file.path().to_str().unwrap()]);
     let (_, pods) = c
         .wait_app("lost", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
         .await;
-    let on_b: Vec<String> = pods
+    let on_2: Vec<String> = pods
         .iter()
-        .filter(|p| p.node == "lost-b")
+        .filter(|p| p.node == "node2")
         .map(|p| p.name.clone())
         .collect();
-    assert_eq!(on_b.len(), 1, "one replica per node: {pods:#?}");
+    assert_eq!(on_2.len(), 1, "one replica per node: {pods:#?}");
 
-    // The node's agent dies: NotReady after 3 s, its replica on lost-a 3 s later.
-    b.kill9();
+    // Node 2's agent and containerd die: NotReady after 3 s, its replica on node1 3 s later.
+    rig.run(&["node-kill", "2"]);
     let (_, pods) = c
-        .wait_app("lost", "moved to lost-a", LIMIT, |a, p| {
-            all_ready_at(a, p, 1) && p.iter().all(|p| p.node == "lost-a")
+        .wait_app("lost", "moved to node1", LIMIT, |a, p| {
+            all_ready_at(a, p, 1) && p.iter().all(|p| p.node == "node1")
         })
         .await;
     for p in &pods {
@@ -373,33 +412,31 @@ async fn a_lost_node_s_replicas_move_and_its_agent_removes_them_on_return() {
     assert!(
         nodes
             .lines()
-            .any(|l| l.contains("lost-b") && l.contains("NotReady")),
+            .any(|l| l.contains("node2") && l.contains("NotReady")),
         "{nodes}"
     );
 
     // It comes back: the pod the coordinator moved away is removed from it.
-    b.spawn();
-    b.wait_pod_gone(&on_b[0], LIMIT).await;
+    rig.run(&["node-up", "2"]);
+    let start = std::time::Instant::now();
+    while !rig.node_pods(2).await.is_empty() {
+        assert!(start.elapsed() < LIMIT, "node2 keeps {}", on_2[0]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let nodes = c.kitectl_ok(&["get", "nodes"]);
     assert!(
         nodes
             .lines()
-            .any(|l| l.contains("lost-b") && l.contains("Ready") && !l.contains("NotReady")),
+            .any(|l| l.contains("node2") && l.contains("Ready") && !l.contains("NotReady")),
         "{nodes}"
     );
-    let sandboxes = agent_sandboxes(&b.id).await;
-    assert!(
-        sandboxes.is_empty(),
-        "lost-b keeps sandboxes: {sandboxes:?}"
-    );
-    drop(a);
+    rig.down_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_coordinator_finishes_the_rollout() {
     setup().await;
-    let mut c = TestCoordinator::start("restart", "");
-    let (_a, _b) = (c.agent("restart-a"), c.agent("restart-b"));
+    let mut rig = Rig::up(3, 2);
     // Each batch takes seconds: the readiness probe starts 3 s after the container.
     let v1 = web_app(
         "slow",
@@ -415,6 +452,7 @@ async fn a_restarted_coordinator_finishes_the_rollout() {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &v1).unwrap();
     let path = file.path().to_str().unwrap();
+    let c = &mut rig.coordinator;
     c.kitectl_ok(&["apply", "-f", path]);
     c.wait_app("slow", "ready", LIMIT, |a, p| all_ready_at(a, p, 1))
         .await;
@@ -439,13 +477,14 @@ async fn a_restarted_coordinator_finishes_the_rollout() {
     for p in &pods {
         serves(p, "v2").await;
     }
+    rig.down_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kite_pods_roll_out_in_place_in_their_vms() {
     setup().await;
-    let c = TestCoordinator::start("kite", "");
-    let (a, b) = (c.agent("kite-a"), c.agent("kite-b"));
+    let rig = Rig::up(4, 2);
+    let c = &rig.coordinator;
     let v1 = web_app("vm", "kite", WEB_V1, 2, "");
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &v1).unwrap();
@@ -456,7 +495,7 @@ async fn kite_pods_roll_out_in_place_in_their_vms() {
         .await;
     let nodes: BTreeSet<&str> = pods.iter().map(|p| p.node.as_str()).collect();
     assert_eq!(nodes.len(), 2, "{pods:#?}");
-    let before = sandboxes(&[&a, &b], &pods).await;
+    let before = sandboxes(&rig, &pods).await;
     let qemu: Vec<String> = before.values().map(|(id, _)| qemu_pid(id)).collect();
     for p in &pods {
         serves(p, "v1").await;
@@ -466,7 +505,7 @@ async fn kite_pods_roll_out_in_place_in_their_vms() {
     let (_, pods) = c
         .wait_app("vm", "at v2", LIMIT, |a, p| all_ready_at(a, p, 2))
         .await;
-    let after = sandboxes(&[&a, &b], &pods).await;
+    let after = sandboxes(&rig, &pods).await;
     assert_eq!(after, before, "same sandboxes and IPs");
     let qemu_after: Vec<String> = after.values().map(|(id, _)| qemu_pid(id)).collect();
     assert_eq!(qemu_after, qemu, "same VMs");
@@ -474,12 +513,12 @@ async fn kite_pods_roll_out_in_place_in_their_vms() {
         serves(p, "v2").await;
     }
     c.kitectl_ok(&["delete", "deployment", "vm"]);
-    for (agent, pod) in [
-        (&a, &pods[0]),
-        (&a, &pods[1]),
-        (&b, &pods[0]),
-        (&b, &pods[1]),
-    ] {
-        agent.wait_pod_gone(&pod.name, LIMIT).await;
+    nodes_run(&rig, &BTreeSet::new()).await;
+    for pid in qemu {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "QEMU {pid} outlived its pod"
+        );
     }
+    rig.down_clean();
 }
