@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use kite_protocol::cluster::node_link_client::NodeLinkClient;
 use kite_protocol::cluster::{
-    coordinator_message, node_message, Assignment, Assignments, Heartbeat, JoinRequest, NodeHello,
-    NodeMessage, NodeStatus, PodReport, PodReports, PrefetchReport,
+    coordinator_message, node_message, Assignment, Assignments, CallResult, Heartbeat, JoinRequest,
+    NodeCall, NodeHello, NodeMessage, NodeStatus, PodReport, PodReports, PrefetchReport,
 };
 use kite_protocol::node::Pod;
 use serde::Deserialize;
@@ -612,6 +612,16 @@ async fn session(
                             tokio::spawn(prefetch(node.clone(), image, tx.clone()));
                         }
                     }
+                    Some(coordinator_message::Msg::Call(call)) => {
+                        let assigned_here = call.call.as_ref().is_some_and(|c| {
+                            assigned
+                                .lock()
+                                .expect("assigned lock")
+                                .pods
+                                .contains_key(&pod_key(&c.namespace, &c.name))
+                        });
+                        tokio::spawn(answer_call(node.clone(), call, assigned_here, tx.clone()));
+                    }
                     None => {}
                 }
             }
@@ -655,6 +665,94 @@ async fn session(
             }
         }
     }
+}
+
+/// Answers a relayed call (logs or exec) on one of the node's assigned pods, through the node
+/// API's own handlers.
+async fn answer_call(
+    node: Arc<Node>,
+    call: NodeCall,
+    assigned_here: bool,
+    tx: mpsc::Sender<NodeMessage>,
+) {
+    use kite_protocol::node::node_agent_server::NodeAgent;
+    use kite_protocol::node::{ExecRequest, LogsRequest, PodRef};
+    let mut result = CallResult {
+        id: call.id,
+        ..Default::default()
+    };
+    let c = call.call.unwrap_or_default();
+    let pod = Some(PodRef {
+        namespace: c.namespace.clone(),
+        name: c.name.clone(),
+    });
+    let api = crate::server::NodeApi::new(node);
+    if !assigned_here {
+        result.error = format!(
+            "pod {}/{} is not assigned to this node",
+            c.namespace, c.name
+        );
+    } else if call.kind == "exec" {
+        let request = tonic::Request::new(ExecRequest {
+            pod,
+            container: c.container,
+            command: c.command,
+            timeout_secs: c.timeout_secs,
+        });
+        match api.exec(request).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                result.exit_code = r.exit_code;
+                result.stdout = r.stdout;
+                result.stderr = r.stderr;
+            }
+            Err(s) => result.error = s.message().to_string(),
+        }
+    } else if call.kind == "logs" {
+        let request = tonic::Request::new(LogsRequest {
+            pod,
+            container: c.container,
+            follow: false,
+            previous: c.previous,
+        });
+        let limit = if c.limit_bytes == 0 {
+            1 << 20
+        } else {
+            c.limit_bytes
+        };
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        match api.logs(request).await {
+            Ok(stream) => {
+                use futures::StreamExt;
+                let mut stream = stream.into_inner();
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(c) => {
+                            result.stdout.extend_from_slice(&c.data);
+                            if result.stdout.len() > limit * 2 {
+                                result.stdout.drain(..result.stdout.len() - limit);
+                            }
+                        }
+                        Err(s) => {
+                            result.error = s.message().to_string();
+                            break;
+                        }
+                    }
+                }
+                if result.stdout.len() > limit {
+                    result.stdout.drain(..result.stdout.len() - limit);
+                }
+            }
+            Err(s) => result.error = s.message().to_string(),
+        }
+    } else {
+        result.error = format!("unknown call {:?}", call.kind);
+    }
+    let _ = tx
+        .send(NodeMessage {
+            msg: Some(node_message::Msg::Result(result)),
+        })
+        .await;
 }
 
 /// Fetches an image ahead of an update: the snapshotter's prefetch (lazy layers), then the

@@ -264,6 +264,9 @@ pub struct Cluster {
     /// Bumped on every change a watcher may show (apps, pods, reports).
     pub generation: watch::Sender<u64>,
     pub started: Instant,
+    /// Calls relayed to nodes (logs, exec), by id: the node that must answer, and the caller.
+    calls: Mutex<HashMap<u64, (String, tokio::sync::oneshot::Sender<api::CallResult>)>>,
+    next_call: std::sync::atomic::AtomicU64,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
@@ -340,6 +343,8 @@ impl Cluster {
             changed: Notify::new(),
             generation: watch::channel(0).0,
             started: Instant::now(),
+            calls: Mutex::new(HashMap::new()),
+            next_call: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -632,6 +637,65 @@ impl Cluster {
         }
         drop(inner);
         self.poke();
+    }
+
+    /// Relays `call` (logs or exec) on pod `namespace/name` to its node and waits for the
+    /// answer (up to `timeout`).
+    pub async fn call_pod(
+        &self,
+        kind: &str,
+        call: api::PodCall,
+        timeout: Duration,
+    ) -> Result<api::CallResult, ClusterError> {
+        let key = format!("{}/{}", call.namespace, call.name);
+        let id = self
+            .next_call
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let node = {
+            let inner = self.lock();
+            let pod = inner
+                .pods
+                .get(&key)
+                .ok_or_else(|| ClusterError::NotFound(format!("pod {key}")))?;
+            let node = pod.value.node.clone();
+            self.calls
+                .lock()
+                .expect("calls lock")
+                .insert(id, (node.clone(), tx));
+            let message = CoordinatorMessage {
+                msg: Some(api::coordinator_message::Msg::Call(api::NodeCall {
+                    id,
+                    kind: kind.into(),
+                    call: Some(call),
+                })),
+            };
+            if !Self::send(&inner, &node, message) {
+                self.calls.lock().expect("calls lock").remove(&id);
+                return Err(ClusterError::Invalid(format!(
+                    "pod {key}'s node {node} is not connected"
+                )));
+            }
+            node
+        };
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.calls.lock().expect("calls lock").remove(&id);
+        match answer {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) | Err(_) => Err(ClusterError::Invalid(format!(
+                "node {node} did not answer the {kind} of pod {key} within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// A node's answer to a relayed call: only the node the call went to may answer it.
+    pub fn call_result(&self, node: &str, result: api::CallResult) {
+        let mut calls = self.calls.lock().expect("calls lock");
+        if calls.get(&result.id).is_some_and(|(n, _)| n == node) {
+            if let Some((_, tx)) = calls.remove(&result.id) {
+                let _ = tx.send(result);
+            }
+        }
     }
 
     /// Sends a message to a node over its link, if it has one.

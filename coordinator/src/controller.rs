@@ -531,3 +531,195 @@ fn step_rollout(
         RolloutState::Complete | RolloutState::RolledBack => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kite_protocol::cluster::{NodeHello, NodeStatus, PodReport, PodReports};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::cluster::NodeRecord;
+    use crate::config::CoordinatorConfig;
+    use crate::store::EmbeddedStore;
+
+    /// A coordinator's state over a real store, with `nodes` nodes linked (their messages
+    /// dropped): the controllers' logic without the network.
+    fn cluster(
+        nodes: &[&str],
+        config: CoordinatorConfig,
+    ) -> (
+        tempfile::TempDir,
+        Cluster,
+        Vec<mpsc::Receiver<CoordinatorMessage>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        let c = Cluster::load(config, store, Arc::new(Metrics::new()), String::new()).unwrap();
+        let mut links = Vec::new();
+        for n in nodes {
+            let mut inner = c.lock();
+            c.commit(
+                &mut inner,
+                vec![Op::PutNode(NodeRecord {
+                    name: (*n).into(),
+                    joined_ms: 0,
+                    cordoned: false,
+                })],
+            )
+            .unwrap();
+            drop(inner);
+            let (tx, rx) = mpsc::channel(1024);
+            links.push(rx);
+            let hello = NodeHello {
+                name: (*n).into(),
+                status: Some(NodeStatus {
+                    allocatable_cpu_millis: 4000,
+                    allocatable_memory_bytes: 8 << 30,
+                    runtime_classes: vec!["runc".into(), "kite".into()],
+                    ..Default::default()
+                }),
+                pods: None,
+            };
+            c.attach(n, tx, hello).unwrap();
+        }
+        (dir, c, links)
+    }
+
+    fn deployment(image: &str, replicas: u32) -> String {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  replicas: {replicas}\n  \
+             strategy: {{rollingUpdate: {{maxUnavailable: 1}}}}\n  selector: {{matchLabels: {{app: web}}}}\n  \
+             template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      runtimeClassName: runc\n      \
+             containers: [{{name: web, image: {image}, resources: {{requests: {{cpu: 100m}}}}}}]\n"
+        )
+    }
+
+    /// Every pod of the app reports itself ready at its assigned revision (or `error`).
+    fn report_all(c: &Cluster, error: Option<&str>) {
+        let pods = pods_of(&c.lock(), "default/web");
+        for p in pods {
+            let report = PodReport {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                revision: if error.is_some() { 0 } else { p.revision },
+                phase: "Running".into(),
+                ready: true,
+                update_error: error.unwrap_or("").into(),
+                ..Default::default()
+            };
+            c.report_pods(
+                &p.node,
+                PodReports {
+                    full: false,
+                    pods: vec![report],
+                },
+            );
+        }
+    }
+
+    fn per_node(c: &Cluster) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for p in pods_of(&c.lock(), "default/web") {
+            *m.entry(p.node).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn replicas_spread_and_scale_in_takes_the_crowded_node_first() {
+        let (_d, c, _links) = cluster(&["a", "b"], CoordinatorConfig::default());
+        crate::ops::apply(&c, &deployment("web:v1", 4)).unwrap();
+        reconcile(&c);
+        assert_eq!(
+            per_node(&c),
+            BTreeMap::from([("a".into(), 2), ("b".into(), 2)])
+        );
+        report_all(&c, None);
+        crate::ops::scale(&c, "default", "web", 3).unwrap();
+        reconcile(&c);
+        assert_eq!(pods_of(&c.lock(), "default/web").len(), 3);
+        crate::ops::scale(&c, "default", "web", 0).unwrap();
+        reconcile(&c);
+        assert!(pods_of(&c.lock(), "default/web").is_empty());
+    }
+
+    #[test]
+    fn an_in_place_rollout_goes_batch_by_batch_and_a_failed_batch_rolls_back() {
+        let config = CoordinatorConfig {
+            prefetch_timeout_secs: 0,
+            ..Default::default()
+        };
+        let (_d, c, _links) = cluster(&["a", "b"], config);
+        crate::ops::apply(&c, &deployment("web:v1", 3)).unwrap();
+        reconcile(&c);
+        report_all(&c, None);
+        crate::ops::apply(&c, &deployment("web:v2", 3)).unwrap();
+        let rollout = |c: &Cluster| c.lock().apps["default/web"].value.rollout.clone().unwrap();
+        assert_eq!(rollout(&c).strategy, Strategy::InPlace);
+        reconcile(&c); // prefetch orders out
+        reconcile(&c); // prefetch timed out (0 s): updating
+        reconcile(&c); // batch 1
+        let r = rollout(&c);
+        assert_eq!((r.state, r.batch), (RolloutState::Updating, 1));
+        let at_v2 = |c: &Cluster| {
+            pods_of(&c.lock(), "default/web")
+                .iter()
+                .filter(|p| p.revision == 2)
+                .count()
+        };
+        assert_eq!(at_v2(&c), 1, "one pod per batch (maxUnavailable 1)");
+        reconcile(&c);
+        assert_eq!(at_v2(&c), 1, "the batch waits for readiness");
+        report_all(&c, None);
+        reconcile(&c);
+        assert_eq!(at_v2(&c), 2);
+        // The second batch's update fails on its node: back to revision 1, every pod.
+        report_all(&c, Some("container web: not ready"));
+        reconcile(&c);
+        let r = rollout(&c);
+        assert_eq!(r.state, RolloutState::RollingBack);
+        assert!(r.message.contains("not ready"), "{}", r.message);
+        assert_eq!(c.lock().apps["default/web"].value.revision, 1);
+        reconcile(&c);
+        assert_eq!(at_v2(&c), 0);
+        report_all(&c, None);
+        reconcile(&c);
+        assert_eq!(rollout(&c).state, RolloutState::RolledBack);
+    }
+
+    #[test]
+    fn a_lost_node_loses_its_pods_unless_most_nodes_are_lost() {
+        let config = CoordinatorConfig {
+            node_timeout_secs: 0,
+            pod_eviction_secs: 0,
+            ..Default::default()
+        };
+        let (_d, c, _links) = cluster(&["a", "b", "c"], config);
+        let beat = |c: &Cluster, nodes: &[&str], at: Instant| {
+            let mut inner = c.lock();
+            for n in nodes {
+                inner.nodes.get_mut(*n).unwrap().live.last_heartbeat = Some(at);
+            }
+        };
+        let (future, past) = (
+            Instant::now() + Duration::from_secs(60),
+            Instant::now() - Duration::from_secs(1),
+        );
+        beat(&c, &["a", "b", "c"], future);
+        crate::ops::apply(&c, &deployment("web:v1", 3)).unwrap();
+        reconcile(&c);
+        assert_eq!(per_node(&c).len(), 3);
+        // Every node silent: a coordinator-side outage; nothing moves.
+        beat(&c, &["a", "b", "c"], past);
+        reconcile(&c);
+        assert_eq!(per_node(&c).len(), 3);
+        // Two nodes speak again: the third's pod goes to them.
+        beat(&c, &["a", "b"], future);
+        reconcile(&c);
+        let nodes = per_node(&c);
+        assert!(!nodes.contains_key("c"), "{nodes:?}");
+        assert_eq!(nodes.values().sum::<usize>(), 3, "{nodes:?}");
+    }
+}

@@ -221,6 +221,7 @@ impl NodeLink for NodeLinkService {
                         }
                         Some(node_message::Msg::Pods(p)) => cluster.report_pods(&name, p),
                         Some(node_message::Msg::Prefetch(p)) => cluster.report_prefetch(&name, p),
+                        Some(node_message::Msg::Result(r)) => cluster.call_result(&name, r),
                         Some(node_message::Msg::Hello(_)) | None => {}
                     },
                     Ok(None) => break,
@@ -284,6 +285,27 @@ impl ClusterService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(r?))
+    }
+}
+
+impl ClusterService {
+    async fn relay(
+        &self,
+        kind: &str,
+        request: Request<PodCall>,
+    ) -> Result<Response<CallResult>, Status> {
+        let who = admin(&request)?;
+        let mut call = request.into_inner();
+        if call.namespace.is_empty() {
+            call.namespace = "default".into();
+        }
+        let timeout = Duration::from_secs(u64::from(call.timeout_secs.max(60)) + 10);
+        tracing::info!(admin = %who, pod = %format!("{}/{}", call.namespace, call.name), kind, "relayed to the pod's node");
+        let result = self.cluster.call_pod(kind, call, timeout).await?;
+        if !result.error.is_empty() {
+            return Err(Status::failed_precondition(result.error));
+        }
+        Ok(Response::new(result))
     }
 }
 
@@ -436,6 +458,14 @@ impl ClusterApi for ClusterService {
         let r = request.into_inner();
         self.blocking(move |c| ops::set_schedulable(c, &r.node, r.cordon, r.drain))
             .await
+    }
+
+    async fn pod_logs(&self, request: Request<PodCall>) -> Result<Response<CallResult>, Status> {
+        self.relay("logs", request).await
+    }
+
+    async fn pod_exec(&self, request: Request<PodCall>) -> Result<Response<CallResult>, Status> {
+        self.relay("exec", request).await
     }
 
     async fn create_token(

@@ -508,6 +508,55 @@ impl ClusterCtl {
         Ok(())
     }
 
+    /// A pod's log (not followed) through its node.
+    pub async fn logs(
+        &mut self,
+        pod: &str,
+        container: String,
+        previous: bool,
+    ) -> anyhow::Result<()> {
+        let r = self
+            .client
+            .pod_logs(PodCall {
+                namespace: self.namespace.clone(),
+                name: pod.into(),
+                container,
+                previous,
+                ..Default::default()
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        std::io::stdout().write_all(&r.stdout)?;
+        Ok(())
+    }
+
+    /// Runs a command in a pod's container through its node: the command's exit code.
+    pub async fn exec(
+        &mut self,
+        pod: &str,
+        container: String,
+        timeout_secs: u32,
+        command: Vec<String>,
+    ) -> anyhow::Result<i32> {
+        let r = self
+            .client
+            .pod_exec(PodCall {
+                namespace: self.namespace.clone(),
+                name: pod.into(),
+                container,
+                command,
+                timeout_secs,
+                ..Default::default()
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        std::io::stdout().write_all(&r.stdout)?;
+        std::io::stderr().write_all(&r.stderr)?;
+        Ok(r.exit_code)
+    }
+
     pub async fn token_create(&mut self, ttl_secs: u64, description: String) -> anyhow::Result<()> {
         let t = self
             .client

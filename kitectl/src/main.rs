@@ -609,7 +609,9 @@ async fn cluster_main(address: &str, cli: Cli) -> anyhow::Result<i32> {
                 .await?
         }
         Command::Describe { kind, name } => ctl.describe(&kind, &name).await?,
-        Command::Delete { kind, name, file, .. } => {
+        Command::Delete {
+            kind, name, file, ..
+        } => {
             let name = match (kind, name, file) {
                 (_, _, Some(file)) => named_in(&file, &mut ctl.namespace)?,
                 (Some(_), Some(name), None) => name,
@@ -618,9 +620,36 @@ async fn cluster_main(address: &str, cli: Cli) -> anyhow::Result<i32> {
             };
             ctl.delete(&name).await?
         }
-        _ => bail!(
-            "this command talks to a node's agent: run it on the node without --coordinator (logs and exec through the coordinator are not there yet)"
-        ),
+        Command::Logs {
+            pod,
+            container,
+            follow,
+            previous,
+        } => {
+            if follow {
+                bail!("logs -f follows on the node only (kitectl --socket on the node, without --coordinator)");
+            }
+            ctl.logs(&pod_name(&pod)?, container.unwrap_or_default(), previous)
+                .await?
+        }
+        Command::Exec {
+            pod,
+            container,
+            timeout,
+            command,
+        } => {
+            return ctl
+                .exec(
+                    &pod_name(&pod)?,
+                    container.unwrap_or_default(),
+                    timeout,
+                    command,
+                )
+                .await
+        }
+        _ => {
+            bail!("this command talks to a node's agent: run it on the node without --coordinator")
+        }
     }
     Ok(0)
 }

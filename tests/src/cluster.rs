@@ -42,16 +42,23 @@ impl TestCoordinator {
             .tempdir()
             .expect("a temporary directory");
         let address = format!("127.0.0.1:{}", free_port());
+        // Defaults `extra` may override.
+        let defaults: String = [
+            ("node_timeout_secs", "3"),
+            ("pod_eviction_secs", "3"),
+            ("log_level", "\"info,kite_coordinator=debug\""),
+        ]
+        .iter()
+        .filter(|(k, _)| !extra.contains(k))
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
         let config = format!(
             "[coordinator]\n\
              state_dir = \"{d}/state\"\n\
              pki_dir = \"{d}/pki\"\n\
              listen = \"{address}\"\n\
              metrics_addr = \"127.0.0.1:0\"\n\
-             node_timeout_secs = 3\n\
-             pod_eviction_secs = 3\n\
-             log_level = \"info,kite_coordinator=debug\"\n\
-             {extra}\n",
+             {defaults}{extra}\n",
             d = dir.path().display()
         );
         std::fs::write(dir.path().join("kite.toml"), config).expect("write the config");
@@ -113,6 +120,11 @@ impl TestCoordinator {
             Duration::from_secs(30),
             || std::net::TcpStream::connect(&address).is_ok(),
         ));
+    }
+
+    /// The process's id (a coordinator of the test's own).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill9(&mut self) {

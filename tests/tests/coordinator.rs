@@ -290,6 +290,19 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
     for p in &pods {
         serves(p, "v2").await;
     }
+    // Logs and exec through the coordinator, relayed by the pod's node.
+    let out = c.kitectl_ok(&["exec", &pods[0].name, "--", "cat", "/www/index.html"]);
+    assert_eq!(out.trim(), "v2");
+    let out = c.kitectl(&["exec", &pods[0].name, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exec gives the command's exit code"
+    );
+    let log = c.kitectl_ok(&["logs", &pods[0].name]);
+    assert!(log.contains("serving v2"), "{log}");
+    let out = c.kitectl(&["logs", "no-such-pod"]);
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
 
     // v2 → broken: the first batch fails and the app rolls back by itself, while the other
     // replicas serve v2 throughout.
