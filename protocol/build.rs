@@ -50,7 +50,14 @@ fn node_api() {
         .compile_protos(&["proto/node.proto"], &["proto"])
         .expect("generate the node API from proto/node.proto");
     println!("cargo:rerun-if-changed=proto/coordinator.proto");
+    // Its own directory: it imports node.proto, whose types are the ones generated above
+    // (`extern_path`), and what it would generate for that package must not replace them.
+    let out = std::path::Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("coordinator");
+    std::fs::create_dir_all(&out).expect("create the coordinator API's output directory");
     tonic_prost_build::configure()
+        .out_dir(&out)
+        .extern_path(".kite.node.v1", "crate::node")
         .type_attribute(".kite.coordinator.v1", "#[derive(serde::Serialize)]")
         .type_attribute(
             ".kite.coordinator.v1",

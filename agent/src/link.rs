@@ -405,6 +405,8 @@ fn report(a: &Assignment, pod: Option<&Pod>, assigned: &Assigned) -> PodReport {
         .find(|s| s.name == "ready")
         .map(|s| s.start_ms + s.duration_ms)
         .unwrap_or(0);
+    r.stages = pod.stages.clone();
+    r.events = pod.events.iter().rev().take(10).rev().cloned().collect();
     r
 }
 

@@ -199,8 +199,7 @@ pub fn pods_of(inner: &Inner, app: &str) -> Vec<PodRecord> {
 /// The nodes as placement sees them, with the pods `leaving` (about to be replaced) not
 /// counted.
 fn node_views(cluster: &Cluster, inner: &Inner, leaving: &[String]) -> Vec<NodeView> {
-    let mut requests: HashMap<(String, u64), Resources> = HashMap::new();
-    let mut images: HashMap<(String, u64), Option<Vec<String>>> = HashMap::new();
+    let mut templates: HashMap<(String, u64), (Resources, Vec<String>)> = HashMap::new();
     let mut views = Vec::with_capacity(inner.nodes.len());
     for (name, entry) in &inner.nodes {
         let live = &entry.live;
@@ -227,35 +226,27 @@ fn node_views(cluster: &Cluster, inner: &Inner, leaving: &[String]) -> Vec<NodeV
                 continue;
             };
             let pod = &pod.value;
-            let r = *requests
+            // What the pod's template asks for, and its images (which the node runs, or is
+            // fetching, whatever its last status said).
+            let (r, images) = templates
                 .entry((pod.app.clone(), pod.revision))
                 .or_insert_with(|| {
                     inner
                         .apps
                         .get(&pod.app)
                         .and_then(|a| a.value.template(pod.revision))
-                        .map(|t| app::requests_of(t).0)
+                        .map(|t| {
+                            let (r, _, images) = app::requests_of(t);
+                            (r, images)
+                        })
                         .unwrap_or_default()
                 });
             view.requested.cpu_millis += r.cpu_millis;
             view.requested.memory_bytes += r.memory_bytes;
             *view.replicas.entry(pod.app.clone()).or_default() += 1;
-            // A node runs (or is fetching) the images of the pods assigned to it, whatever its
-            // last status said.
-            if let Some(images) = images
-                .entry((pod.app.clone(), pod.revision))
-                .or_insert_with(|| {
-                    inner
-                        .apps
-                        .get(&pod.app)
-                        .and_then(|a| a.value.template(pod.revision))
-                        .map(|t| app::images_of(t).into_values().collect())
-                })
-            {
-                for image in images.iter() {
-                    if !view.layers.contains(image) {
-                        view.fetching.insert(image.clone());
-                    }
+            for image in images.iter() {
+                if !view.layers.contains(image) {
+                    view.fetching.insert(image.clone());
                 }
             }
         }

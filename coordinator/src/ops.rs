@@ -431,6 +431,8 @@ pub fn pod_views(inner: &Inner, namespace: &str, app: &str) -> Vec<api::PodInfo>
                     .unwrap_or_default(),
                 created_unix_ms: p.created_ms,
                 ready_ms: report.map(|r| r.ready_ms).unwrap_or(0),
+                stages: report.map(|r| r.stages.clone()).unwrap_or_default(),
+                events: report.map(|r| r.events.clone()).unwrap_or_default(),
             }
         })
         .collect()

@@ -468,7 +468,55 @@ impl ClusterCtl {
                 }
                 Ok(())
             }
-            Kind::Pod | Kind::Node => self.get(kind, Some(name), Some("yaml"), false).await,
+            Kind::Pod => {
+                let p = self
+                    .client
+                    .list_pods(ListRequest {
+                        namespace: self.namespace.clone(),
+                        app: String::new(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .pods
+                    .into_iter()
+                    .find(|p| p.name == name)
+                    .ok_or_else(|| anyhow!("pod {}/{name} not found", self.namespace))?;
+                println!("Name:        {}", p.name);
+                println!("Namespace:   {}", p.namespace);
+                println!(
+                    "App:         {} (revision {}, running {})",
+                    p.app, p.revision, p.running_revision
+                );
+                println!("Node:        {}", p.node);
+                println!(
+                    "Status:      {}{}",
+                    p.phase,
+                    if p.ready { ", ready" } else { "" }
+                );
+                println!(
+                    "IP:          {}",
+                    if p.ip.is_empty() { "<none>" } else { &p.ip }
+                );
+                if !p.message.is_empty() {
+                    println!("Message:     {}", p.message);
+                }
+                if !p.stages.is_empty() {
+                    println!("Start (from the bind on its node):");
+                    for s in &p.stages {
+                        println!("  {}", crate::output::stage_line(s));
+                    }
+                    print!("{}", crate::output::waterfall(&p.stages, 60));
+                }
+                if !p.events.is_empty() {
+                    println!("Events:");
+                    for e in &p.events {
+                        println!("  {:<8} {:<18} {}", e.r#type, e.reason, e.message);
+                    }
+                }
+                Ok(())
+            }
+            Kind::Node => self.get(kind, Some(name), Some("yaml"), false).await,
         }
     }
 

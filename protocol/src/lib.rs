@@ -65,7 +65,10 @@ pub mod node {
 #[cfg(feature = "node-api")]
 #[allow(clippy::all, missing_docs)]
 pub mod cluster {
-    tonic::include_proto!("kite.coordinator.v1");
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/coordinator/kite.coordinator.v1.rs"
+    ));
 
     /// A TLS channel to the coordinator at `address` (`host:port`), trusting only the cluster's
     /// CA (`ca_pem`), presenting `identity` (certificate and key PEM) when given: a node's or an

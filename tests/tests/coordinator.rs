@@ -303,6 +303,13 @@ async fn an_app_spreads_scales_and_rolls_out_in_place_and_back() {
     assert!(log.contains("serving v2"), "{log}");
     let out = c.kitectl(&["logs", "no-such-pod"]);
     assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    // The node reports the pod's stages and events: describe shows its start.
+    let described = c.kitectl_ok(&["describe", "pod", &pods[0].name]);
+    assert!(
+        described.contains("sandbox") && described.contains("ready"),
+        "{described}"
+    );
+    assert!(described.contains("Updated"), "{described}");
 
     // v2 → broken: the first batch fails and the app rolls back by itself, while the other
     // replicas serve v2 throughout.
