@@ -15,8 +15,11 @@ use kite_protocol::node::node_agent_client::NodeAgentClient;
 use kite_protocol::node::*;
 use tonic::transport::Channel;
 
-/// kite's CLI, with kubectl's habits: run pods from manifests on a node's agent, list and
-/// describe them (with the start's waterfall), read logs, exec, update containers in place.
+/// kite's CLI, with kubectl's habits. On a node (its agent's socket): run pods from manifests,
+/// list and describe them (with the start's waterfall), read logs, exec, update containers in
+/// place. With --coordinator: apps from Deployment manifests over the cluster's nodes (apply,
+/// get, describe, scale, rollout, delete), nodes (cordon, uncordon, drain), bootstrap tokens,
+/// and logs and exec relayed to the pod's node.
 #[derive(Parser)]
 #[command(name = "kitectl", version)]
 struct Cli {
