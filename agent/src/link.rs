@@ -418,6 +418,7 @@ fn reconcile(node: &Arc<Node>, assigned: &Arc<std::sync::Mutex<Assigned>>) {
         .map(|p| (pod_key(&p.namespace, &p.name), p))
         .collect();
     let mut a = assigned.lock().expect("assigned lock");
+    remove_unassigned(node, assigned, &pods, &mut a);
     let wanted: Vec<Assignment> = a.pods.values().cloned().collect();
     for w in wanted {
         let key = pod_key(&w.namespace, &w.name);
@@ -437,6 +438,10 @@ fn reconcile(node: &Arc<Node>, assigned: &Arc<std::sync::Mutex<Assigned>>) {
                         tracing::info!(pod = %key, revision = w.revision, "assigned: starting");
                     }
                     Err(AgentError::AlreadyExists(_)) => {}
+                    // Room may come (a pod being removed): tried again next round.
+                    Err(e @ AgentError::DoesNotFit { .. }) => {
+                        tracing::debug!(pod = %key, error = %e, "assigned pod waits for room");
+                    }
                     Err(e) => {
                         let why = kite_protocol::errors::error_chain(&e);
                         tracing::warn!(pod = %key, error = %why, "assigned pod refused");
@@ -487,10 +492,20 @@ fn reconcile(node: &Arc<Node>, assigned: &Arc<std::sync::Mutex<Assigned>>) {
             }
         }
     }
+}
+
+/// Removes the coordinator's pods that the assignments no longer name (once a full set
+/// arrived), before new ones start: their room is what a recreated pod needs.
+fn remove_unassigned(
+    node: &Arc<Node>,
+    assigned: &Arc<std::sync::Mutex<Assigned>>,
+    pods: &BTreeMap<String, Pod>,
+    a: &mut Assigned,
+) {
     if !a.complete {
         return;
     }
-    for (key, pod) in &pods {
+    for (key, pod) in pods {
         let ours = serde_json::from_str::<Value>(&pod.manifest_json)
             .ok()
             .and_then(|m| {
@@ -669,6 +684,17 @@ async fn session(
     }
 }
 
+/// The most of a relayed call's output (stdout and stderr each) sent back: the link's
+/// messages stay well under gRPC's 4 MiB; the end of the output is what is kept.
+const CALL_OUTPUT_MAX: usize = 1 << 20;
+
+fn tail(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
+    if bytes.len() > max {
+        bytes.drain(..bytes.len() - max);
+    }
+    bytes
+}
+
 /// Answers a relayed call (logs or exec) on one of the node's assigned pods, through the node
 /// API's own handlers.
 async fn answer_call(
@@ -705,8 +731,8 @@ async fn answer_call(
             Ok(r) => {
                 let r = r.into_inner();
                 result.exit_code = r.exit_code;
-                result.stdout = r.stdout;
-                result.stderr = r.stderr;
+                result.stdout = tail(r.stdout, CALL_OUTPUT_MAX);
+                result.stderr = tail(r.stderr, CALL_OUTPUT_MAX);
             }
             Err(s) => result.error = s.message().to_string(),
         }
@@ -731,7 +757,7 @@ async fn answer_call(
                     match chunk {
                         Ok(c) => {
                             result.stdout.extend_from_slice(&c.data);
-                            if result.stdout.len() > limit * 2 {
+                            if result.stdout.len() > limit.saturating_mul(2) {
                                 result.stdout.drain(..result.stdout.len() - limit);
                             }
                         }

@@ -35,7 +35,12 @@ pub async fn run(cluster: std::sync::Arc<Cluster>, mut stop: tokio::sync::watch:
         // Changes come in bursts (a node's reports, a commit's own poke): one pass for them.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let started = Instant::now();
-        reconcile(&cluster);
+        // A pass holds the state's lock across store commits (fsync): off the async threads,
+        // where node links and API calls wait for that lock.
+        let c = cluster.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || reconcile(&c)).await {
+            tracing::error!(error = %e, "reconcile pass");
+        }
         cluster
             .metrics
             .observe_reconcile(started.elapsed().as_secs_f64());
@@ -324,7 +329,8 @@ fn place_new(
     (ops, failure)
 }
 
-/// Moves `pods` to `revision`: in place (the same pods, a new revision to run) or by new pods.
+/// Moves `pods` to `revision`: in place (the same pods, a new revision to run) or by new pods;
+/// or why it cannot (no node for a new pod: nothing is removed then).
 fn move_pods(
     cluster: &Cluster,
     inner: &Inner,
@@ -332,9 +338,9 @@ fn move_pods(
     strategy: Strategy,
     pods: &[PodRecord],
     revision: u64,
-) -> Vec<Op> {
+) -> Result<Vec<Op>, String> {
     match strategy {
-        Strategy::InPlace => pods
+        Strategy::InPlace => Ok(pods
             .iter()
             .map(|p| {
                 Op::PutPod(PodRecord {
@@ -342,12 +348,16 @@ fn move_pods(
                     ..p.clone()
                 })
             })
-            .collect(),
+            .collect()),
         Strategy::Recreate => {
             let leaving: Vec<String> = pods.iter().map(PodRecord::key).collect();
-            let (mut ops, _) = place_new(cluster, inner, app, revision, pods.len(), &leaving);
+            let (mut ops, unschedulable) =
+                place_new(cluster, inner, app, revision, pods.len(), &leaving);
+            if let Some(why) = unschedulable {
+                return Err(format!("no node for revision {revision}'s pods: {why}"));
+            }
             ops.extend(leaving.into_iter().map(Op::DeletePod));
-            ops
+            Ok(ops)
         }
     }
 }
@@ -483,7 +493,19 @@ fn step_rollout(
             remaining.sort_by_key(|p| (Cluster::pod_ready(inner, p), p.name.clone()));
             let n = app::batch_size(&app.max_unavailable, app.replicas).unwrap_or(1) as usize;
             let batch: Vec<PodRecord> = remaining.into_iter().take(n).collect();
-            let mut ops = move_pods(cluster, inner, &app, r.strategy, &batch, r.to);
+            let mut ops = match move_pods(cluster, inner, &app, r.strategy, &batch, r.to) {
+                Ok(ops) => ops,
+                Err(why) => {
+                    tracing::warn!(app = %app.key(), reason = %why, "rollout failed: rolling back");
+                    r.state = RolloutState::RollingBack;
+                    r.message = format!("rolling back to revision {}: {why}", r.from);
+                    r.batch_started_ms = now;
+                    app.revision = r.from;
+                    app.set_condition("Progressing", false, "Unschedulable", why);
+                    app.rollout = Some(r);
+                    return cluster.commit(inner, vec![Op::PutApp(app)]).map(|_| ());
+                }
+            };
             r.batch += 1;
             r.batch_started_ms = now;
             r.message = format!(
@@ -506,8 +528,14 @@ fn step_rollout(
                 .cloned()
                 .collect();
             if !stale.is_empty() {
-                let ops = move_pods(cluster, inner, &app, r.strategy, &stale, r.from);
-                return cluster.commit(inner, ops).map(|_| ());
+                return match move_pods(cluster, inner, &app, r.strategy, &stale, r.from) {
+                    Ok(ops) => cluster.commit(inner, ops).map(|_| ()),
+                    // The old revision's pods fit where they were; try again next pass.
+                    Err(why) => {
+                        tracing::warn!(app = %app.key(), reason = %why, "roll back");
+                        Ok(())
+                    }
+                };
             }
             let settled = pods.iter().all(|p| Cluster::pod_ready(inner, p));
             if !settled && now - r.batch_started_ms < deadline_ms {
@@ -678,6 +706,65 @@ mod tests {
         report_all(&c, None);
         reconcile(&c);
         assert_eq!(rollout(&c).state, RolloutState::RolledBack);
+    }
+
+    #[test]
+    fn a_recreate_rollout_that_fits_nowhere_rolls_back_and_removes_nothing() {
+        let config = CoordinatorConfig {
+            prefetch_timeout_secs: 0,
+            ..Default::default()
+        };
+        let (_d, c, _links) = cluster(&["a", "b"], config);
+        crate::ops::apply(&c, &deployment("web:v1", 2)).unwrap();
+        reconcile(&c);
+        report_all(&c, None);
+        let before: Vec<String> = pods_of(&c.lock(), "default/web")
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        // More cpu than any node has: a new sandbox each, and none fits.
+        let huge = deployment("web:v1", 2).replace("cpu: 100m", "cpu: 64");
+        crate::ops::apply(&c, &huge).unwrap();
+        for _ in 0..4 {
+            reconcile(&c);
+        }
+        let app = c.lock().apps["default/web"].value.clone();
+        let r = app.rollout.unwrap();
+        assert_eq!(r.strategy, Strategy::Recreate);
+        assert!(
+            matches!(
+                r.state,
+                RolloutState::RollingBack | RolloutState::RolledBack
+            ),
+            "{r:?}"
+        );
+        assert_eq!(app.revision, 1);
+        let after: Vec<String> = pods_of(&c.lock(), "default/web")
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        assert_eq!(after, before, "no pod was removed");
+    }
+
+    #[test]
+    fn the_history_keeps_the_revisions_pods_still_run() {
+        let (_d, c, _links) = cluster(&["a"], CoordinatorConfig::default());
+        let v = |image: &str| {
+            deployment(image, 2)
+                .replace("replicas: 2\n", "replicas: 2\n  revisionHistoryLimit: 0\n")
+        };
+        crate::ops::apply(&c, &v("web:v1")).unwrap();
+        reconcile(&c);
+        // Two changes before any batch: the pods still run revision 1.
+        crate::ops::apply(&c, &v("web:v2")).unwrap();
+        crate::ops::apply(&c, &v("web:v3")).unwrap();
+        let inner = c.lock();
+        let app = &inner.apps["default/web"].value;
+        assert!(
+            app.template(1).is_some(),
+            "revision 1 is gone while pods run it"
+        );
+        assert_eq!(Cluster::assignments_of(&inner, "a").len(), 2);
     }
 
     #[test]

@@ -123,10 +123,11 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         .context("TLS configuration")?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(NodeLinkServer::new(NodeLinkService::new(
-            cluster.clone(),
-            ca,
-        )))
+        // A node's messages carry relayed output (capped at 1 MiB per stream by the agent).
+        .add_service(
+            NodeLinkServer::new(NodeLinkService::new(cluster.clone(), ca))
+                .max_decoding_message_size(8 << 20),
+        )
         .add_service(ClusterServer::new(ClusterService::new(cluster)))
         .serve_with_shutdown(listen, stop);
     // Node links are endless streams: after the stop they get a moment, then the process goes.

@@ -14,7 +14,14 @@ use crate::pki::{ClusterCa, Identity};
 use crate::token::{BootstrapToken, TokenError, TokenRecord};
 
 /// Starts a rollout of `app` from its revision to a new one made of `template`.
-fn new_revision(app: &mut AppRecord, template: serde_json::Value, change_cause: String) {
+/// `in_use`: the revisions the app's pods run now, which the history must keep (a pod whose
+/// revision is gone would lose its assignment).
+fn new_revision(
+    app: &mut AppRecord,
+    template: serde_json::Value,
+    change_cause: String,
+    in_use: &std::collections::BTreeSet<u64>,
+) {
     let from = app.revision;
     let number = app.revisions.iter().map(|r| r.number).max().unwrap_or(0) + 1;
     let strategy = match app.template(from) {
@@ -36,7 +43,7 @@ fn new_revision(app: &mut AppRecord, template: serde_json::Value, change_cause: 
             .revisions
             .iter()
             .map(|r| r.number)
-            .filter(|n| *n != from && *n != number)
+            .filter(|n| *n != from && *n != number && !in_use.contains(n))
             .min();
         match oldest {
             Some(n) => app.revisions.retain(|r| r.number != n),
@@ -56,6 +63,10 @@ fn new_revision(app: &mut AppRecord, template: serde_json::Value, change_cause: 
         message: String::new(),
         prefetch_nodes: Vec::new(),
     });
+}
+
+fn revisions_in_use(inner: &Inner, app: &str) -> std::collections::BTreeSet<u64> {
+    pods_of(inner, app).iter().map(|p| p.revision).collect()
 }
 
 pub fn apply(cluster: &Cluster, manifest: &str) -> Result<api::App, ClusterError> {
@@ -93,7 +104,13 @@ pub fn apply(cluster: &Cluster, manifest: &str) -> Result<api::App, ClusterError
             app.progress_deadline_secs = spec.progress_deadline_secs;
             app.revision_history_limit = spec.revision_history_limit;
             if app.template(app.revision) != Some(&spec.template) {
-                new_revision(&mut app, spec.template.clone(), spec.change_cause.clone());
+                let in_use = revisions_in_use(&inner, &app.key());
+                new_revision(
+                    &mut app,
+                    spec.template.clone(),
+                    spec.change_cause.clone(),
+                    &in_use,
+                );
             }
             app
         }
@@ -165,8 +182,17 @@ pub fn undo(
         )));
     }
     // Like Kubernetes: the old template comes back as the newest revision.
-    new_revision(&mut app, old.template, format!("undo to revision {target}"));
-    app.revisions.retain(|r| r.number != target);
+    let in_use = revisions_in_use(&inner, &key);
+    new_revision(
+        &mut app,
+        old.template,
+        format!("undo to revision {target}"),
+        &in_use,
+    );
+    // Kubernetes' way: the old revision becomes the newest (kept while pods still run it).
+    if !in_use.contains(&target) {
+        app.revisions.retain(|r| r.number != target);
+    }
     cluster.commit(&mut inner, vec![Op::PutApp(app)])?;
     Ok(app_view(cluster, &inner, &key).expect("just committed"))
 }
@@ -180,6 +206,14 @@ pub fn set_paused(
     let mut inner = cluster.lock();
     let mut app = app_of(&inner, namespace, name)?;
     let key = app.key();
+    if app.paused && !paused {
+        // The time paused does not count against the batch's deadline.
+        if let Some(r) = app.rollout.as_mut() {
+            if r.batch_started_ms != 0 {
+                r.batch_started_ms = now_ms();
+            }
+        }
+    }
     app.paused = paused;
     cluster.commit(&mut inner, vec![Op::PutApp(app)])?;
     Ok(app_view(cluster, &inner, &key).expect("just committed"))
