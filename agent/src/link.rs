@@ -410,15 +410,23 @@ fn report(a: &Assignment, pod: Option<&Pod>, assigned: &Assigned) -> PodReport {
     r
 }
 
-/// Makes the node's pods match the assignments (what is not under way already).
-fn reconcile(node: &Arc<Node>, assigned: &Arc<std::sync::Mutex<Assigned>>) {
-    let pods: BTreeMap<String, Pod> = node
-        .list("")
+/// The node's pods, by `namespace/name`: read once per round, for both the reconcile and the
+/// reports.
+fn node_pods(node: &Node) -> BTreeMap<String, Pod> {
+    node.list("")
         .into_iter()
         .map(|p| (pod_key(&p.namespace, &p.name), p))
-        .collect();
+        .collect()
+}
+
+/// Makes the node's pods match the assignments (what is not under way already).
+fn reconcile(
+    node: &Arc<Node>,
+    assigned: &Arc<std::sync::Mutex<Assigned>>,
+    pods: &BTreeMap<String, Pod>,
+) {
     let mut a = assigned.lock().expect("assigned lock");
-    remove_unassigned(node, assigned, &pods, &mut a);
+    remove_unassigned(node, assigned, pods, &mut a);
     let wanted: Vec<Assignment> = a.pods.values().cloned().collect();
     for w in wanted {
         let key = pod_key(&w.namespace, &w.name);
@@ -547,12 +555,7 @@ fn apply_assignments(assigned: &mut Assigned, change: Assignments) {
 }
 
 /// The reports of the assigned pods.
-fn reports(node: &Node, assigned: &Assigned) -> BTreeMap<String, PodReport> {
-    let pods: HashMap<String, Pod> = node
-        .list("")
-        .into_iter()
-        .map(|p| (pod_key(&p.namespace, &p.name), p))
-        .collect();
+fn reports(pods: &BTreeMap<String, Pod>, assigned: &Assigned) -> BTreeMap<String, PodReport> {
     assigned
         .pods
         .iter()
@@ -590,7 +593,7 @@ async fn session(
     let (tx, rx) = mpsc::channel::<NodeMessage>(256);
     let mut sent = {
         let a = assigned.lock().expect("assigned lock");
-        reports(node, &a)
+        reports(&node_pods(node), &a)
     };
     let mut last_status = node_status(node).await;
     let mut last_status_sent = std::time::Instant::now();
@@ -622,7 +625,7 @@ async fn session(
                 match m.msg {
                     Some(coordinator_message::Msg::Assignments(change)) => {
                         apply_assignments(&mut assigned.lock().expect("assigned lock"), change);
-                        reconcile(node, assigned);
+                        reconcile(node, assigned, &node_pods(node));
                     }
                     Some(coordinator_message::Msg::Prefetch(order)) => {
                         for image in order.images {
@@ -643,8 +646,9 @@ async fn session(
                 }
             }
             _ = report_tick.tick() => {
-                reconcile(node, assigned);
-                let now = reports(node, &assigned.lock().expect("assigned lock"));
+                let pods = node_pods(node);
+                reconcile(node, assigned, &pods);
+                let now = reports(&pods, &assigned.lock().expect("assigned lock"));
                 let mut changed: Vec<PodReport> = now
                     .iter()
                     .filter(|(k, r)| sent.get(*k) != Some(r))

@@ -255,14 +255,9 @@ pub fn requests_of(template: &Value) -> (Resources, String, Vec<String>) {
 
 /// The containers' images of a template, by container.
 pub fn images_of(template: &Value) -> BTreeMap<String, String> {
-    containers(template)
-        .iter()
-        .filter_map(|c| {
-            Some((
-                c.get("name")?.as_str()?.to_string(),
-                c.get("image")?.as_str()?.to_string(),
-            ))
-        })
+    kite_agent::link::container_specs(template)
+        .into_iter()
+        .map(|(name, (image, _))| (name, image))
         .collect()
 }
 
