@@ -7,12 +7,17 @@
 #   hack/rig.sh up [N]        the coordinator and nodes 1..N (default 2); idempotent
 #   hack/rig.sh node-up I     (re)starts node I's daemons (after node-kill), joining if new
 #   hack/rig.sh node-kill I   SIGKILLs node I's agent and containerd (its pods keep running)
-#   hack/rig.sh coordinator-kill|coordinator-up   SIGKILLs or (re)starts the coordinator
+#   hack/rig.sh coordinator-kill|coordinator-up [J]   SIGKILLs or (re)starts the coordinator(s)
+#   hack/rig.sh coordinator-pause|coordinator-resume J  SIGSTOP / SIGCONT coordinator J
 #   hack/rig.sh down          removes everything: pods, daemons, mounts, namespaces, links, state
 #   hack/rig.sh env           prints the variables kitectl needs for the rig
 #
 # RIG (0-9, default 0) names a rig: several may run side by side (tests use their own).
 #   bridge kiterig$RIG 10.99.$RIG.1/24, node I at 10.99.$RIG.(10+I), its pods 10.$((100+RIG)).I.0/24
+# ETCD_ENDPOINTS (the client URLs of an etcd, e.g. from hack/etcd.sh) makes the rig highly
+# available: COORDINATORS (default 3) coordinators on $HOST_IP:9620, :9622, … share the state in
+# etcd under /kite-rig$RIG, one leads (lease LEASE_TTL_SECS, default 4), and the nodes and kitectl
+# are given all their addresses. Every call of the script for that rig passes the same variables.
 # The rig needs hack/setup.sh's machine (containerd, the shim, the registry on 127.0.0.1:5000).
 set -euo pipefail
 RIG=${RIG:-0}
@@ -24,7 +29,12 @@ ETC=/etc/kite/rig$RIG
 LOGS=/var/log/kite/rig$RIG
 BR=kiterig$RIG
 HOST_IP=10.99.$RIG.1
-COORD=$HOST_IP:9620
+ETCD_ENDPOINTS=${ETCD_ENDPOINTS:-}
+NCOORD=1
+[ -z "$ETCD_ENDPOINTS" ] || NCOORD=${COORDINATORS:-3}
+coord_addr() { echo "$HOST_IP:$((9620 + 2 * ($1 - 1)))"; }
+coord_name() { if [ "$NCOORD" = 1 ]; then echo coordinator; else echo "coordinator$1"; fi; }
+COORD=$(for j in $(seq "$NCOORD"); do coord_addr "$j"; done | paste -sd,)
 
 log() { echo "rig$RIG: $*" >&2; }
 ns_of() { echo "kite-r$RIG-n$1"; }
@@ -76,6 +86,7 @@ sock_answers() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX);
 
 kitectl_rig() { "$BIN/kitectl" --coordinator "$COORD" --credentials "$ETC/pki" "$@"; }
 
+# Starts coordinators J... (default: all) and waits until one leads.
 coordinator_up() {
   mkdir -p "$STATE" "$RUN" "$ETC" "$LOGS"
   sysctl -qw net.ipv4.ip_forward=1
@@ -86,19 +97,43 @@ coordinator_up() {
   fi
   # The registry, for the nodes: on the rig's bridge (forwarded to 127.0.0.1:5000).
   daemon registry-fwd "" socat "TCP-LISTEN:5000,bind=$HOST_IP,reuseaddr,fork" TCP:127.0.0.1:5000
-  cat >"$ETC/coordinator.toml" <<EOF
+  local which=("$@") j name cfg metrics
+  [ ${#which[@]} -gt 0 ] || mapfile -t which < <(seq "$NCOORD")
+  for j in "${which[@]}"; do
+    name=$(coord_name "$j")
+    cfg="$ETC/$name.toml"
+    metrics=$((9630 + RIG))
+    [ "$NCOORD" = 1 ] || metrics=$((19600 + 10 * RIG + j))
+    cat >"$cfg" <<EOF
 [coordinator]
 cluster_name = "rig$RIG"
-state_dir = "$STATE/coordinator"
+state_dir = "$STATE/$name"
 pki_dir = "$ETC/pki"
-listen = "$COORD"
-metrics_addr = "127.0.0.1:$((9630 + RIG))"
+listen = "$(coord_addr "$j")"
+metrics_addr = "127.0.0.1:$metrics"
 node_timeout_secs = ${NODE_TIMEOUT_SECS:-6}
 pod_eviction_secs = ${POD_EVICTION_SECS:-6}
 EOF
-  [ -f "$ETC/pki/ca.key" ] || "$BIN/kite-coordinator" --config "$ETC/coordinator.toml" init >/dev/null
-  daemon coordinator "" "$BIN/kite-coordinator" --config "$ETC/coordinator.toml"
-  wait_for "the coordinator" kitectl_rig get nodes
+    if [ -n "$ETCD_ENDPOINTS" ]; then
+      cat >>"$cfg" <<EOF
+store = "etcd"
+
+[coordinator.etcd]
+endpoints = [$(echo "$ETCD_ENDPOINTS" | sed 's/[^,][^,]*/"&"/g')]
+prefix = "/kite-rig$RIG"
+lease_ttl_secs = ${LEASE_TTL_SECS:-4}
+EOF
+    fi
+    # One CA and serving certificate for the rig: every coordinator listens on $HOST_IP.
+    [ -f "$ETC/pki/ca.key" ] || "$BIN/kite-coordinator" --config "$cfg" init >/dev/null
+    daemon "$name" "" "$BIN/kite-coordinator" --config "$cfg"
+  done
+  wait_for "a leading coordinator" kitectl_rig get nodes
+}
+
+coordinator_signal() { # SIG J
+  local pf; pf=$(pidfile "$(coord_name "$2")")
+  [ -f "$pf" ] && kill "-$1" "$(cat "$pf")"
 }
 
 node_net() {
@@ -278,7 +313,9 @@ down() {
     [ -d "$d" ] || continue
     node_down "${d##*node}"
   done
-  stop_daemons coordinator registry-fwd
+  for j in $(seq "$NCOORD"); do coordinator_signal CONT "$j" 2>/dev/null || true; done
+  # shellcheck disable=SC2046
+  stop_daemons $(for j in $(seq "$NCOORD"); do coord_name "$j"; done) registry-fwd
   ip link del "$BR" 2>/dev/null || true
   rm -rf "$STATE" "$RUN" "$ETC"
 }
@@ -293,9 +330,16 @@ case "${1:-}" in
     ;;
   node-up) coordinator_up; node_up "$2" ;;
   node-kill) node_kill "$2" ;;
-  coordinator-kill) SIG=KILL stop_daemons coordinator ;;
-  coordinator-up) coordinator_up ;;
+  coordinator-kill)
+    shift
+    # shellcheck disable=SC2046
+    SIG=KILL stop_daemons $(if [ $# -gt 0 ]; then for j in "$@"; do coord_name "$j"; done; else
+      for j in $(seq "$NCOORD"); do coord_name "$j"; done; fi)
+    ;;
+  coordinator-up) shift; coordinator_up "$@" ;;
+  coordinator-pause) coordinator_signal STOP "$2" ;;
+  coordinator-resume) coordinator_signal CONT "$2" ;;
   down) down; log "down" ;;
   env) echo "export KITE_COORDINATOR=$COORD KITE_CREDENTIALS=$ETC/pki" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -34,7 +34,9 @@ pub const APP_ANNOTATION: &str = "kite.io/app";
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorLinkConfig {
-    /// The coordinator's `host:port`; "" runs the agent on its own (kitectl on the node only).
+    /// The coordinator's `host:port`, or every coordinator of a highly available set
+    /// (comma-separated: the node links to whichever leads, and follows the leadership when it
+    /// moves); "" runs the agent on its own (kitectl on the node only).
     pub address: String,
     /// The cluster's CA certificate: the only one the agent trusts for the coordinator.
     pub ca_file: PathBuf,
@@ -79,12 +81,8 @@ pub enum LinkError {
     NoToken,
     #[error("make the node's key and certificate request: {0}")]
     Csr(String),
-    #[error("connect to the coordinator at {address}")]
-    Connect {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error("find the leading coordinator")]
+    NoLeader(#[source] kite_protocol::cluster::NoLeader),
     #[error("the coordinator at {address} refused {call}: {message}")]
     Refused {
         address: String,
@@ -169,12 +167,14 @@ async fn credentials(
         return Err(LinkError::NoToken);
     };
     let (key_pem, csr_pem) = new_csr(name).map_err(LinkError::Csr)?;
-    let channel = kite_protocol::cluster::connect(&config.address, &ca_pem, None)
-        .await
-        .map_err(|source| LinkError::Connect {
-            address: config.address.clone(),
-            source,
-        })?;
+    let (channel, leader) = kite_protocol::cluster::connect_leader(
+        &kite_protocol::cluster::addresses(&config.address),
+        &ca_pem,
+        None,
+        LEADER_WAIT,
+    )
+    .await
+    .map_err(LinkError::NoLeader)?;
     let answer = NodeLinkClient::new(channel)
         .join(JoinRequest {
             token,
@@ -183,7 +183,7 @@ async fn credentials(
         })
         .await
         .map_err(|s| LinkError::Refused {
-            address: config.address.clone(),
+            address: leader.clone(),
             call: "the join",
             message: s.message().to_string(),
             code: s.code(),
@@ -271,6 +271,10 @@ struct Assigned {
 fn pod_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
+
+/// How long a connection attempt looks for the leading coordinator (an election takes up to the
+/// leader's lease TTL): the node links as soon as one leads.
+const LEADER_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs the link until `stop`: joins if needed, then connects, and reconnects when cut off.
 pub async fn run(
@@ -571,8 +575,16 @@ async fn session(
     creds: &Credentials,
     assigned: &Arc<std::sync::Mutex<Assigned>>,
 ) -> Result<(), LinkError> {
+    let (channel, leader) = kite_protocol::cluster::connect_leader(
+        &kite_protocol::cluster::addresses(&config.address),
+        &creds.ca_pem,
+        Some((&creds.cert_pem, &creds.key_pem)),
+        LEADER_WAIT,
+    )
+    .await
+    .map_err(LinkError::NoLeader)?;
     let refused = |call: &'static str| {
-        let address = config.address.clone();
+        let address = leader.clone();
         move |s: tonic::Status| LinkError::Refused {
             address,
             call,
@@ -580,16 +592,6 @@ async fn session(
             code: s.code(),
         }
     };
-    let channel = kite_protocol::cluster::connect(
-        &config.address,
-        &creds.ca_pem,
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )
-    .await
-    .map_err(|source| LinkError::Connect {
-        address: config.address.clone(),
-        source,
-    })?;
     let (tx, rx) = mpsc::channel::<NodeMessage>(256);
     let mut sent = {
         let a = assigned.lock().expect("assigned lock");
@@ -614,7 +616,7 @@ async fn session(
         .await
         .map_err(refused("the node link"))?
         .into_inner();
-    tracing::info!(node = %name, coordinator = %config.address, "linked to the coordinator");
+    tracing::info!(node = %name, coordinator = %leader, "linked to the coordinator");
     let mut report_tick = tokio::time::interval(Duration::from_millis(config.report_ms.max(50)));
     let mut heartbeat = tokio::time::interval(Duration::from_secs(config.heartbeat_secs.max(1)));
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));

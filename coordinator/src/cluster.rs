@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::app::{self, Strategy};
 use crate::config::CoordinatorConfig;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::store::{Commit, Guard, Store, StoreError, Txn};
 
@@ -44,6 +45,18 @@ pub enum ClusterError {
     Invalid(String),
     #[error("record {key} in the store is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("this coordinator does not lead (any more); nothing was written")]
+    NotLeader,
+}
+
+impl ClusterError {
+    /// The write was refused because another coordinator leads (or may lead) now.
+    pub fn is_not_leader(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::NotLeader | ClusterError::Store(StoreError::NotLeader { .. })
+        )
+    }
 }
 
 /// A revision of an app's pod template.
@@ -243,51 +256,9 @@ pub struct Inner {
     next_link: u64,
 }
 
-/// One change of a transaction.
-pub enum Op {
-    PutApp(AppRecord),
-    DeleteApp(String),
-    PutPod(PodRecord),
-    DeletePod(String),
-    PutNode(NodeRecord),
-    PutToken(String, Vec<u8>, Option<u64>),
-}
-
-pub struct Cluster {
-    pub config: CoordinatorConfig,
-    pub store: Arc<dyn Store>,
-    pub metrics: Arc<Metrics>,
-    pub ca_pem: String,
-    inner: Mutex<Inner>,
-    /// Wakes the controllers.
-    pub changed: Notify,
-    /// Bumped on every change a watcher may show (apps, pods, reports).
-    pub generation: watch::Sender<u64>,
-    pub started: Instant,
-    /// Calls relayed to nodes (logs, exec), by id: the node that must answer, and the caller.
-    calls: Mutex<HashMap<u64, (String, tokio::sync::oneshot::Sender<api::CallResult>)>>,
-    next_call: std::sync::atomic::AtomicU64,
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
-    serde_json::from_slice(bytes).map_err(|e| ClusterError::Corrupt {
-        key: key.into(),
-        reason: e.to_string(),
-    })
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("records serialize")
-}
-
-impl Cluster {
-    /// Loads the state from the store.
-    pub fn load(
-        config: CoordinatorConfig,
-        store: Arc<dyn Store>,
-        metrics: Arc<Metrics>,
-        ca_pem: String,
-    ) -> Result<Cluster, ClusterError> {
+impl Inner {
+    /// The desired state as the store holds it (nodes as never heard of).
+    fn read(store: &dyn Store) -> Result<Inner, ClusterError> {
         let mut inner = Inner::default();
         for kv in store.list(NODES)? {
             let record: NodeRecord = decode(&kv.key, &kv.value)?;
@@ -334,18 +305,125 @@ impl Cluster {
                 },
             );
         }
+        Ok(inner)
+    }
+}
+
+/// One change of a transaction.
+pub enum Op {
+    PutApp(AppRecord),
+    DeleteApp(String),
+    PutPod(PodRecord),
+    DeletePod(String),
+    PutNode(NodeRecord),
+    PutToken(String, Vec<u8>, Option<u64>),
+}
+
+pub struct Cluster {
+    pub config: CoordinatorConfig,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub ca_pem: String,
+    /// Whether this coordinator may act (always, with the embedded store).
+    pub leadership: Arc<Leadership>,
+    inner: Mutex<Inner>,
+    /// Wakes the controllers.
+    pub changed: Notify,
+    /// Bumped on every change a watcher may show (apps, pods, reports).
+    pub generation: watch::Sender<u64>,
+    /// Since when this coordinator holds the state (its start, or its election): nodes not
+    /// heard of since then get their timeouts from here.
+    since: Mutex<Instant>,
+    /// Calls relayed to nodes (logs, exec), by id: the node that must answer, and the caller.
+    calls: Mutex<HashMap<u64, (String, tokio::sync::oneshot::Sender<api::CallResult>)>>,
+    next_call: std::sync::atomic::AtomicU64,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(bytes).map_err(|e| ClusterError::Corrupt {
+        key: key.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+impl Cluster {
+    /// Loads the state from the store.
+    pub fn load(
+        config: CoordinatorConfig,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        ca_pem: String,
+    ) -> Result<Cluster, ClusterError> {
+        let inner = Inner::read(store.as_ref())?;
+        let leadership = Leadership::solo(config.address());
         Ok(Cluster {
             config,
             store,
             metrics,
             ca_pem,
+            leadership,
             inner: Mutex::new(inner),
             changed: Notify::new(),
             generation: watch::channel(0).0,
-            started: Instant::now(),
+            since: Mutex::new(Instant::now()),
             calls: Mutex::new(HashMap::new()),
             next_call: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// A coordinator of a highly available set: it acts only while `leadership` says so, and
+    /// holds no state until it wins ([`Cluster::reload`]).
+    pub fn standby(
+        config: CoordinatorConfig,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        ca_pem: String,
+        leadership: Arc<Leadership>,
+    ) -> Cluster {
+        Cluster {
+            config,
+            store,
+            metrics,
+            ca_pem,
+            leadership,
+            inner: Mutex::new(Inner::default()),
+            changed: Notify::new(),
+            generation: watch::channel(0).0,
+            since: Mutex::new(Instant::now()),
+            calls: Mutex::new(HashMap::new()),
+            next_call: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Reads the state again (a won election: the last leader's writes are all in the store,
+    /// and nothing else writes while this one leads). Node links of an earlier term are cut.
+    pub fn reload(&self) -> Result<(), ClusterError> {
+        let fresh = Inner::read(self.store.as_ref())?;
+        self.replace(fresh);
+        Ok(())
+    }
+
+    /// Drops the state (leadership lost): node links end (agents look for the new leader),
+    /// relayed calls fail.
+    pub fn forget(&self) {
+        self.replace(Inner::default());
+    }
+
+    fn replace(&self, mut fresh: Inner) {
+        {
+            let mut inner = self.lock();
+            // Link ids stay unique across terms: a link of an earlier term that detaches late
+            // must not detach a new one.
+            fresh.next_link = inner.next_link;
+            *inner = fresh;
+        }
+        *self.since.lock().expect("since lock") = Instant::now();
+        self.calls.lock().expect("calls lock").clear();
+        self.poke();
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -364,6 +442,37 @@ impl Cluster {
         if ops.is_empty() {
             return Ok(0);
         }
+        if !self.leadership.is_leading() {
+            return Err(ClusterError::NotLeader);
+        }
+        let max = self.store.max_changes().max(1);
+        if ops.len() <= max {
+            return self.commit_one(inner, ops);
+        }
+        // Pods' assignments are independent of one another: a change larger than the store
+        // takes at once (a scale-out by hundreds, on etcd) goes in several transactions, each
+        // guarded as usual, the rest (an app's record) with the last. A failure part way leaves
+        // a consistent state the next pass continues from.
+        let (pods, mut rest): (Vec<Op>, Vec<Op>) = ops
+            .into_iter()
+            .partition(|o| matches!(o, Op::PutPod(_) | Op::DeletePod(_)));
+        let mut pods = pods.into_iter().peekable();
+        let mut rev = 0;
+        while pods.peek().is_some() {
+            let room = max.saturating_sub(rest.len());
+            let mut chunk: Vec<Op> = pods.by_ref().take(max).collect();
+            if pods.peek().is_none() && chunk.len() <= room {
+                chunk.append(&mut rest);
+            }
+            rev = self.commit_one(inner, chunk)?;
+        }
+        if !rest.is_empty() {
+            rev = self.commit_one(inner, rest)?;
+        }
+        Ok(rev)
+    }
+
+    fn commit_one(&self, inner: &mut Inner, ops: Vec<Op>) -> Result<u64, ClusterError> {
         let mut txn = Txn::default();
         let guard = |key: &str, rev: Option<u64>| match rev {
             Some(r) => Guard::Revision(key.into(), r),
@@ -511,12 +620,17 @@ impl Cluster {
         }
     }
 
+    /// Since when this coordinator holds the state.
+    pub fn since(&self) -> Instant {
+        *self.since.lock().expect("since lock")
+    }
+
     /// Since when a node has not been ready (the coordinator's start for one never heard of).
     pub fn unready_since(&self, live: &NodeLive) -> Instant {
         let timeout = Duration::from_secs(self.config.node_timeout_secs);
         match live.last_heartbeat {
-            Some(t) => (t + timeout).max(self.started),
-            None => self.started,
+            Some(t) => (t + timeout).max(self.since()),
+            None => self.since(),
         }
     }
 

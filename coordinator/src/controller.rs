@@ -49,6 +49,10 @@ pub async fn run(cluster: std::sync::Arc<Cluster>, mut stop: tokio::sync::watch:
 
 /// One pass over every node and app.
 pub fn reconcile(cluster: &Cluster) {
+    // A leader whose lease ran out (paused, cut off) acts no more, even before it hears so.
+    if !cluster.leadership.is_leading() {
+        return;
+    }
     let mut inner = cluster.lock();
     if let Err(e) = evict_lost_nodes(cluster, &mut inner) {
         tracing::warn!(error = %e, "evict the pods of lost nodes");

@@ -13,6 +13,7 @@ pub mod app;
 pub mod cluster;
 pub mod config;
 pub mod controller;
+pub mod leader;
 pub mod metrics;
 pub mod ops;
 pub mod pki;

@@ -9,13 +9,15 @@ use std::sync::Arc;
 
 use kite_config::daemon;
 use kite_coordinator::cluster::Cluster;
-use kite_coordinator::config::CoordinatorConfig;
+use kite_coordinator::config::{CoordinatorConfig, StoreKind};
 use kite_coordinator::controller;
+use kite_coordinator::leader::{Elector, LeaderGate, Leadership};
 use kite_coordinator::metrics::Metrics;
 use kite_coordinator::pki::{write_file, ClusterCa, Identity};
-use kite_coordinator::server::{ClusterService, NodeLinkService};
-use kite_coordinator::store::{EmbeddedStore, Store};
+use kite_coordinator::server::{ClusterService, CoordinatorsService, NodeLinkService};
+use kite_coordinator::store::{EmbeddedStore, EtcdStore, Guard, Store, Txn};
 use kite_protocol::cluster::cluster_server::ClusterServer;
+use kite_protocol::cluster::coordinators_server::CoordinatorsServer;
 use kite_protocol::cluster::node_link_server::NodeLinkServer;
 use tonic::transport::{Certificate, Identity as TlsIdentity, ServerTlsConfig};
 
@@ -40,9 +42,16 @@ enum Command {
     /// `metrics_addr`. Needs `init` first.
     Serve,
     /// Makes the cluster: its CA (pki_dir/ca.{crt,key}), the coordinator's serving certificate
-    /// (for `listen`, `advertise`, localhost and 127.0.0.1) and the first admin credential for
-    /// kitectl (pki_dir/admin.{crt,key}), and the empty store. Refuses to overwrite a CA.
+    /// (for `listen`, `address`, `advertise`, localhost and 127.0.0.1) and the first admin
+    /// credential for kitectl (pki_dir/admin.{crt,key}), and the empty embedded store.
+    /// Refuses to overwrite a CA. For a further coordinator of a highly available set, copy
+    /// the first one's ca.crt and ca.key into its pki_dir first: `init` then issues its serving
+    /// certificate only.
     Init,
+    /// Copies the embedded store (state_dir/state.redb) into etcd (`[coordinator.etcd]`), to
+    /// move a cluster to `store = "etcd"`. Stop the coordinator first; refuses when etcd
+    /// already holds keys under the prefix.
+    MigrateToEtcd,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(kite_protocol::errors::error_chain(&e)))?;
     match args.command.unwrap_or(Command::Serve) {
         Command::Init => init(&config),
+        Command::MigrateToEtcd => migrate_to_etcd(&config),
         Command::Serve => {
             daemon::init_logging(&config.log_level).context("log_level in [coordinator]")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -80,24 +90,66 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let ca = Arc::new(ClusterCa::load(&pki).context("load the cluster's CA")?);
     let cert = read(&pki.join("coordinator.crt"))?;
     let key = read(&pki.join("coordinator.key"))?;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("create {}", config.state_dir.display()))?;
-    let store = Arc::new(EmbeddedStore::open(&config.state_dir.join("state.redb"))?);
     let metrics = Arc::new(Metrics::new());
     let listen: std::net::SocketAddr = config
         .listen
         .parse()
         .with_context(|| format!("listen {:?} in [coordinator]", config.listen))?;
     let metrics_addr = config.metrics_addr.clone();
-    let cluster = Arc::new(
-        Cluster::load(config, store, metrics.clone(), ca.cert_pem().to_string())
-            .context("load the state")?,
-    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let controllers = tokio::spawn(controller::run(cluster.clone(), stop_rx.clone()));
+    tokio::spawn(async move {
+        daemon::stop_requested().await;
+        let _ = stop_tx.send(true);
+    });
+    let ca_pem = ca.cert_pem().to_string();
+    // What acts: the controllers of the one coordinator, or the election loop of one of a set.
+    let (cluster, acting) = match config.store {
+        StoreKind::Embedded => {
+            std::fs::create_dir_all(&config.state_dir)
+                .with_context(|| format!("create {}", config.state_dir.display()))?;
+            let store = Arc::new(EmbeddedStore::open(&config.state_dir.join("state.redb"))?);
+            let cluster = Arc::new(
+                Cluster::load(config, store, metrics.clone(), ca_pem).context("load the state")?,
+            );
+            metrics.leader.set(1);
+            let acting = tokio::spawn(controller::run(cluster.clone(), stop_rx.clone()));
+            (cluster, acting)
+        }
+        StoreKind::Etcd => {
+            let options = config.etcd.options();
+            let endpoints = options.endpoints_text();
+            let store = {
+                let options = options.clone();
+                tokio::task::spawn_blocking(move || EtcdStore::connect(options))
+                    .await
+                    .context("connect to etcd")?
+                    .map_err(|e| anyhow::anyhow!(kite_protocol::errors::error_chain(&e)))?
+            };
+            let store = Arc::new(store);
+            let leadership = Leadership::candidate(config.address());
+            let elector = Arc::new(Elector::new(options, config.etcd.lease_ttl_secs));
+            tracing::info!(etcd = %endpoints, address = %leadership.me, "standing for election");
+            let cluster = Arc::new(Cluster::standby(
+                config,
+                store.clone(),
+                metrics.clone(),
+                ca_pem,
+                leadership.clone(),
+            ));
+            tokio::spawn({
+                let elector = elector.clone();
+                let leadership = leadership.clone();
+                let stop = stop_rx.clone();
+                async move { elector.observe(leadership, stop).await }
+            });
+            let acting = tokio::spawn(lead(elector, store, cluster.clone(), stop_rx.clone()));
+            (cluster, acting)
+        }
+    };
+    let leadership = cluster.leadership.clone();
     let metrics_server = tokio::spawn({
         let stop = stopped(stop_rx.clone());
         async move {
@@ -107,10 +159,6 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             }
         }
     });
-    tokio::spawn(async move {
-        daemon::stop_requested().await;
-        let _ = stop_tx.send(true);
-    });
     let tls = ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca.cert_pem()))
@@ -118,17 +166,25 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         .client_auth_optional(true);
     tracing::info!(address = %listen, "serving the node link and the cluster API (TLS)");
     let stop = stopped(stop_rx.clone());
+    let gate = LeaderGate(leadership.clone());
     let serve = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration")?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         // A node's messages carry relayed output (capped at 1 MiB per stream by the agent).
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             NodeLinkServer::new(NodeLinkService::new(cluster.clone(), ca))
                 .max_decoding_message_size(8 << 20),
-        )
-        .add_service(ClusterServer::new(ClusterService::new(cluster)))
+            gate.clone(),
+        ))
+        .add_service(ClusterServer::with_interceptor(
+            ClusterService::new(cluster),
+            gate,
+        ))
+        .add_service(CoordinatorsServer::new(CoordinatorsService::new(
+            leadership,
+        )))
         .serve_with_shutdown(listen, stop);
     // Node links are endless streams: after the stop they get a moment, then the process goes.
     let grace = async move {
@@ -139,22 +195,159 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         served = serve => served.with_context(|| format!("serve on {listen}"))?,
         _ = grace => tracing::info!("links still open after 2 s; stopping anyway"),
     }
-    let _ = controllers.await;
+    let _ = acting.await;
     let _ = metrics_server.await;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// One coordinator of a highly available set: campaigns, and while it leads loads the state,
+/// runs the controllers and writes behind its fence; when the lease is lost it stops acting,
+/// forgets the state and campaigns again. A stop while leading resigns, so another leads at
+/// once.
+async fn lead(
+    elector: Arc<Elector>,
+    store: Arc<EtcdStore>,
+    cluster: Arc<Cluster>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let leadership = cluster.leadership.clone();
+    let metrics = cluster.metrics.clone();
+    let pause = |stop: tokio::sync::watch::Receiver<bool>| async move {
+        let mut stop = stop;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        }
+    };
+    loop {
+        let term = tokio::select! {
+            t = elector.campaign(&leadership) => t,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let term = match term {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %kite_protocol::errors::error_chain(&e), "campaign; trying again");
+                if pause(stop.clone()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        store.set_fence(Some(term.fence.clone()));
+        let c = cluster.clone();
+        let loaded = tokio::task::spawn_blocking(move || c.reload()).await;
+        if let Err(e) = loaded
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| kite_protocol::errors::error_chain(&e)))
+        {
+            tracing::error!(error = %e, "won the election but could not load the state; resigning");
+            store.set_fence(None);
+            term.resign().await;
+            if pause(stop.clone()).await {
+                return;
+            }
+            continue;
+        }
+        leadership.lead(term.number);
+        metrics.leader.set(1);
+        Metrics::count(&metrics.terms, "event", "won");
+        tracing::info!(term = term.number, "leading");
+        let (term_stop_tx, term_stop_rx) = tokio::sync::watch::channel(false);
+        let controllers = tokio::spawn(controller::run(cluster.clone(), term_stop_rx));
+        let mut lost = term.lost.clone();
+        let stopping = tokio::select! {
+            _ = lost.wait_for(|l| *l) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        // Acting stops first (the gate closes, commits are refused), then the state goes.
+        leadership.follow(None);
+        metrics.leader.set(0);
+        let _ = term_stop_tx.send(true);
+        let _ = controllers.await;
+        cluster.forget();
+        store.set_fence(None);
+        let number = term.number;
+        term.resign().await;
+        if stopping {
+            Metrics::count(&metrics.terms, "event", "resigned");
+            tracing::info!(term = number, "stopping: resigned the leadership");
+            return;
+        }
+        Metrics::count(&metrics.terms, "event", "lost");
+        tracing::warn!(term = number, "lost the leadership; standing by");
+    }
+}
+
+/// Copies every key of the embedded store into etcd, under the prefix, each guarded as absent.
+fn migrate_to_etcd(config: &CoordinatorConfig) -> anyhow::Result<()> {
+    let path = config.state_dir.join("state.redb");
+    if !path.exists() {
+        bail!("{} does not exist: nothing to migrate", path.display());
+    }
+    let from = EmbeddedStore::open(&path)?;
+    let to = EtcdStore::connect(config.etcd.options())
+        .map_err(|e| anyhow::anyhow!(kite_protocol::errors::error_chain(&e)))?;
+    let there = to.list("/")?;
+    if !there.is_empty() {
+        bail!(
+            "etcd at {} already holds {} keys under {:?}: refusing to mix two clusters' state",
+            to.options().endpoints_text(),
+            there.len(),
+            to.options().prefix
+        );
+    }
+    let keys = from.list("/")?;
+    for chunk in keys.chunks(to.max_changes()) {
+        let mut txn = Txn::default();
+        for kv in chunk {
+            txn = txn
+                .guard(Guard::Absent(kv.key.clone()))
+                .put(kv.key.clone(), kv.value.clone());
+        }
+        match to.commit(txn)? {
+            kite_coordinator::store::Commit::Done(_) => {}
+            kite_coordinator::store::Commit::Conflict { key, .. } => {
+                bail!(
+                    "{key} appeared in etcd during the migration (is a coordinator running on it?)"
+                )
+            }
+        }
+    }
+    println!(
+        "copied {} keys from {} into etcd at {} under {:?}; set store = \"etcd\" in [coordinator]",
+        keys.len(),
+        path.display(),
+        to.options().endpoints_text(),
+        to.options().prefix
+    );
+    Ok(())
+}
+
 fn init(config: &CoordinatorConfig) -> anyhow::Result<()> {
     let pki = &config.pki_dir;
-    if pki.join("ca.key").exists() {
+    // A CA without a serving certificate: a further coordinator of the same cluster.
+    let joining = pki.join("ca.key").exists() && !pki.join("coordinator.crt").exists();
+    if pki.join("ca.key").exists() && !joining {
         bail!(
             "{} already holds a CA: the cluster exists (remove the directory to make a new one, which cuts every node off)",
             pki.display()
         );
     }
-    let ca = ClusterCa::create(&config.cluster_name).context("make the cluster's CA")?;
-    ca.save(pki).context("write the CA")?;
+    let ca = if joining {
+        ClusterCa::load(pki).context("load the cluster's CA")?
+    } else {
+        let ca = ClusterCa::create(&config.cluster_name).context("make the cluster's CA")?;
+        ca.save(pki).context("write the CA")?;
+        ca
+    };
+    let address = config.address();
+    let address_host = address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']))
+        .unwrap_or_default()
+        .to_string();
     let mut dns = vec!["localhost".to_string()];
     let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?];
     let listen_host = config
@@ -162,7 +355,10 @@ fn init(config: &CoordinatorConfig) -> anyhow::Result<()> {
         .rsplit_once(':')
         .map(|(h, _)| h.trim_matches(['[', ']']))
         .unwrap_or_default();
-    for name in std::iter::once(listen_host).chain(config.advertise.iter().map(String::as_str)) {
+    for name in [listen_host, address_host.as_str()]
+        .into_iter()
+        .chain(config.advertise.iter().map(String::as_str))
+    {
         match name.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() && !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
@@ -180,14 +376,38 @@ fn init(config: &CoordinatorConfig) -> anyhow::Result<()> {
             825,
         )
         .context("issue the coordinator's certificate")?;
-    let admin = ca
-        .issue(&Identity::Admin("admin".into()), 365)
-        .context("issue the admin credential")?;
-    for (name, cred) in [("coordinator", &server), ("admin", &admin)] {
+    let mut creds = vec![("coordinator", server)];
+    if !joining {
+        let admin = ca
+            .issue(&Identity::Admin("admin".into()), 365)
+            .context("issue the admin credential")?;
+        creds.push(("admin", admin));
+    }
+    for (name, cred) in &creds {
         write_file(&pki.join(format!("{name}.crt")), &cred.cert_pem, 0o644)?;
         if let Some(key) = &cred.key_pem {
             write_file(&pki.join(format!("{name}.key")), key, 0o600)?;
         }
+    }
+    if joining {
+        println!(
+            "coordinator certificate for {address} issued by the cluster's CA in {}",
+            pki.display()
+        );
+        return Ok(());
+    }
+    if config.store == StoreKind::Etcd {
+        println!(
+            "cluster {:?}: CA and certificates in {}; the state lives in etcd at {}",
+            config.cluster_name,
+            pki.display(),
+            config.etcd.endpoints.join(",")
+        );
+        println!(
+            "kitectl's admin credential: {}/admin.{{crt,key}}",
+            pki.display()
+        );
+        return Ok(());
     }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create {}", config.state_dir.display()))?;

@@ -21,6 +21,10 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     pub rollouts: Family<Vec<(String, String)>, Counter>,
     pub joins: Family<Vec<(String, String)>, Counter>,
+    /// 1 while this coordinator leads.
+    pub leader: Gauge,
+    /// Terms this coordinator began (elections won) and ended, by reason.
+    pub terms: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +71,18 @@ impl Metrics {
         );
         let joins = Family::default();
         registry.register("joins", "Node joins, by result", joins.clone());
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this coordinator leads (always, with the embedded store)",
+            leader.clone(),
+        );
+        let terms = Family::default();
+        registry.register(
+            "terms",
+            "Leadership terms begun (event=won) and ended (event=lost, resigned)",
+            terms.clone(),
+        );
         Metrics {
             registry,
             nodes,
@@ -77,6 +93,8 @@ impl Metrics {
             reconcile_seconds,
             rollouts,
             joins,
+            leader,
+            terms,
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use kite_protocol::cluster::cluster_server::Cluster as ClusterApi;
+use kite_protocol::cluster::coordinators_server::Coordinators;
 use kite_protocol::cluster::node_link_server::NodeLink;
 use kite_protocol::cluster::*;
 use tokio::sync::mpsc;
@@ -18,9 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster::{Cluster as State, ClusterError};
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::ops::{self, JoinError};
 use crate::pki::{identity_of, ClusterCa, Identity};
+use crate::store::StoreError;
 
 type Answer<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -31,8 +34,40 @@ impl From<ClusterError> for Status {
             ClusterError::NotFound(_) => Status::not_found(message),
             ClusterError::Invalid(_) => Status::invalid_argument(message),
             ClusterError::Conflict { .. } => Status::aborted(message),
-            ClusterError::Store(_) | ClusterError::Corrupt { .. } => Status::internal(message),
+            _ if e.is_not_leader() => Status::unavailable(message),
+            ClusterError::Store(StoreError::Unavailable { .. }) => Status::unavailable(message),
+            ClusterError::Store(_) | ClusterError::Corrupt { .. } | ClusterError::NotLeader => {
+                Status::internal(message)
+            }
         }
+    }
+}
+
+/// `Coordinators`: who leads, answered by every coordinator of the set.
+pub struct CoordinatorsService {
+    leadership: Arc<Leadership>,
+}
+
+impl CoordinatorsService {
+    pub fn new(leadership: Arc<Leadership>) -> CoordinatorsService {
+        CoordinatorsService { leadership }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinators for CoordinatorsService {
+    async fn leader(
+        &self,
+        _request: Request<LeaderRequest>,
+    ) -> Result<Response<LeaderInfo>, Status> {
+        let l = &self.leadership;
+        let leading = l.is_leading();
+        Ok(Response::new(LeaderInfo {
+            leading,
+            leader: l.leader().unwrap_or_default(),
+            address: l.me.clone(),
+            term: if leading { l.term() } else { 0 },
+        }))
     }
 }
 

@@ -44,14 +44,25 @@ impl ClusterCtl {
             read(credentials, "admin.key")?,
             read(credentials, "ca.crt")?,
         );
-        let channel = kite_protocol::cluster::connect(address, &ca, Some((&cert, &key)))
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "connect to the coordinator at {address}: {}",
-                    kite_protocol::errors::error_chain(&e)
-                )
-            })?;
+        // One address, or every coordinator of a highly available set: kitectl talks to the
+        // one that leads (waiting out an election).
+        let addresses = kite_protocol::cluster::addresses(address);
+        // A set of coordinators may be electing a leader: wait for it. One coordinator is
+        // up or not.
+        let wait = if addresses.len() > 1 { 15 } else { 0 };
+        let (channel, _leader) = kite_protocol::cluster::connect_leader(
+            &addresses,
+            &ca,
+            Some((&cert, &key)),
+            std::time::Duration::from_secs(wait),
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "connect to the coordinator: {}",
+                kite_protocol::errors::error_chain(&e)
+            )
+        })?;
         Ok(ClusterCtl {
             client: ClusterClient::new(channel),
             namespace,

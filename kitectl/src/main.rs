@@ -31,7 +31,8 @@ struct Cli {
         env = "KITE_AGENT_SOCKET"
     )]
     socket: PathBuf,
-    /// The cluster's coordinator (HOST:PORT): apps, their pods and the nodes instead of one
+    /// The cluster's coordinator (HOST:PORT), or all coordinators of a highly available set
+    /// (A:PORT,B:PORT,…: kitectl finds the one that leads): apps, their pods and the nodes instead of one
     /// node's pods.
     #[arg(long, global = true, env = "KITE_COORDINATOR")]
     coordinator: Option<String>,

@@ -94,11 +94,99 @@ pub mod cluster {
             .tls_config(tls)?
             .connect_timeout(std::time::Duration::from_secs(5))
             .tcp_keepalive(Some(std::time::Duration::from_secs(10)))
-            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-            .keep_alive_timeout(std::time::Duration::from_secs(10))
+            // A coordinator that stops answering (paused, hung, its machine gone) is noticed
+            // within seconds, and the node looks for the leader again.
+            .http2_keep_alive_interval(std::time::Duration::from_secs(3))
+            .keep_alive_timeout(std::time::Duration::from_secs(3))
             .keep_alive_while_idle(true)
             .connect()
             .await
+    }
+
+    /// The metadata key in which a coordinator that does not lead names the one that does.
+    pub const LEADER_METADATA: &str = "kite-leader";
+
+    /// The leader a follower's refusal names.
+    pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+        status
+            .metadata()
+            .get(LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// The addresses in a list such as `--coordinator a:9620,b:9620` (commas or spaces).
+    pub fn addresses(list: &str) -> Vec<String> {
+        list.split([',', ' '])
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("no coordinator leads among {tried} after {waited_secs} s: {last}")]
+    pub struct NoLeader {
+        pub tried: String,
+        pub waited_secs: u64,
+        pub last: String,
+    }
+
+    /// Finds the leading coordinator among `addresses` (any of them names it, or answers
+    /// that it leads), waiting up to `wait` for an election to end, and connects to it:
+    /// the channel and the leader's address. One address without a high-availability set
+    /// answers at once.
+    pub async fn connect_leader(
+        addresses: &[String],
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+        wait: std::time::Duration,
+    ) -> Result<(tonic::transport::Channel, String), NoLeader> {
+        let started = std::time::Instant::now();
+        let mut last = String::from("no address given");
+        loop {
+            let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
+            let mut tried = std::collections::HashSet::new();
+            while let Some(address) = queue.pop_front() {
+                if !tried.insert(address.clone()) {
+                    continue;
+                }
+                // A coordinator that is paused (or hung) accepts the TCP connection and then
+                // says nothing: each one gets a few seconds.
+                let asked = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+                    let channel = connect(&address, ca_pem, identity)
+                        .await
+                        .map_err(|e| crate::errors::error_chain(&e))?;
+                    let info = coordinators_client::CoordinatorsClient::new(channel.clone())
+                        .leader(LeaderRequest {})
+                        .await
+                        .map_err(|s| s.message().to_string())?
+                        .into_inner();
+                    Ok::<_, String>((channel, info))
+                })
+                .await
+                .unwrap_or_else(|_| Err("no answer within 3 s".into()));
+                match asked {
+                    Ok((channel, info)) if info.leading => return Ok((channel, address)),
+                    Ok((_, info)) => {
+                        last = format!("{address} does not lead");
+                        if !info.leader.is_empty() {
+                            last.push_str(&format!(" (it names {})", info.leader));
+                            queue.push_front(info.leader);
+                        }
+                    }
+                    Err(e) => last = format!("{address}: {e}"),
+                }
+            }
+            if started.elapsed() >= wait {
+                return Err(NoLeader {
+                    tried: addresses.join(","),
+                    waited_secs: started.elapsed().as_secs(),
+                    last,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
     }
 }
 

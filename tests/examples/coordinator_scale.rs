@@ -10,6 +10,9 @@
 //!
 //!     cargo run --release -p kite-e2e --example coordinator_scale -- NODES APPS REPLICAS
 //!     e.g. 1000 10 1000
+//!
+//! With ETCD_ENDPOINTS set (comma-separated client URLs), the coordinator keeps its state in
+//! that etcd (under a prefix of its own) instead of its embedded store.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -172,10 +175,20 @@ async fn main() {
     // One file descriptor per node link on both sides.
     let want = u64::from(nodes) * 2 + 1024;
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, want);
-    let c = TestCoordinator::start(
-        "scale",
-        "node_timeout_secs = 60\npod_eviction_secs = 60\nlog_level = \"warn\"",
-    );
+    let mut extra =
+        String::from("node_timeout_secs = 60\npod_eviction_secs = 60\nlog_level = \"warn\"\n");
+    if let Ok(endpoints) = std::env::var("ETCD_ENDPOINTS") {
+        let list: Vec<String> = endpoints.split(',').map(|e| format!("\"{e}\"")).collect();
+        extra = format!(
+            "store = \"etcd\"\n{extra}[coordinator.etcd]\nendpoints = [{}]\nprefix = \"/scale-{}\"\n",
+            list.join(","),
+            std::process::id()
+        );
+        println!("store: etcd at {endpoints}");
+    } else {
+        println!("store: embedded");
+    }
+    let c = TestCoordinator::start("scale", &extra);
     let pid = c.pid().expect("the coordinator runs");
     let ca = std::fs::read_to_string(c.pki().join("ca.crt")).unwrap();
     let mut admin = c.client().await;

@@ -17,9 +17,12 @@ pub const COORDINATOR: &str = "/usr/local/bin/kite-coordinator";
 pub struct TestCoordinator {
     dir: Option<tempfile::TempDir>,
     child: Option<Child>,
+    /// `host:port`, or every coordinator of a highly available rig, comma-separated.
     pub address: String,
     pki: PathBuf,
     rig: Option<u32>,
+    /// The rig script's environment (the etcd of a highly available rig).
+    rig_env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -75,6 +78,7 @@ impl TestCoordinator {
             child: None,
             address,
             rig: None,
+            rig_env: Vec::new(),
         };
         c.spawn();
         c
@@ -99,7 +103,7 @@ impl TestCoordinator {
     /// Starts the coordinator (again) and waits until it takes connections.
     pub fn spawn(&mut self) {
         if let Some(id) = self.rig {
-            let out = rig_script(id, &["coordinator-up"]);
+            let out = rig_script(id, &self.rig_env, &["coordinator-up"]);
             assert!(
                 out.status.success(),
                 "rig coordinator-up: {}",
@@ -129,7 +133,7 @@ impl TestCoordinator {
 
     pub fn kill9(&mut self) {
         if let Some(id) = self.rig {
-            let out = rig_script(id, &["coordinator-kill"]);
+            let out = rig_script(id, &self.rig_env, &["coordinator-kill"]);
             assert!(
                 out.status.success(),
                 "rig coordinator-kill: {}",
@@ -182,13 +186,14 @@ impl TestCoordinator {
         let read = |f: &str| {
             std::fs::read_to_string(self.pki().join(f)).unwrap_or_else(|e| panic!("read {f}: {e}"))
         };
-        let channel = kite_protocol::cluster::connect(
-            &self.address,
+        let (channel, _) = kite_protocol::cluster::connect_leader(
+            &kite_protocol::cluster::addresses(&self.address),
             &read("ca.crt"),
             Some((&read("admin.crt"), &read("admin.key"))),
+            Duration::from_secs(30),
         )
         .await
-        .expect("connect to the coordinator");
+        .expect("connect to the (leading) coordinator");
         ClusterClient::new(channel)
     }
 
@@ -282,20 +287,49 @@ spec:
     )
 }
 
+/// [`web_app`] rolled out one pod at a time, each batch taking seconds (the readiness probe
+/// starts 3 s after the container): a rollout to interrupt.
+pub fn slow_web_app(name: &str, image: &str, replicas: u32) -> String {
+    web_app(
+        name,
+        "runc",
+        image,
+        replicas,
+        "  strategy: {rollingUpdate: {maxUnavailable: 1}}\n",
+    )
+    .replace(
+        "periodSeconds: 1",
+        "periodSeconds: 1\n          initialDelaySeconds: 3",
+    )
+}
+
+/// What `program args` printed.
+fn output_of(program: &str, args: &[&str]) -> String {
+    crate::text(
+        &Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+            .stdout,
+    )
+}
+
 /// A cluster on hack/rig.sh: the coordinator and `nodes` nodes, each a network namespace with
 /// its own containerd, snapshotter and agent. Torn down (everything) when dropped.
 pub struct Rig {
     pub id: u32,
     pub nodes: u32,
     pub coordinator: TestCoordinator,
+    env: Vec<(String, String)>,
 }
 
 const RIG_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/rig.sh");
 
-fn rig_script(id: u32, args: &[&str]) -> Output {
+fn rig_script(id: u32, env: &[(String, String)], args: &[&str]) -> Output {
     Command::new("bash")
         .arg(RIG_SCRIPT)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RIG", id.to_string())
         .env("NODE_TIMEOUT_SECS", "3")
         .env("POD_EVICTION_SECS", "3")
@@ -311,8 +345,31 @@ impl Rig {
     /// Rig `id` (1-9; each test its own) with `nodes` nodes; one left by a failed run is
     /// removed first.
     pub fn up(id: u32, nodes: u32) -> Rig {
-        let _ = rig_script(id, &["down"]);
-        let out = rig_script(id, &["up", &nodes.to_string()]);
+        Rig::up_with(id, nodes, Vec::new(), format!("10.99.{id}.1:9620"))
+    }
+
+    /// A highly available rig: three coordinators on `etcd` (lease TTL `lease_ttl_secs`),
+    /// coordinator J (1-3) on 10.99.ID.1:(9620 + 2(J-1)).
+    pub fn up_ha(id: u32, nodes: u32, etcd: &Etcd, lease_ttl_secs: u64) -> Rig {
+        let env = vec![
+            ("ETCD_ENDPOINTS".to_string(), etcd.endpoints()),
+            ("COORDINATORS".to_string(), "3".to_string()),
+            ("LEASE_TTL_SECS".to_string(), lease_ttl_secs.to_string()),
+        ];
+        let address = (1..=3)
+            .map(|j| Rig::coordinator_address(id, j))
+            .collect::<Vec<_>>()
+            .join(",");
+        Rig::up_with(id, nodes, env, address)
+    }
+
+    pub fn coordinator_address(id: u32, j: u32) -> String {
+        format!("10.99.{id}.1:{}", 9620 + 2 * (j - 1))
+    }
+
+    fn up_with(id: u32, nodes: u32, env: Vec<(String, String)>, address: String) -> Rig {
+        let _ = rig_script(id, &env, &["down"]);
+        let out = rig_script(id, &env, &["up", &nodes.to_string()]);
         assert!(
             out.status.success(),
             "hack/rig.sh up: {}{}",
@@ -325,15 +382,69 @@ impl Rig {
             coordinator: TestCoordinator {
                 dir: None,
                 child: None,
-                address: format!("10.99.{id}.1:9620"),
+                address,
                 pki: PathBuf::from(format!("/etc/kite/rig{id}/pki")),
                 rig: Some(id),
+                rig_env: env.clone(),
             },
+            env,
         }
     }
 
+    /// What coordinator `j` of a highly available rig says of the leadership (None: it does
+    /// not answer within 2 s — dead or paused).
+    pub async fn leader_info(&self, j: u32) -> Option<kite_protocol::cluster::LeaderInfo> {
+        let ca = std::fs::read_to_string(self.coordinator.pki().join("ca.crt")).ok()?;
+        let address = Rig::coordinator_address(self.id, j);
+        let ask = async {
+            let channel = kite_protocol::cluster::connect(&address, &ca, None)
+                .await
+                .ok()?;
+            kite_protocol::cluster::coordinators_client::CoordinatorsClient::new(channel)
+                .leader(kite_protocol::cluster::LeaderRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The coordinator that leads (1-3), as the leader itself says.
+    pub async fn leader(&self) -> Option<u32> {
+        for j in 1..=3 {
+            if self.leader_info(j).await.is_some_and(|i| i.leading) {
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    /// Waits until a coordinator other than `not` leads; returns it.
+    pub async fn wait_leader(&self, not: Option<u32>, limit: Duration) -> u32 {
+        let start = Instant::now();
+        loop {
+            if let Some(j) = self.leader().await.filter(|j| Some(*j) != not) {
+                return j;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no coordinator (other than {not:?}) leads after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Coordinator `j`'s log.
+    pub fn coordinator_log(&self, j: u32) -> String {
+        std::fs::read_to_string(format!("/var/log/kite/rig{}/coordinator{j}.log", self.id))
+            .unwrap_or_default()
+    }
+
     pub fn run(&self, args: &[&str]) {
-        let out = rig_script(self.id, args);
+        let out = rig_script(self.id, &self.env, args);
         assert!(
             out.status.success(),
             "hack/rig.sh {args:?}: {}{}",
@@ -383,18 +494,12 @@ impl Rig {
         self.run(&["down"]);
         let id = self.id;
         self.id = 0;
-        let netns = crate::text(
-            &Command::new("ip")
-                .args(["netns", "list"])
-                .output()
-                .unwrap()
-                .stdout,
-        );
+        let netns = output_of("ip", &["netns", "list"]);
         assert!(
             !netns.contains(&format!("kite-r{id}-")),
             "namespaces left: {netns}"
         );
-        let links = crate::text(&Command::new("ip").args(["link"]).output().unwrap().stdout);
+        let links = output_of("ip", &["link"]);
         assert!(
             !links.contains(&format!("kiterig{id}")),
             "links left: {links}"
@@ -402,13 +507,7 @@ impl Rig {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         let prefix = format!("rig{id}/");
         assert!(!mounts.contains(&prefix), "mounts left: {mounts}");
-        let ps = crate::text(
-            &Command::new("ps")
-                .args(["-eo", "args"])
-                .output()
-                .unwrap()
-                .stdout,
-        );
+        let ps = output_of("ps", &["-eo", "args"]);
         assert!(
             !ps.lines().any(|l| l.contains(&format!("/rig{id}/"))),
             "processes left: {ps}"
@@ -419,7 +518,86 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         if self.id != 0 {
-            let _ = rig_script(self.id, &["down"]);
+            let _ = rig_script(self.id, &self.env, &["down"]);
+        }
+    }
+}
+
+const ETCD_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../hack/etcd.sh");
+
+/// An etcd cluster on loopback (hack/etcd.sh, Debian's etcd-server): members as processes of
+/// their own, stopped and their data removed when dropped.
+pub struct Etcd {
+    pub id: u32,
+    pub members: u32,
+}
+
+fn etcd_script(id: u32, args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg(ETCD_SCRIPT)
+        .args(args)
+        .env("ETCD_ID", id.to_string())
+        .output()
+        .expect("run hack/etcd.sh")
+}
+
+impl Etcd {
+    /// Cluster `id` (0-9; each test its own) of `members` members; one left by a failed run is
+    /// removed first.
+    pub fn up(id: u32, members: u32) -> Etcd {
+        let _ = etcd_script(id, &["down"]);
+        let etcd = Etcd { id, members };
+        etcd.run(&["up", &members.to_string()]);
+        etcd
+    }
+
+    pub fn run(&self, args: &[&str]) {
+        let out = etcd_script(self.id, args);
+        assert!(
+            out.status.success(),
+            "hack/etcd.sh {args:?}: {}{}",
+            crate::text(&out.stdout),
+            crate::text(&out.stderr)
+        );
+    }
+
+    pub fn endpoints(&self) -> String {
+        (1..=self.members)
+            .map(|m| format!("http://127.0.0.1:{}", 32000 + 100 * self.id + 10 * m))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs member `m` (its data stays).
+    pub fn stop(&self, m: u32) {
+        self.run(&["stop", &m.to_string()]);
+    }
+
+    pub fn start(&self, m: u32) {
+        self.run(&["start", &m.to_string()]);
+    }
+
+    /// Stops every member and checks none is left.
+    pub fn down(mut self) {
+        self.run(&["down"]);
+        let id = self.id;
+        self.members = 0;
+        let ps = output_of("ps", &["-eo", "args"]);
+        assert!(
+            !ps.lines().any(|l| l.contains(&format!("/etcd{id}/"))),
+            "etcd members left: {ps}"
+        );
+        assert!(
+            !Path::new(&format!("/var/lib/kite/etcd{id}")).exists(),
+            "etcd data left"
+        );
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if self.members != 0 {
+            let _ = etcd_script(self.id, &["down"]);
         }
     }
 }

@@ -458,17 +458,7 @@ async fn a_restarted_coordinator_finishes_the_rollout() {
     setup().await;
     let mut rig = Rig::up(3, 2);
     // Each batch takes seconds: the readiness probe starts 3 s after the container.
-    let v1 = web_app(
-        "slow",
-        "runc",
-        WEB_V1,
-        4,
-        "  strategy: {rollingUpdate: {maxUnavailable: 1}}\n",
-    )
-    .replace(
-        "periodSeconds: 1",
-        "periodSeconds: 1\n          initialDelaySeconds: 3",
-    );
+    let v1 = slow_web_app("slow", WEB_V1, 4);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &v1).unwrap();
     let path = file.path().to_str().unwrap();
