@@ -317,6 +317,10 @@ down() {
   # shellcheck disable=SC2046
   stop_daemons $(for j in $(seq "$NCOORD"); do coord_name "$j"; done) registry-fwd
   ip link del "$BR" 2>/dev/null || true
+  # The rig's state in etcd goes with it (the etcd itself is not the rig's).
+  if [ -n "$ETCD_ENDPOINTS" ]; then
+    ETCDCTL_API=3 etcdctl --endpoints "$ETCD_ENDPOINTS" --dial-timeout 2s del --prefix "/kite-rig$RIG" >/dev/null 2>&1 || true
+  fi
   rm -rf "$STATE" "$RUN" "$ETC"
 }
 

@@ -427,7 +427,31 @@ impl Cluster {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().expect("cluster lock")
+        match self.inner.try_lock() {
+            Ok(g) => return g,
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("cluster lock: {e}"),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        // Held, perhaps by a commit waiting for the store (seconds, when etcd is slow). On an
+        // async worker, the runtime hands the worker's other tasks (node links, their pings)
+        // to another thread while this one waits.
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
+            tokio::task::block_in_place(|| self.inner.lock().expect("cluster lock"))
+        } else {
+            self.inner.lock().expect("cluster lock")
+        }
+    }
+
+    /// The state, for a change asked through the API: only while this coordinator leads
+    /// (checked under the lock: the state is dropped under it when the leadership goes).
+    pub fn lock_leading(&self) -> Result<MutexGuard<'_, Inner>, ClusterError> {
+        let inner = self.lock();
+        if self.leadership.is_leading() {
+            Ok(inner)
+        } else {
+            Err(ClusterError::NotLeader)
+        }
     }
 
     /// Wakes the controllers and the watchers.
@@ -456,6 +480,15 @@ impl Cluster {
         let (pods, mut rest): (Vec<Op>, Vec<Op>) = ops
             .into_iter()
             .partition(|o| matches!(o, Op::PutPod(_) | Op::DeletePod(_)));
+        // A node's record (a drain's cordon) goes first: no replacement may land on it.
+        if rest.iter().any(|o| matches!(o, Op::PutNode(_))) {
+            let mut rev = self.commit_one(inner, std::mem::take(&mut rest))?;
+            let mut pods = pods.into_iter().peekable();
+            while pods.peek().is_some() {
+                rev = self.commit_one(inner, pods.by_ref().take(max).collect())?;
+            }
+            return Ok(rev);
+        }
         let mut pods = pods.into_iter().peekable();
         let mut rev = 0;
         while pods.peek().is_some() {
@@ -525,10 +558,19 @@ impl Cluster {
                 }
             }
         }
-        let rev = match self.store.commit(txn)? {
-            Commit::Done(rev) => rev,
-            Commit::Conflict { key, revision } => {
-                return Err(ClusterError::Conflict { key, revision })
+        let rev = match self.store.commit(txn) {
+            Ok(Commit::Done(rev)) => rev,
+            Ok(Commit::Conflict { key, revision }) => {
+                self.resync(inner);
+                return Err(ClusterError::Conflict { key, revision });
+            }
+            Err(StoreError::NotLeader { key }) => {
+                return Err(StoreError::NotLeader { key }.into());
+            }
+            Err(e) => {
+                // The write may or may not have been applied (an answer lost on the way).
+                self.resync(inner);
+                return Err(e.into());
             }
         };
         let mut woken = BTreeSet::new();
@@ -603,6 +645,32 @@ impl Cluster {
         }
         self.poke();
         Ok(rev)
+    }
+
+    /// Reads the desired state again when the cache's revisions may no longer be the store's
+    /// (a conflict, a write whose outcome is unknown), keeping what the nodes reported and
+    /// their links; every node's link then sends what changed.
+    fn resync(&self, inner: &mut Inner) {
+        let mut fresh = match Inner::read(self.store.as_ref()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %kite_protocol::errors::error_chain(&e), "read the state again after a failed write");
+                return;
+            }
+        };
+        for (name, entry) in fresh.nodes.iter_mut() {
+            if let Some(old) = inner.nodes.remove(name) {
+                entry.live = old.live;
+                entry.assigned = old.assigned;
+            }
+        }
+        fresh.bound_at = std::mem::take(&mut inner.bound_at);
+        fresh.next_link = inner.next_link;
+        *inner = fresh;
+        for e in inner.nodes.values() {
+            e.assigned.send_modify(|g| *g += 1);
+        }
+        self.poke();
     }
 
     /// A node's state now.
@@ -683,7 +751,7 @@ impl Cluster {
         let rx = entry.assigned.subscribe();
         drop(inner);
         if let Some(pods) = hello.pods {
-            self.report_pods(node, pods);
+            self.report_pods(node, Some(link), pods);
         }
         self.poke();
         Some((link, rx))
@@ -700,27 +768,44 @@ impl Cluster {
         self.poke();
     }
 
-    pub fn heartbeat(&self, node: &str) {
+    /// The node's entry, if `link` (when given) is still its link: what an old link (of an
+    /// earlier term, or replaced by a reconnection) still says is dropped.
+    fn linked<'a>(
+        inner: &'a mut Inner,
+        node: &str,
+        link: Option<u64>,
+    ) -> Option<&'a mut NodeEntry> {
+        inner
+            .nodes
+            .get_mut(node)
+            .filter(|e| link.is_none_or(|l| e.live.link == l))
+    }
+
+    pub fn heartbeat(&self, node: &str, link: u64) {
         let mut inner = self.lock();
-        if let Some(e) = inner.nodes.get_mut(node) {
+        if let Some(e) = Self::linked(&mut inner, node, Some(link)) {
             e.live.last_heartbeat = Some(Instant::now());
             e.live.last_heartbeat_ms = now_ms();
         }
     }
 
-    pub fn report_status(&self, node: &str, status: api::NodeStatus) {
+    pub fn report_status(&self, node: &str, link: u64, status: api::NodeStatus) {
         let mut inner = self.lock();
-        if let Some(e) = inner.nodes.get_mut(node) {
+        if let Some(e) = Self::linked(&mut inner, node, Some(link)) {
             e.live.status = status;
         }
     }
 
     /// A node's pods as it sees them. Only the node's own assignments count: a report of a
     /// pod assigned elsewhere is ignored.
-    pub fn report_pods(&self, node: &str, pods: api::PodReports) {
+    pub fn report_pods(&self, node: &str, link: Option<u64>, pods: api::PodReports) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let Some(entry) = inner.nodes.get_mut(node) else {
+        let Some(entry) = inner
+            .nodes
+            .get_mut(node)
+            .filter(|e| link.is_none_or(|l| e.live.link == l))
+        else {
             return;
         };
         if pods.full {
@@ -744,9 +829,9 @@ impl Cluster {
         self.poke();
     }
 
-    pub fn report_prefetch(&self, node: &str, report: api::PrefetchReport) {
+    pub fn report_prefetch(&self, node: &str, link: u64, report: api::PrefetchReport) {
         let mut inner = self.lock();
-        if let Some(e) = inner.nodes.get_mut(node) {
+        if let Some(e) = Self::linked(&mut inner, node, Some(link)) {
             e.live.prefetch.insert(report.image, report.state);
         }
         drop(inner);

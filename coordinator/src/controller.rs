@@ -634,6 +634,7 @@ mod tests {
             };
             c.report_pods(
                 &p.node,
+                None,
                 PodReports {
                     full: false,
                     pods: vec![report],

@@ -98,17 +98,19 @@ impl Leadership {
         self.role.send_replace(Role::Leading { term });
     }
 
-    /// Stops leading (or learns of another leader while following).
-    pub fn follow(&self, leader: Option<String>) {
+    /// Stops leading (the term's end: only the election loop calls it).
+    pub fn step_down(&self) {
+        self.role.send_replace(Role::Following { leader: None });
+    }
+
+    /// Learns who leads, while following. An observation never demotes a leader (a lagging
+    /// member may tell of an earlier term): only losing the lease ends a term.
+    pub fn observed(&self, leader: Option<String>) {
         self.role.send_if_modified(|r| {
             let next = Role::Following {
                 leader: leader.clone(),
             };
-            if *r == next {
-                return false;
-            }
-            // A leader's own observation of itself does not demote it.
-            if matches!(r, Role::Leading { .. }) && leader.as_deref() == Some(&self.me) {
+            if matches!(r, Role::Leading { .. }) || *r == next {
                 return false;
             }
             *r = next;
@@ -159,16 +161,69 @@ pub struct Term {
     pub lost: watch::Receiver<bool>,
     lease: i64,
     client: Client,
-    keeper: tokio::task::JoinHandle<()>,
+    _keeper: Keeper,
 }
 
 impl Term {
     /// Gives the leadership up: the lease goes, and with it the leader key, so another
     /// coordinator wins at once instead of after the lease's TTL.
     pub async fn resign(mut self) {
-        self.keeper.abort();
+        self._keeper.stop();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.lease_revoke(self.lease))
             .await;
+    }
+}
+
+/// The lease's keep-alive, on a thread and runtime of its own with its own connection: a
+/// coordinator whose async threads are busy (or blocked on its state's lock while etcd is slow)
+/// still renews its lease. Stopped when dropped (a campaign abandoned, a term over).
+struct Keeper(watch::Sender<bool>);
+
+impl Keeper {
+    fn start(
+        options: EtcdOptions,
+        lease: i64,
+        ttl: i64,
+        since: Instant,
+        leadership: Arc<Leadership>,
+        lost: watch::Sender<bool>,
+    ) -> Keeper {
+        let (stop_tx, mut stop) = watch::channel(false);
+        let spawned = std::thread::Builder::new()
+            .name("kite-lease".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "start the lease keeper's runtime");
+                        let _ = lost.send(true);
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = keep_alive(options, lease, ttl, since, leadership, &lost) => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "start the lease keeper's thread");
+        }
+        Keeper(stop_tx)
+    }
+
+    fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -208,7 +263,7 @@ impl Elector {
                 // The current leader first (observe only tells of changes from now on).
                 if let Ok(mut l) = client.leader(self.name.clone()).await {
                     if let Some(kv) = l.take_kv() {
-                        leadership.follow(Some(String::from_utf8_lossy(kv.value()).into_owned()));
+                        leadership.observed(Some(String::from_utf8_lossy(kv.value()).into_owned()));
                     }
                 }
                 let mut stream = client
@@ -221,7 +276,7 @@ impl Elector {
                     .map_err(self.error("observe the election"))?
                 {
                     if let Some(kv) = answer.take_kv() {
-                        leadership.follow(Some(String::from_utf8_lossy(kv.value()).into_owned()));
+                        leadership.observed(Some(String::from_utf8_lossy(kv.value()).into_owned()));
                     }
                 }
                 Ok::<(), StoreError>(())
@@ -244,25 +299,27 @@ impl Elector {
     pub async fn campaign(&self, leadership: &Arc<Leadership>) -> Result<Term, StoreError> {
         let mut client = self.options.connect().await?;
         let ttl = self.ttl_secs;
+        // The lease runs from no earlier than this (etcd starts it when the grant arrives).
+        let since = Instant::now();
         let lease = client
             .lease_grant(ttl, None)
             .await
             .map_err(self.error("grant the leadership lease"))?
             .id();
         let (lost_tx, lost) = watch::channel(false);
-        let keeper = tokio::spawn(keep_alive(
-            client.clone(),
+        let keeper = Keeper::start(
+            self.options.clone(),
             lease,
             ttl,
+            since,
             leadership.clone(),
             lost_tx,
-        ));
+        );
         let campaign = client.campaign(self.name.clone(), leadership.me.clone(), lease);
         let mut lost_while_waiting = lost.clone();
         let won = tokio::select! {
             won = campaign => won,
             _ = lost_while_waiting.wait_for(|l| *l) => {
-                keeper.abort();
                 return Err(StoreError::Etcd {
                     endpoints: self.options.endpoints_text(),
                     op: "campaign".into(),
@@ -273,8 +330,9 @@ impl Elector {
         let won = match won {
             Ok(w) => w,
             Err(e) => {
-                keeper.abort();
-                let _ = client.lease_revoke(lease).await;
+                drop(keeper);
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
                 return Err(self.error("campaign")(e));
             }
         };
@@ -293,42 +351,53 @@ impl Elector {
             lost,
             lease,
             client,
-            keeper,
+            _keeper: keeper,
         })
     }
 }
 
 /// Renews the lease every third of its TTL and moves the leadership's deadline; turns `lost`
-/// true when a renewal comes back expired, or none comes back before the deadline. A broken
-/// keep-alive stream (the etcd member it used died) is opened again, through another member,
-/// while there is time.
+/// true when a renewal comes back expired, or none comes back before the deadline. A renewal
+/// that takes longer than a third of the TTL, or a broken keep-alive stream (the etcd member it
+/// used died or hangs), opens the stream again, through another member, while there is time.
 async fn keep_alive(
-    mut client: Client,
+    options: EtcdOptions,
     lease: i64,
     ttl: i64,
+    since: Instant,
     leadership: Arc<Leadership>,
-    lost: watch::Sender<bool>,
+    lost: &watch::Sender<bool>,
 ) {
     let ttl_d = Duration::from_secs(u64::try_from(ttl).unwrap_or(10));
     // Stop acting a little before etcd would let the lease go (clocks and scheduling).
     let margin = (ttl_d / 10).max(Duration::from_millis(500));
-    let mut deadline = Instant::now() + ttl_d - margin;
+    let mut deadline = since + ttl_d - margin;
     leadership.set_deadline(deadline);
     let give_up = |why: String| {
         tracing::warn!(lease, reason = %why, "leadership lease lost");
         let _ = lost.send(true);
     };
+    let mut client = None;
     let mut stream = None;
     loop {
+        if Instant::now() >= deadline {
+            return give_up("no renewal before the lease's deadline".into());
+        }
         if stream.is_none() {
-            match tokio::time::timeout_at(deadline.into(), client.lease_keep_alive(lease)).await {
+            let opened = tokio::time::timeout_at(deadline.into(), async {
+                if client.is_none() {
+                    client = Some(options.connect().await.map_err(|e| e.to_string())?);
+                }
+                let c = client.as_mut().expect("connected");
+                c.lease_keep_alive(lease).await.map_err(|e| e.to_string())
+            })
+            .await;
+            match opened {
                 Ok(Ok(s)) => stream = Some(s),
                 Ok(Err(e)) => {
                     tracing::debug!(lease, error = %e, "open the lease's keep-alive stream");
+                    client = None;
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    if Instant::now() >= deadline {
-                        return give_up(format!("no keep-alive stream before the deadline: {e}"));
-                    }
                     continue;
                 }
                 Err(_) => return give_up("no keep-alive stream before the deadline".into()),
@@ -338,7 +407,8 @@ async fn keep_alive(
             continue;
         };
         let sent = Instant::now();
-        let renewed = tokio::time::timeout_at(deadline.into(), async {
+        let patience = (sent + ttl_d / 3).min(deadline);
+        let renewed = tokio::time::timeout_at(patience.into(), async {
             keeper.keep_alive().await?;
             answers.message().await
         })
@@ -350,13 +420,12 @@ async fn keep_alive(
                 leadership.set_deadline(deadline);
             }
             Ok(Ok(Some(_))) => return give_up("the lease expired".into()),
-            Ok(Ok(None)) | Ok(Err(_)) => {
-                // The member behind the stream went away: another one, soon.
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                // The member behind the stream went away or hangs: another one, soon.
                 stream = None;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            Err(_) => return give_up("no renewal before the lease's deadline".into()),
         }
         tokio::time::sleep(ttl_d / 3).await;
         // A process paused past its deadline wakes here: it has lost, whatever etcd says.

@@ -119,6 +119,11 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             (cluster, acting)
         }
         StoreKind::Etcd => {
+            if config.address.is_empty() && listen.ip().is_unspecified() {
+                bail!(
+                    "listen {listen} is every address: set `address` in [coordinator] to the host:port the other coordinators send clients to"
+                );
+            }
             let options = config.etcd.options();
             let endpoints = options.endpoints_text();
             let store = {
@@ -262,7 +267,7 @@ async fn lead(
             _ = stop.wait_for(|s| *s) => true,
         };
         // Acting stops first (the gate closes, commits are refused), then the state goes.
-        leadership.follow(None);
+        leadership.step_down();
         metrics.leader.set(0);
         let _ = term_stop_tx.send(true);
         let _ = controllers.await;

@@ -72,7 +72,7 @@ fn revisions_in_use(inner: &Inner, app: &str) -> std::collections::BTreeSet<u64>
 pub fn apply(cluster: &Cluster, manifest: &str) -> Result<api::App, ClusterError> {
     let spec: AppSpec = app::parse(manifest)
         .map_err(|e| ClusterError::Invalid(kite_protocol::errors::error_chain(&e)))?;
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     let key = spec.key();
     let record = match inner.apps.get(&key).map(|s| s.value.clone()) {
         None => AppRecord {
@@ -138,7 +138,7 @@ pub fn scale(
     name: &str,
     replicas: u32,
 ) -> Result<api::App, ClusterError> {
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     let mut app = app_of(&inner, namespace, name)?;
     let key = app.key();
     app.replicas = replicas;
@@ -155,7 +155,7 @@ pub fn undo(
     name: &str,
     to: u64,
 ) -> Result<api::App, ClusterError> {
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     let mut app = app_of(&inner, namespace, name)?;
     let key = app.key();
     let target = if to == 0 {
@@ -203,7 +203,7 @@ pub fn set_paused(
     name: &str,
     paused: bool,
 ) -> Result<api::App, ClusterError> {
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     let mut app = app_of(&inner, namespace, name)?;
     let key = app.key();
     if app.paused && !paused {
@@ -224,7 +224,7 @@ pub fn delete_app(
     namespace: &str,
     name: &str,
 ) -> Result<api::App, ClusterError> {
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     let app = app_of(&inner, namespace, name)?;
     let key = app.key();
     let view = app_view(cluster, &inner, &key).expect("exists");
@@ -243,7 +243,7 @@ pub fn set_schedulable(
     cordon: bool,
     drain: bool,
 ) -> Result<api::NodeInfo, ClusterError> {
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     let mut record = inner
         .nodes
         .get(node)
@@ -280,7 +280,7 @@ pub fn create_token(
         i64::try_from(ttl).unwrap_or(i64::MAX),
         description,
     );
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     cluster.commit(
         &mut inner,
         vec![Op::PutToken(
@@ -327,7 +327,7 @@ pub fn join(
             reason: e.to_string(),
         })?;
     record.check(&token, now_ms() / 1000)?;
-    let mut inner = cluster.lock();
+    let mut inner = cluster.lock_leading()?;
     if inner.nodes.contains_key(node) {
         return Err(JoinError::NameTaken(node.into()));
     }

@@ -213,7 +213,20 @@ impl NodeLink for NodeLinkService {
             let mut sent: Option<BTreeMap<String, Assignment>> = None;
             loop {
                 assigned.borrow_and_update();
-                let now = State::assignments_of(&cluster.lock(), &node_name);
+                let now = {
+                    let inner = cluster.lock();
+                    // The state this link was made for is gone (leadership lost, the node
+                    // reconnected): never send a difference computed from another state (it
+                    // would tell the node to remove every pod).
+                    if inner
+                        .nodes
+                        .get(&node_name)
+                        .is_none_or(|e| e.live.link != link)
+                    {
+                        break;
+                    }
+                    State::assignments_of(&inner, &node_name)
+                };
                 let message = match &sent {
                     None => Some(Assignments {
                         full: true,
@@ -249,13 +262,17 @@ impl NodeLink for NodeLinkService {
             loop {
                 match inbound.message().await {
                     Ok(Some(m)) => match m.msg {
-                        Some(node_message::Msg::Heartbeat(_)) => cluster.heartbeat(&name),
+                        Some(node_message::Msg::Heartbeat(_)) => cluster.heartbeat(&name, link),
                         Some(node_message::Msg::Status(s)) => {
-                            cluster.heartbeat(&name);
-                            cluster.report_status(&name, s)
+                            cluster.heartbeat(&name, link);
+                            cluster.report_status(&name, link, s)
                         }
-                        Some(node_message::Msg::Pods(p)) => cluster.report_pods(&name, p),
-                        Some(node_message::Msg::Prefetch(p)) => cluster.report_prefetch(&name, p),
+                        Some(node_message::Msg::Pods(p)) => {
+                            cluster.report_pods(&name, Some(link), p)
+                        }
+                        Some(node_message::Msg::Prefetch(p)) => {
+                            cluster.report_prefetch(&name, link, p)
+                        }
                         Some(node_message::Msg::Result(r)) => cluster.call_result(&name, r),
                         Some(node_message::Msg::Hello(_)) | None => {}
                     },
@@ -287,7 +304,7 @@ impl NodeLink for NodeLinkService {
                 )))
             }
         }
-        let inner = self.cluster.lock();
+        let inner = leading(&self.cluster)?;
         if !inner.nodes.contains_key(&asked) {
             return Err(Status::not_found(format!("node {asked}")));
         }
@@ -323,7 +340,51 @@ impl ClusterService {
     }
 }
 
+/// The state, if this coordinator still leads (a call let through the gate may find the
+/// leadership gone, and the state with it).
+fn leading(cluster: &State) -> Result<std::sync::MutexGuard<'_, crate::cluster::Inner>, Status> {
+    Ok(cluster.lock_leading()?)
+}
+
+/// Whether a change may be made again after it failed this way: a conflict (the cache was
+/// read again) or a store that did not answer in time (the write may or may not have been
+/// applied; the cache was read again).
+fn retryable(e: &ClusterError) -> bool {
+    matches!(
+        e,
+        ClusterError::Conflict { .. }
+            | ClusterError::Store(StoreError::Unavailable { .. } | StoreError::Etcd { .. })
+    )
+}
+
 impl ClusterService {
+    /// Runs an idempotent change (it sets a state: applying the same twice is applying it
+    /// once) off the async threads, and makes it again for up to 12 s when it failed for a
+    /// reason that may pass (an etcd election, a conflict with the controllers).
+    async fn idempotent<T: Send + 'static>(
+        &self,
+        f: impl Fn(&State) -> Result<T, ClusterError> + Send + Sync + 'static,
+    ) -> Result<Response<T>, Status> {
+        let f = Arc::new(f);
+        let started = std::time::Instant::now();
+        loop {
+            let (cluster, g) = (self.cluster.clone(), f.clone());
+            if !cluster.leadership.is_leading() {
+                return Err(ClusterError::NotLeader.into());
+            }
+            let r = tokio::task::spawn_blocking(move || g(&cluster))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            match r {
+                Err(e) if retryable(&e) && started.elapsed() < Duration::from_secs(12) => {
+                    tracing::debug!(error = %kite_protocol::errors::error_chain(&e), "a change failed; making it again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                r => return Ok(Response::new(r?)),
+            }
+        }
+    }
+
     async fn relay(
         &self,
         kind: &str,
@@ -359,7 +420,7 @@ impl ClusterApi for ClusterService {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<App>, Status> {
         let who = admin(&request)?;
         let manifest = request.into_inner().manifest;
-        let r = self.blocking(move |c| ops::apply(c, &manifest)).await;
+        let r = self.idempotent(move |c| ops::apply(c, &manifest)).await;
         if let Ok(app) = &r {
             tracing::info!(admin = %who, app = %format!("{}/{}", app.get_ref().namespace, app.get_ref().name), revision = app.get_ref().revision, "applied");
         }
@@ -369,7 +430,7 @@ impl ClusterApi for ClusterService {
     async fn get_app(&self, request: Request<AppRef>) -> Result<Response<App>, Status> {
         admin(&request)?;
         let (ns, name) = app_ref(Some(request.into_inner()))?;
-        let inner = self.cluster.lock();
+        let inner = leading(&self.cluster)?;
         ops::app_view(&self.cluster, &inner, &format!("{ns}/{name}"))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("app {ns}/{name}")))
@@ -381,7 +442,7 @@ impl ClusterApi for ClusterService {
     ) -> Result<Response<ListAppsResponse>, Status> {
         admin(&request)?;
         let ns = request.into_inner().namespace;
-        let inner = self.cluster.lock();
+        let inner = leading(&self.cluster)?;
         let apps = inner
             .apps
             .values()
@@ -401,7 +462,7 @@ impl ClusterApi for ClusterService {
         admin(&request)?;
         let r = request.into_inner();
         let (ns, name) = app_ref(r.app)?;
-        self.blocking(move |c| ops::scale(c, &ns, &name, r.replicas))
+        self.idempotent(move |c| ops::scale(c, &ns, &name, r.replicas))
             .await
     }
 
@@ -417,7 +478,7 @@ impl ClusterApi for ClusterService {
         admin(&request)?;
         let r = request.into_inner();
         let (ns, name) = app_ref(r.app)?;
-        self.blocking(move |c| ops::set_paused(c, &ns, &name, r.paused))
+        self.idempotent(move |c| ops::set_paused(c, &ns, &name, r.paused))
             .await
     }
 
@@ -465,7 +526,7 @@ impl ClusterApi for ClusterService {
     ) -> Result<Response<ListPodsResponse>, Status> {
         admin(&request)?;
         let r = request.into_inner();
-        let inner = self.cluster.lock();
+        let inner = leading(&self.cluster)?;
         Ok(Response::new(ListPodsResponse {
             pods: ops::pod_views(&inner, &r.namespace, &r.app),
         }))
@@ -476,7 +537,7 @@ impl ClusterApi for ClusterService {
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         admin(&request)?;
-        let inner = self.cluster.lock();
+        let inner = leading(&self.cluster)?;
         let nodes = inner
             .nodes
             .keys()
@@ -491,7 +552,7 @@ impl ClusterApi for ClusterService {
     ) -> Result<Response<NodeInfo>, Status> {
         admin(&request)?;
         let r = request.into_inner();
-        self.blocking(move |c| ops::set_schedulable(c, &r.node, r.cordon, r.drain))
+        self.idempotent(move |c| ops::set_schedulable(c, &r.node, r.cordon, r.drain))
             .await
     }
 

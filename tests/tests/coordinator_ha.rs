@@ -332,7 +332,9 @@ async fn three_coordinators_keep_the_cluster_through_the_loss_of_any_one_part() 
     assert!(!out.status.success(), "a scale without a quorum");
     let err = kite_e2e::text(&out.stderr);
     assert!(
-        err.contains("quorum") || err.contains("no coordinator leads") || err.contains("no leader"),
+        err.contains("quorum")
+            || err.contains("no coordinator leads")
+            || err.contains("does not lead"),
         "{err}"
     );
     for p in &pods {

@@ -143,20 +143,39 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// How soon a call that reached no working member is made again.
 const RETRY: Duration = Duration::from_millis(200);
 
-/// Whether a call failed without reaching a member that has a leader: a connection refused or
-/// broken, or a member without a leader (`--require-leader`: "no leader").
-fn unavailable(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => {
+/// Which failed calls are made again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads: any failure to reach a working member.
+    Reads,
+    /// Writes: only failures where the request surely reached no member that could apply it
+    /// (no connection, or a member without a leader, which refuses before proposing). A write
+    /// whose answer was lost may have been applied: that is the caller's to find out.
+    Unsent,
+}
+
+/// Whether a call failed without reaching a member that has a leader.
+fn unavailable(e: &etcd_client::Error, retry: Retry) -> bool {
+    let unsent = |message: &str| message.contains("connect error") || message.contains("no leader");
+    match (e, retry) {
+        (etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_), Retry::Reads) => {
+            true
+        }
+        (etcd_client::Error::TransportError(t), Retry::Unsent) => unsent(&t.to_string()),
+        (etcd_client::Error::GRpcStatus(s), Retry::Reads) => {
             s.code() == tonic::Code::Unavailable || s.message().contains("no leader")
         }
+        (etcd_client::Error::GRpcStatus(s), Retry::Unsent) => unsent(s.message()),
         _ => false,
     }
 }
 
-/// Keys per page when listing (a page is one response: etcd's and gRPC's message limits).
-const PAGE: i64 = 500;
+/// Keys per page when listing (a page is one response): an app's record holds its manifest
+/// and its revisions' templates (tens of KiB).
+const PAGE: i64 = 100;
+
+/// The largest answer taken from etcd (the client's default is 4 MiB).
+const MAX_ANSWER: usize = 64 << 20;
 
 impl EtcdStore {
     /// Connects (on the store's own runtime) and checks that etcd answers.
@@ -194,6 +213,12 @@ impl EtcdStore {
         Ok(store)
     }
 
+    fn kv(&self) -> etcd_client::KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_ANSWER)
+    }
+
     pub fn options(&self) -> &EtcdOptions {
         &self.options
     }
@@ -208,7 +233,7 @@ impl EtcdStore {
     /// request timeout. A call that did not reach a member with a leader (a member down, one
     /// cut off from the others) is made again until the timeout: such a call changed nothing,
     /// and another member may answer (a transaction is guarded besides).
-    fn run<T, F, Fut>(&self, op: &str, f: F) -> Result<T, StoreError>
+    fn run<T, F, Fut>(&self, op: &str, retry: Retry, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Fn() -> Fut + Send + 'static,
@@ -224,7 +249,7 @@ impl EtcdStore {
                 let mut last = None;
                 let answer = loop {
                     match tokio::time::timeout_at(deadline, f()).await {
-                        Ok(Err(e)) if unavailable(&e) => {
+                        Ok(Err(e)) if unavailable(&e, retry) => {
                             last = Some(e.to_string());
                             if tokio::time::Instant::now() + RETRY >= deadline {
                                 break Err(last);
@@ -259,8 +284,8 @@ impl EtcdStore {
         op: &str,
         key: Vec<u8>,
     ) -> Result<Option<etcd_client::KeyValue>, StoreError> {
-        let client = self.client.kv_client();
-        let mut answer = self.run(op, move || {
+        let client = self.kv();
+        let mut answer = self.run(op, Retry::Reads, move || {
             let (mut kv, key) = (client.clone(), key.clone());
             async move { kv.get(key, None).await }
         })?;
@@ -336,13 +361,13 @@ impl Store for EtcdStore {
         // Every page at the revision of the first: one consistent picture.
         let mut at = 0;
         loop {
-            let client = self.client.kv_client();
+            let client = self.kv();
             let options = GetOptions::new()
                 .with_range(end.clone())
                 .with_limit(PAGE)
                 .with_revision(at);
             let start = from.clone();
-            let mut answer = self.run(&format!("list {prefix}"), move || {
+            let mut answer = self.run(&format!("list {prefix}"), Retry::Reads, move || {
                 let (mut kv, start, options) = (client.clone(), start.clone(), options.clone());
                 async move { kv.get(start, Some(options)).await }
             })?;
@@ -397,8 +422,8 @@ impl Store for EtcdStore {
             ops.push(TxnOp::delete(self.options.full(k), None));
         }
         let request = EtcdTxn::new().when(compares).and_then(ops);
-        let client = self.client.kv_client();
-        let answer = self.run("commit", move || {
+        let client = self.kv();
+        let answer = self.run("commit", Retry::Unsent, move || {
             let (mut kv, request) = (client.clone(), request.clone());
             async move { kv.txn(request).await }
         })?;
@@ -410,9 +435,9 @@ impl Store for EtcdStore {
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
-        let client = self.client.kv_client();
+        let client = self.kv();
         let key = self.options.full("/").into_bytes();
-        let answer = self.run("read the revision", move || {
+        let answer = self.run("read the revision", Retry::Reads, move || {
             let (mut kv, key) = (client.clone(), key.clone());
             async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
         })?;
