@@ -170,9 +170,9 @@ fn unavailable(e: &etcd_client::Error, retry: Retry) -> bool {
     }
 }
 
-/// Keys per page when listing (a page is one response): an app's record holds its manifest
-/// and its revisions' templates (tens of KiB).
-const PAGE: i64 = 100;
+/// Keys per page when listing (a page is one response, within [`MAX_ANSWER`] even when every
+/// key is an app's record: its manifest and its revisions' templates, tens of KiB).
+const PAGE: i64 = 500;
 
 /// The largest answer taken from etcd (the client's default is 4 MiB).
 const MAX_ANSWER: usize = 64 << 20;
