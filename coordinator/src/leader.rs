@@ -245,14 +245,9 @@ impl Elector {
         }
     }
 
+    /// The store's own error for a failed etcd call (one shape for both).
     fn error(&self, op: &str) -> impl FnOnce(etcd_client::Error) -> StoreError {
-        let endpoints = self.options.endpoints_text();
-        let op = op.to_string();
-        move |source| StoreError::Etcd {
-            endpoints,
-            op,
-            source,
-        }
+        self.options.error(op.to_string())
     }
 
     /// Follows the election's leader (for the redirects followers answer with) until `stop`.
@@ -320,11 +315,9 @@ impl Elector {
         let won = tokio::select! {
             won = campaign => won,
             _ = lost_while_waiting.wait_for(|l| *l) => {
-                return Err(StoreError::Etcd {
-                    endpoints: self.options.endpoints_text(),
-                    op: "campaign".into(),
-                    source: etcd_client::Error::LeaseKeepAliveError("the lease was lost while waiting".into()),
-                });
+                return Err(self.error("campaign")(etcd_client::Error::LeaseKeepAliveError(
+                    "the lease was lost while waiting".into(),
+                )));
             }
         };
         let won = match won {
@@ -336,10 +329,10 @@ impl Elector {
                 return Err(self.error("campaign")(e));
             }
         };
-        let key = won.leader().cloned().ok_or_else(|| StoreError::Etcd {
-            endpoints: self.options.endpoints_text(),
-            op: "campaign".into(),
-            source: etcd_client::Error::ElectError("no leader key in the answer".into()),
+        let key = won.leader().cloned().ok_or_else(|| {
+            self.error("campaign")(etcd_client::Error::ElectError(
+                "no leader key in the answer".into(),
+            ))
         })?;
         let number = u64::try_from(key.rev()).unwrap_or(0);
         Ok(Term {

@@ -44,7 +44,10 @@ impl EtcdOptions {
         self.endpoints.join(",")
     }
 
-    fn error(&self, op: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> StoreError {
+    pub(crate) fn error(
+        &self,
+        op: impl Into<String>,
+    ) -> impl FnOnce(etcd_client::Error) -> StoreError {
         let endpoints = self.endpoints_text();
         let op = op.into();
         move |source| StoreError::Etcd {
