@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts (or restarts, or stops) kite-agent for machines without a service manager (hosts with
-# systemd use deploy/kite-agent.service); it logs to /var/log/kite/agent.log. Stopping the agent
+# systemd use deploy/systemd/kite-agent.service); it logs to /var/log/kite/agent.log. Stopping the agent
 # leaves its pods running: the next agent adopts them.
 #   hack/agent.sh start|restart|stop
 set -euo pipefail

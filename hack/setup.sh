@@ -33,7 +33,7 @@ fi
 
 # 3. kite: the shim on the host, the guest kernel and initrd.
 log "building kite"
-(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter -p kite-agent -p kitectl -p kite-coordinator)
+(cd "$here" && cargo build --release --locked -q -p kite-shim -p kite-snapshotter -p kite-agent -p kitectl -p kite-coordinator -p kite-deploy)
 install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
 install -m 0755 "$here/target/release/kitectl" /usr/local/bin/
 install -m 0755 "$here/target/release/kite-coordinator" /usr/local/bin/

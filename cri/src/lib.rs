@@ -300,6 +300,17 @@ impl CriClient {
         ))
     }
 
+    /// Status, verbose: the runtime's conditions and, in `info`, containerd's loaded CRI
+    /// configuration as JSON under `"config"` (what `crictl info` prints).
+    pub async fn status(&mut self) -> Result<StatusResponse, CriError> {
+        Ok(self
+            .runtime
+            .status(StatusRequest { verbose: true })
+            .await
+            .map_err(call("runtime status"))?
+            .into_inner())
+    }
+
     /// The pod sandboxes that carry every label of `labels` (all of them when empty).
     pub async fn list_pod_sandboxes(
         &mut self,

@@ -40,6 +40,14 @@ impl Cri {
         Cri { client }
     }
 
+    /// The CRI of another containerd (a node of the rig, the installer's target).
+    pub async fn connect_to(socket: &Path) -> Cri {
+        let client = CriClient::connect(socket)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Cri { client }
+    }
+
     pub async fn pull(&mut self, image: &str) -> Result<String, CriError> {
         self.client.pull_image(image).await
     }

@@ -300,6 +300,7 @@ pub mod agent;
 pub mod bench;
 pub mod cluster;
 pub mod cri;
+pub mod deploy;
 
 /// Runs `hack/snapshotter.sh ACTION` (start, restart, stop, stop-all); panics if it fails.
 pub fn snapshotter_script(action: &str) {
