@@ -112,7 +112,7 @@ impl Host {
     }
 
     pub fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {
-        let p = self.path(path);
+        let p = self.resolve_links(&self.path(path));
         match std::fs::read(&p) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -124,7 +124,7 @@ impl Host {
     /// existing file keeps its mode (an operator's 0600 config stays 0600); `mode` is for a new
     /// one.
     pub fn write(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<(), HostError> {
-        let p = self.path(path);
+        let p = self.resolve_links(&self.path(path));
         let mode = std::fs::metadata(&p)
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(mode);
@@ -142,6 +142,24 @@ impl Host {
         f.sync_all().map_err(file_error(&tmp))?;
         std::fs::rename(&tmp, &p).map_err(file_error(&p))?;
         Ok(())
+    }
+
+    /// `p` (a path under the root mount) with its symbolic links followed, each target read as
+    /// the host reads it: an operator's config.toml that links elsewhere stays a link, and its
+    /// target gets the new text.
+    fn resolve_links(&self, p: &Path) -> PathBuf {
+        let mut p = p.to_path_buf();
+        for _ in 0..8 {
+            let Ok(target) = std::fs::read_link(&p) else {
+                break;
+            };
+            p = if target.is_absolute() {
+                self.path(&target)
+            } else {
+                p.parent().unwrap_or(Path::new("/")).join(target)
+            };
+        }
+        p
     }
 
     /// Puts the host file back as `previous` says: its bytes, or no file.
@@ -407,6 +425,30 @@ mod tests {
         assert_eq!(
             Host::new("/").path(Path::new("/etc/x")),
             PathBuf::from("/etc/x")
+        );
+    }
+
+    #[test]
+    fn a_linked_file_stays_a_link_and_its_target_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Host::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("etc/containerd")).unwrap();
+        std::fs::write(dir.path().join("etc/containerd/real.toml"), "old").unwrap();
+        let link = dir.path().join("etc/containerd/config.toml");
+        // An absolute target, which means the host's path, not the installer's.
+        std::os::unix::fs::symlink("/etc/containerd/real.toml", &link).unwrap();
+        h.write(Path::new("/etc/containerd/config.toml"), b"new", 0o644)
+            .unwrap();
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        assert_eq!(
+            std::fs::read(dir.path().join("etc/containerd/real.toml")).unwrap(),
+            b"new"
+        );
+        assert_eq!(
+            h.read(Path::new("/etc/containerd/config.toml"))
+                .unwrap()
+                .unwrap(),
+            b"new"
         );
     }
 
