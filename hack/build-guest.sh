@@ -23,7 +23,10 @@ if [ ! -f "$kroot/boot/vmlinuz-$kver" ]; then
   depmod -b "$kroot" "$kver"
   rm -f "$work"/*.deb
 fi
-cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.new" && mv "$out/vmlinuz.new" "$out/vmlinuz"
+# Files are replaced only when they change: the warm pool's VMs were booted from the old ones
+# and stay valid while they are the same (kite-pool retires VMs made from other files).
+replace() { if cmp -s "$1" "$2"; then rm -f "$1"; else mv "$1" "$2"; fi; }
+cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.new" && replace "$out/vmlinuz.new" "$out/vmlinuz"
 
 # The agent, linked statically: the initrd has no libc.
 target=x86_64-unknown-linux-gnu
@@ -57,7 +60,9 @@ done | awk '!seen[$2]++' | while read -r group ko; do
   cp "$ko" "$stage/sysroot/lib/modules/$rel"
   echo "$group $rel" >> "$stage/sysroot/lib/modules/modules.load"
 done
+# Fixed times: the same files make the same initrd (and the warm pool's VMs stay valid).
+find "$stage" -mindepth 1 -exec touch -h -d @0 {} +
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out/initrd.img.new"
-mv "$out/initrd.img.new" "$out/initrd.img"
+replace "$out/initrd.img.new" "$out/initrd.img"
 echo "$kver" > "$out/kernel-release"
 echo "build-guest: $out/vmlinuz ($kver), $out/initrd.img ($(du -h "$out/initrd.img" | cut -f1))"

@@ -2,7 +2,7 @@
 # Installs and starts everything kite needs on a Debian 12 machine, as root. Idempotent.
 #   hack/setup.sh        packages, virtiofsd, guest kernel + initrd, kite binaries,
 #                        containerd (configured and started), kite-snapshotter, kite-agent,
-#                        local registry on 127.0.0.1:5000
+#                        kite-pool (the warm pool), local registry on 127.0.0.1:5000
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log() { echo "setup: $*"; }
@@ -37,6 +37,11 @@ log "building kite"
 install -m 0755 "$here/target/release/containerd-shim-kite-v2" /usr/local/bin/
 install -m 0755 "$here/target/release/kitectl" /usr/local/bin/
 install -m 0755 "$here/target/release/kite-coordinator" /usr/local/bin/
+# A new kite-pool takes over the ready VMs of the old one.
+if ! cmp -s "$here/target/release/kite-pool" /usr/local/bin/kite-pool; then
+  install -m 0755 "$here/target/release/kite-pool" /usr/local/bin/
+  "$here/hack/pool.sh" stop
+fi
 # A running agent keeps the old binary until it is restarted (its pods keep running).
 if ! cmp -s "$here/target/release/kite-agent" /usr/local/bin/kite-agent; then
   install -m 0755 "$here/target/release/kite-agent" /usr/local/bin/
@@ -55,7 +60,23 @@ if ! cmp -s "$here/target/release/kite-lazyfs" /usr/local/bin/kite-lazyfs; then
 fi
 "$here/hack/build-guest.sh" /var/lib/kite/guest
 mkdir -p /etc/kite /run/kite
-[ -f /etc/kite/kite.toml ] || install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml
+# kite.toml: installed when missing, and replaced by the current one while it is still a version
+# this script installed (any version of deploy/kite.toml in the history); an edited one is kept.
+installed_toml() {
+  [ -f /etc/kite/kite.toml ] || return 1
+  cmp -s "$here/deploy/kite.toml" /etc/kite/kite.toml && return 0
+  local c
+  for c in $(git -C "$here" log --format=%H -- deploy/kite.toml 2>/dev/null); do
+    git -C "$here" show "$c:deploy/kite.toml" 2>/dev/null | cmp -s - /etc/kite/kite.toml && return 0
+  done
+  return 1
+}
+if [ ! -f /etc/kite/kite.toml ] || installed_toml; then
+  cmp -s "$here/deploy/kite.toml" /etc/kite/kite.toml 2>/dev/null ||
+    install -m 0644 "$here/deploy/kite.toml" /etc/kite/kite.toml
+else
+  log "keeping /etc/kite/kite.toml (edited; the current defaults are in deploy/kite.toml)"
+fi
 install -m 0644 "$here/deploy/kite-macvtap.toml" /etc/kite/kite-macvtap.toml
 
 # 4. kite-snapshotter (containerd's proxy plugin `kite`), containerd with the kite runtime,
@@ -75,6 +96,8 @@ fi
 
 # The node agent beside containerd and the snapshotter (kitectl talks to it).
 "$here/hack/agent.sh" start
+# The warm pool ([shim.pool] in kite.toml): VMs booted ahead for kite pods to adopt.
+"$here/hack/pool.sh" start
 
 # 5. A local registry on 127.0.0.1:5000.
 if ! curl -fsS http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then

@@ -131,12 +131,8 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
         let registry = self.registry.lock().expect("metrics registry lock");
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-            tracing::warn!(error = %e, "encode the metrics");
-        }
-        out
+        kite_config::daemon::encode_metrics(&registry)
     }
 }
 
@@ -146,35 +142,7 @@ pub async fn serve(
     metrics: std::sync::Arc<Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_text(addr, move || metrics.render(), stop).await
-}
-
-/// Serves `GET /metrics` on `addr` with what `render` gives (OpenMetrics text) until `stop`
-/// completes: every kite daemon's endpoint.
-pub async fn serve_text(
-    addr: &str,
-    render: impl Fn() -> String + Clone + Send + Sync + 'static,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
+    kite_config::daemon::serve_metrics(addr, move || metrics.render(), stop).await
 }
 
 #[cfg(test)]

@@ -59,6 +59,46 @@ pub fn remove_socket(path: &Path, inode: Option<u64>) {
     }
 }
 
+/// Serves `GET /metrics` on `addr` with what `render` gives (OpenMetrics text) until `stop`
+/// completes: every kite daemon's endpoint.
+#[cfg(feature = "metrics")]
+pub async fn serve_metrics(
+    addr: &str,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// A registry's metrics in the text exposition format (an encoding failure is logged and
+/// gives what was encoded so far).
+#[cfg(feature = "metrics")]
+pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "encode the metrics");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,7 +159,7 @@ async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         let stop = stopped(stop_rx.clone());
         async move {
             let render = move || metrics.render();
-            if let Err(e) = kite_agent::metrics::serve_text(&metrics_addr, render, stop).await {
+            if let Err(e) = kite_config::daemon::serve_metrics(&metrics_addr, render, stop).await {
                 tracing::error!(address = %metrics_addr, error = %e, "metrics endpoint");
             }
         }

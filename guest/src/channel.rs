@@ -1,11 +1,10 @@
 //! The agent channel inside the guest: a virtio-serial port (or a vsock listener).
 //!
 //! A virtio-serial port is one byte stream, not a listener. ttrpc multiplexes requests over one
-//! connection, so the agent serves exactly one connection: the port itself. When the host side
-//! is not connected the port reads end-of-file; the port here turns that into "wait and read
-//! again", so a host that reconnects finds the agent still serving.
+//! connection, so the agent serves exactly one connection, which `init` pumps to and from the
+//! port (see `init::pump_serial_port`: a host that reconnects finds the agent still serving).
+//! [`FdStream`] makes the other descriptors the agent relays (pipes, pty masters) async.
 
-use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -14,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -50,13 +48,9 @@ pub fn wait_for_port(name: &str, timeout: Duration) -> io::Result<PathBuf> {
     }
 }
 
-/// A non-blocking descriptor (pipe end, pty master, virtio-serial port) as an async stream.
+/// A non-blocking descriptor (pipe end, pty master) as an async stream.
 pub struct FdStream {
     fd: AsyncFd<OwnedFd>,
-    /// A virtio-serial port reads end-of-file while the host is not connected: for the agent
-    /// channel that means "wait", not "done".
-    eof_is_idle: bool,
-    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl FdStream {
@@ -72,23 +66,7 @@ impl FdStream {
             // SAFETY: the OwnedFd is moved into the AsyncFd and stays open, the same descriptor,
             // until the AsyncFd is dropped.
             fd: unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?,
-            eof_is_idle: false,
-            idle: None,
         })
-    }
-
-    /// Opens the virtio-serial port at `path` as the agent channel.
-    pub fn open_serial_port(path: &Path) -> io::Result<Self> {
-        let fd = nix::fcntl::open(
-            path,
-            OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-            Mode::empty(),
-        )?;
-        // SAFETY: `open` returned a fresh descriptor that nothing else owns.
-        let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let mut stream = Self::new(owned)?;
-        stream.eof_is_idle = true;
-        Ok(stream)
     }
 
     pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
@@ -98,24 +76,14 @@ impl FdStream {
 
 impl AsyncRead for FdStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            if let Some(idle) = self.idle.as_mut() {
-                std::task::ready!(idle.as_mut().poll(cx));
-                self.idle = None;
-            }
-            let eof_is_idle = self.eof_is_idle;
             let mut guard = std::task::ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             match nix::unistd::read(guard.get_inner().as_raw_fd(), unfilled) {
-                Ok(0) if eof_is_idle => {
-                    guard.clear_ready();
-                    drop(guard);
-                    self.idle = Some(Box::pin(tokio::time::sleep(Duration::from_millis(20))));
-                }
                 Ok(n) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));

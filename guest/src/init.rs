@@ -8,7 +8,7 @@ use kite_protocol::agent::PingResponse;
 use tracing::{error, info, warn};
 
 use crate::boot;
-use crate::channel::{self, FdStream};
+use crate::channel;
 use crate::reaper::Reaper;
 use crate::service::AgentService;
 
@@ -35,17 +35,72 @@ impl Write for LogSink {
 /// serves on this unix socket and pumps the port's bytes to one connection to it.
 const INTERNAL_SOCKET: &str = "/run/kite/agent.sock";
 
-async fn pump_serial_port(path: std::path::PathBuf) {
+/// Pumps the agent port's bytes to and from one connection to the internal socket, on two
+/// threads with blocking I/O, for the VM's life. A blocking virtio-serial port behaves as the
+/// agent needs while the host is not connected (a pooled VM between the pool's holder and its
+/// pod, a restarting shim): reads return end-of-file (read again after a pause) and writes
+/// wait for the host to come back. tokio's readiness is not used here: it takes the port's
+/// hang-up while the host is away as final, and would then spin on the port after the host
+/// reconnects.
+fn pump_serial_port(path: std::path::PathBuf) {
     loop {
-        let pumped = async {
-            let mut port = FdStream::open_serial_port(&path)?;
-            let mut conn = tokio::net::UnixStream::connect(INTERNAL_SOCKET).await?;
-            tokio::io::copy_bidirectional(&mut port, &mut conn).await
+        if let Err(e) = pump_once(&path) {
+            error!("agent channel {}: {e}; reopening", path.display());
         }
-        .await;
-        error!("agent channel {}: {pumped:?}; reopening", path.display());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// One pumping session: returns when either side fails (both sides have stopped by then).
+fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let port = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)?;
+    let conn = std::os::unix::net::UnixStream::connect(INTERNAL_SOCKET)?;
+    let (mut port_in, mut port_out) = (port.try_clone()?, port);
+    let (mut conn_in, mut conn_out) = (conn.try_clone()?, conn.try_clone()?);
+    let host_to_agent = std::thread::Builder::new()
+        .name("agent-port-in".into())
+        .spawn(move || -> std::io::Result<()> {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match port_in.read(&mut buf) {
+                    // The host is not connected: wait for it.
+                    Ok(0) => std::thread::sleep(Duration::from_millis(20)),
+                    Ok(n) => conn_out.write_all(&buf[..n])?,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })?;
+    let mut buf = vec![0u8; 64 << 10];
+    let agent_to_host: std::io::Result<()> = loop {
+        match conn_in.read(&mut buf) {
+            Ok(0) => {
+                break Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the agent closed its connection",
+                ))
+            }
+            Ok(n) => {
+                if let Err(e) = port_out.write_all(&buf[..n]) {
+                    break Err(e);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    // The reader stops at its next write to the connection.
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    let host_side = host_to_agent
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the port reader panicked")));
+    agent_to_host.and(host_side)
 }
 
 /// Stops the VM: nothing runs after PID 1.
@@ -145,7 +200,10 @@ fn boot_and_serve(started_ns: u64, sink: LogSink) -> anyhow::Result<()> {
                 let server = server
                     .bind(&format!("unix://{INTERNAL_SOCKET}"))
                     .context("listen on the internal agent socket")?;
-                tokio::spawn(pump_serial_port(path));
+                std::thread::Builder::new()
+                    .name("agent-port".into())
+                    .spawn(move || pump_serial_port(path))
+                    .context("start the agent port's pump")?;
                 server
             }
             None => server

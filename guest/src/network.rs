@@ -153,9 +153,19 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
             reason,
         };
         let mac = parse_mac(&iface.mac)?;
-        let index = find_by_mac(&h, &mac)
-            .await?
-            .ok_or_else(|| ierr(format!("no NIC with this MAC within {NIC_WAIT:?}")))?;
+        // A VM booted before its pod has a NIC with a MAC of its own: found by that one, it
+        // takes the pod's below (virtio-net tells QEMU, whose receive filter follows).
+        let current_text = if iface.current_mac.is_empty() {
+            &iface.mac
+        } else {
+            &iface.current_mac
+        };
+        let current = parse_mac(current_text)?;
+        let index = find_by_mac(&h, &current).await?.ok_or_else(|| {
+            ierr(format!(
+                "no NIC with MAC {current_text} within {NIC_WAIT:?}"
+            ))
+        })?;
         // A link is renamed only while it is down.
         h.link()
             .set(LinkUnspec::new_with_index(index).down().build())
@@ -163,6 +173,9 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
             .await
             .map_err(|e| ierr(format!("down: {e}")))?;
         let mut set = LinkUnspec::new_with_index(index).name(iface.name.clone());
+        if current != mac {
+            set = set.address(mac.clone());
+        }
         if iface.mtu > 0 {
             set = set.mtu(iface.mtu);
         }

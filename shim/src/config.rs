@@ -49,6 +49,71 @@ pub struct ShimConfig {
     pub free_page_reporting: bool,
     /// Each container start's stages as a JSON line ("": none); rotated past 1 MiB.
     pub timings_file: PathBuf,
+    /// The warm pool: VMs booted before their pods (`[shim.pool]`).
+    pub pool: PoolConfig,
+}
+
+/// `[shim.pool]`: VMs kept booted (by `kite-pool`) for pods to adopt, so the VM's boot leaves
+/// a pod's start. A pod adopts a VM of exactly its size made from the same configuration and
+/// guest; any other pod, or any pod when none is ready, boots its own VM as without a pool.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// kite-pool keeps VMs booted and pods adopt them; off: kite-pool releases the pool.
+    pub enabled: bool,
+    /// VMs of the default size (`default_vcpus`, `default_memory_mib`) kept ready.
+    pub count: u32,
+    /// Further sizes (a pod whose limits make it this size adopts one).
+    pub classes: Vec<PoolClass>,
+    /// Where pooled VMs wait ("": `<state_dir>/.pool`); on the state_dir's filesystem, since a
+    /// pod takes a VM by renaming its directory.
+    pub dir: PathBuf,
+    /// The guest memory all pooled VMs (ready and booting) may have together (MiB).
+    pub memory_budget_mib: u64,
+    /// No VM is booted into the pool while the host has less memory available (MiB).
+    pub min_available_mib: u64,
+    /// After a pod took a VM the refill waits this long: the pod's start needs the CPU more.
+    pub refill_delay_ms: u64,
+    /// A pooled VM this old is replaced by a fresh one (0: never).
+    pub max_age_secs: u64,
+    /// The host cgroup idle pooled VMs run in ("": the holder's own); a pod's VM moves to the
+    /// pod's cgroup when adopted.
+    pub cgroup: String,
+    /// How long a pod's shim waits for a pooled VM's agent before it boots its own VM.
+    pub adopt_timeout_ms: u64,
+    /// kite-pool's Prometheus metrics (`GET /metrics`); "" for none.
+    pub metrics_addr: String,
+    /// kite-pool's log filter (tracing `EnvFilter` syntax).
+    pub log_level: String,
+}
+
+/// A size of pooled VM, and how many of it are kept ready.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolClass {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub count: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: false,
+            count: 2,
+            classes: Vec::new(),
+            dir: PathBuf::new(),
+            memory_budget_mib: 2048,
+            min_available_mib: 1024,
+            refill_delay_ms: 1000,
+            max_age_secs: 3600,
+            cgroup: "/kite-pool".into(),
+            adopt_timeout_ms: 5000,
+            metrics_addr: "127.0.0.1:9613".into(),
+            // libcgroups warns of every v1 controller the host lacks, on every VM it places.
+            log_level: "info,libcgroups=error".into(),
+        }
+    }
 }
 
 impl Default for ShimConfig {
@@ -74,6 +139,7 @@ impl Default for ShimConfig {
             network_mode: NetworkMode::Tc,
             free_page_reporting: true,
             timings_file: "/run/kite/timings.jsonl".into(),
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -81,6 +147,28 @@ impl Default for ShimConfig {
 impl ShimConfig {
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    /// Where pooled VMs wait.
+    pub fn pool_dir(&self) -> PathBuf {
+        if self.pool.dir.as_os_str().is_empty() {
+            self.state_dir.join(".pool")
+        } else {
+            self.pool.dir.clone()
+        }
+    }
+
+    /// The pool's sizes and how many VMs of each are kept: the default size first.
+    pub fn pool_classes(&self) -> Vec<PoolClass> {
+        let default = PoolClass {
+            vcpus: self.default_vcpus,
+            memory_mib: self.default_memory_mib,
+            count: self.pool.count,
+        };
+        std::iter::once(default)
+            .chain(self.pool.classes.iter().copied())
+            .filter(|c| c.count > 0)
+            .collect()
     }
 
     /// The parts of the configuration the VM layer reads.
@@ -193,6 +281,23 @@ impl ShimConfig {
         if self.boot_timeout_secs == 0 {
             return invalid("boot_timeout_secs", "must be at least 1");
         }
+        for class in &self.pool.classes {
+            if class.vcpus == 0 || class.vcpus > self.max_vcpus {
+                return invalid("pool.classes.vcpus", "must be between 1 and max_vcpus");
+            }
+            if class.memory_mib < 64 || class.memory_mib > self.max_memory_mib {
+                return invalid(
+                    "pool.classes.memory_mib",
+                    "must be between 64 and max_memory_mib",
+                );
+            }
+        }
+        if self.pool.enabled && !self.pool_dir().starts_with(&self.state_dir) {
+            return invalid(
+                "pool.dir",
+                "must be under state_dir (a pod takes a pooled VM by renaming its directory)",
+            );
+        }
         Ok(())
     }
 }
@@ -275,6 +380,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("default_vcpus"), "{err}");
+    }
+
+    #[test]
+    fn the_pool_is_a_sub_table_with_the_default_size_first() {
+        let text = r#"
+            [shim]
+            default_memory_mib = 384
+            [shim.pool]
+            enabled = true
+            count = 1
+            [[shim.pool.classes]]
+            vcpus = 2
+            memory_mib = 1024
+            count = 3
+        "#;
+        let c = ShimConfig::from_toml(text, Path::new("/k.toml")).unwrap();
+        assert!(c.pool.enabled);
+        assert_eq!(c.pool_dir(), Path::new("/run/kite/sandboxes/.pool"));
+        let classes: Vec<_> = c
+            .pool_classes()
+            .iter()
+            .map(|k| (k.vcpus, k.memory_mib, k.count))
+            .collect();
+        assert_eq!(classes, vec![(1, 384, 1), (2, 1024, 3)]);
+        let outside = "[shim.pool]\nenabled = true\ndir = \"/tmp/pool\"";
+        let err = ShimConfig::from_toml(outside, Path::new("/k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pool.dir"), "{err}");
+        let typo = "[shim.pool]\ncuont = 1";
+        assert!(ShimConfig::from_toml(typo, Path::new("/k.toml")).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod io;
+pub mod pool;
 pub mod rootfs;
 pub mod sandbox;
 pub mod shim;

@@ -192,7 +192,7 @@ fn wait_for_stopped(id: &str, limit: Duration) -> bool {
     false
 }
 
-fn processes_mentioning(needle: &str) -> Vec<String> {
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
@@ -212,11 +212,47 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-/// What a sandbox `id` left behind: processes (QEMU, virtiofsd, shim), mounts, state.
+/// The directory a pooled VM's processes name (`<STATE_DIR>/.pool…/<vm>`), from a command line.
+fn pool_origin_in(cmdline: &str) -> Option<String> {
+    let start = cmdline.find(&format!("{STATE_DIR}/.pool"))?;
+    let rest = &cmdline[start + STATE_DIR.len() + 1..];
+    let mut parts = rest.splitn(3, '/');
+    let (pool, vm) = (parts.next()?, parts.next()?);
+    let vm = vm.split(|c: char| c.is_whitespace() || c == ',').next()?;
+    Some(format!("{STATE_DIR}/{pool}/{vm}"))
+}
+
+/// Processes of VMs booted for a warm pool that no pool offers any more and no sandbox adopted
+/// (by its `vm.json`'s origin): what a pod that adopted a pooled VM would leak.
+pub fn orphaned_pool_vms() -> Vec<String> {
+    let mut known = std::collections::HashSet::new();
+    for e in std::fs::read_dir(STATE_DIR).into_iter().flatten().flatten() {
+        let path = e.path();
+        if e.file_name().to_string_lossy().starts_with(".pool") {
+            for vm in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                known.insert(vm.path().display().to_string());
+            }
+        } else if let Ok(text) = std::fs::read_to_string(path.join("vm.json")) {
+            let state: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if let Some(origin) = state.get("origin").and_then(|o| o.as_str()) {
+                known.insert(origin.to_string());
+            }
+        }
+    }
+    processes_mentioning(&format!("{STATE_DIR}/.pool"))
+        .into_iter()
+        .filter(|p| pool_origin_in(p).is_some_and(|o| !known.contains(&o)))
+        .map(|p| format!("orphaned pooled VM process {p}"))
+        .collect()
+}
+
+/// What a sandbox `id` left behind: processes (QEMU, virtiofsd, shim), mounts, state; and
+/// pooled VMs nobody holds (a sandbox may have adopted one).
 pub fn leftovers(id: &str) -> Vec<String> {
     let dir: PathBuf = Path::new(STATE_DIR).join(id);
     let marker = dir.display().to_string();
     let mut left = processes_mentioning(&marker);
+    left.extend(orphaned_pool_vms());
     left.extend(
         processes_mentioning(&format!("-id {id} "))
             .into_iter()
@@ -367,5 +403,21 @@ impl RegistryProcess {
 impl Drop for RegistryProcess {
     fn drop(&mut self) {
         self.down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_pooled_vms_directory_is_read_from_its_command_line() {
+        let cmd = "/usr/bin/qemu-system-x86_64 -name kite-pool-ab -qmp unix:/run/kite/sandboxes/.pool/ab12cd34/qmp.sock,server=on";
+        assert_eq!(
+            super::pool_origin_in(cmd).as_deref(),
+            Some("/run/kite/sandboxes/.pool/ab12cd34")
+        );
+        assert_eq!(
+            super::pool_origin_in("/usr/bin/qemu-system-x86_64 -name kite-x"),
+            None
+        );
     }
 }

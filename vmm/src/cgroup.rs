@@ -57,6 +57,12 @@ pub fn place(vm_dir: &Path, path: &str, pids: &[u32]) -> Result<(), CgroupError>
         path: record.clone(),
         source,
     })?;
+    join(path, pids)
+}
+
+/// Moves `pids` into the cgroup at `path` (made if missing) without recording it anywhere: a
+/// cgroup many VMs share (the warm pool's), which no VM's release removes.
+pub fn join(path: &str, pids: &[u32]) -> Result<(), CgroupError> {
     let manager = manager(path)?;
     for pid in pids {
         let raw = i32::try_from(*pid).unwrap_or(i32::MAX);

@@ -11,12 +11,16 @@
 //!    [`net`]), placed in a host cgroup, up to the guest agent's first answer;
 //! 3. [`RunningVm`]: the agent client, the VM's exit, [`RunningVm::stop`].
 //!
+//! A VM started with [`Lifetime::Pooled`] has no pod yet: it outlives the process that booted it
+//! and waits in the warm pool ([`pool`]) until a pod's shim claims its directory and
+//! [`RunningVm::adopt`]s it, then attaches the pod's network ([`net::attach_pooled`]).
+//!
 //! Everything a VM holds is recorded in its directory (pid files, `vm.json`, `network.json`,
 //! `cgroup`), so [`cleanup_vm_dir`] releases it after a crash, and a later owner can read
 //! [`VmState`] to adopt a running VM.
 //!
 //! Modules: [`accel`] (KVM or TCG), [`qemu`] (command line, process), [`virtiofsd`], [`qmp`],
-//! [`net`] (the pod's NICs: tap + tc, macvtap, VFIO), [`passthrough`] (VFIO binding),
+//! [`net`] (the pod's NICs: tap + tc, macvtap, VFIO), [`passthrough`] (VFIO binding), [`pool`],
 //! [`cgroup`], [`mounts`], [`machine`] (the phases).
 
 pub mod accel;
@@ -26,6 +30,7 @@ pub mod machine;
 pub mod mounts;
 pub mod net;
 pub mod passthrough;
+pub mod pool;
 pub mod qemu;
 pub mod qmp;
 pub mod virtiofsd;
@@ -37,7 +42,9 @@ pub use kite_protocol::rpc_context;
 
 pub use accel::Accelerator;
 pub use config::{AcceleratorChoice, ChannelChoice, MachineType, NetworkMode, VmConfig, VmSize};
-pub use machine::{cleanup_vm_dir, PreparedVm, RunningVm, VmState, VmTiming};
+pub use machine::{
+    cleanup_vm_dir, processes_alive, Lifetime, PreparedVm, RunningVm, VmState, VmTiming,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -3,7 +3,7 @@
 //! dropped on an error path releases everything started so far (processes, cgroup, pod network,
 //! mounts, the directory), and [`RunningVm::stop`] does so on purpose.
 
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,18 @@ pub struct VmTiming {
     pub guest_agent: Duration,
 }
 
+/// Who a VM belongs to while it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lifetime {
+    /// The process that starts it (a pod's shim): QEMU and virtiofsd die with it, and QEMU
+    /// dials the agent socket it listens on.
+    #[default]
+    Owned,
+    /// A warm pool's VM: it outlives the process that started it (the pool's holder may
+    /// restart), and QEMU listens on the agent socket for whoever adopts the VM.
+    Pooled,
+}
+
 /// What a running VM is, recorded in its directory (`vm.json`) for a later owner: the shim
 /// after a restart, or the pod that adopts a pooled VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,10 +60,23 @@ pub struct VmState {
     pub virtiofsd_pid: u32,
     pub nics: Vec<AttachedNic>,
     pub kernel_release: String,
+    /// The directory the VM was started in, when it has moved since (a pooled VM adopted by
+    /// its pod): its processes' command lines name this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<PathBuf>,
 }
 
 impl VmState {
     pub const FILE: &'static str = "vm.json";
+
+    fn save(&self, dir: &Path) -> Result<(), VmError> {
+        let path = dir.join(Self::FILE);
+        let temporary = dir.join(".vm.json.tmp");
+        let bytes = serde_json::to_vec(self).expect("the VM state serializes");
+        std::fs::write(&temporary, bytes)
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(VmError::fs(&self.id, "record the VM state in", &path))
+    }
 
     /// Reads the state a running VM recorded in `dir`.
     pub fn load(dir: &Path) -> Result<VmState, std::io::Error> {
@@ -96,13 +121,19 @@ pub struct PreparedVm {
     accelerator: Accelerator,
     virtiofsd_pid: u32,
     virtiofsd_time: Duration,
+    lifetime: Lifetime,
     guard: DirGuard,
 }
 
 impl PreparedVm {
     /// Makes `dir` (with `share/`, a shared mount so that what is mounted into it later reaches
     /// virtiofsd's own mount namespace) and starts virtiofsd on the share.
-    pub async fn prepare(config: &VmConfig, id: &str, dir: &Path) -> Result<PreparedVm, VmError> {
+    pub async fn prepare(
+        config: &VmConfig,
+        id: &str,
+        dir: &Path,
+        lifetime: Lifetime,
+    ) -> Result<PreparedVm, VmError> {
         let fs_err = |op, path: &Path| VmError::fs(id, op, path);
         let accelerator = accel::choose_accelerator(config.accelerator)?;
         let share = dir.join("share");
@@ -128,7 +159,8 @@ impl PreparedVm {
         let started = Instant::now();
         let socket = dir.join("virtiofsd.sock");
         let log = dir.join("virtiofsd.log");
-        let child = virtiofsd::spawn(config, id, &socket, &share, &log)?;
+        let owned = lifetime == Lifetime::Owned;
+        let child = virtiofsd::spawn(config, id, &socket, &share, &log, owned)?;
         // Only a child that was waited for has no pid.
         let virtiofsd_pid = child.id().expect("a child just spawned has a pid");
         std::fs::write(dir.join("virtiofsd.pid"), virtiofsd_pid.to_string())
@@ -153,6 +185,7 @@ impl PreparedVm {
             accelerator,
             virtiofsd_pid,
             virtiofsd_time: started.elapsed(),
+            lifetime,
             guard,
         })
     }
@@ -167,7 +200,8 @@ impl PreparedVm {
     }
 
     /// Phase two: QEMU with `nics` (the tap descriptors in `tap_fds`, in the order of the tap
-    /// and macvtap entries), its processes placed in the host cgroup `cgroup`, up to the guest
+    /// and macvtap entries), its processes placed in the host cgroup `cgroup` (a pooled VM's:
+    /// the pool's, joined but not recorded as the VM's), up to the guest
     /// agent's first answer within the boot timeout. On failure everything is released.
     pub async fn start(
         self,
@@ -178,15 +212,30 @@ impl PreparedVm {
     ) -> Result<RunningVm, VmError> {
         let id = self.id.clone();
         let dir = self.dir.clone();
-        let channel = qemu::choose_channel(self.config.agent_channel, std::process::id())?;
+        let pooled = self.lifetime == Lifetime::Pooled;
+        // A vsock CID must be unique on the host: a shim's pid is, while the shim lives; a
+        // pooled VM outlives the holder's pid, so it draws one from a range of its own.
+        let cid_base = if pooled {
+            POOLED_CID_BASE + random_u32() % POOLED_CID_RANGE
+        } else {
+            std::process::id()
+        };
+        let channel = qemu::choose_channel(self.config.agent_channel, cid_base)?;
         let agent_socket = dir.join("agent.sock");
-        let (channel, listener) = match channel {
+        let (channel, endpoint) = match channel {
+            AgentChannel::Serial(_) if pooled => (
+                AgentChannel::Serial(agent_socket.clone()),
+                AgentEndpoint::Dial(agent_socket),
+            ),
             AgentChannel::Serial(_) => {
                 let listener = tokio::net::UnixListener::bind(&agent_socket)
                     .map_err(VmError::fs(&id, "listen on", &agent_socket))?;
-                (AgentChannel::Serial(agent_socket), Some(listener))
+                (
+                    AgentChannel::Serial(agent_socket),
+                    AgentEndpoint::Accept(listener),
+                )
             }
-            vsock => (vsock, None),
+            AgentChannel::Vsock(cid) => (AgentChannel::Vsock(cid), AgentEndpoint::Vsock(cid)),
         };
         let spec = VmSpec {
             vm_id: id.clone(),
@@ -202,6 +251,7 @@ impl PreparedVm {
             ),
             qemu_sandbox: self.config.qemu_sandbox,
             channel: channel.clone(),
+            agent_listens: pooled,
             virtiofs_socket: dir.join("virtiofsd.sock"),
             qmp_socket: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
@@ -212,7 +262,7 @@ impl PreparedVm {
             tap_fds: tap_fds.iter().map(AsRawFd::as_raw_fd).collect(),
         };
         let started = Instant::now();
-        let mut child = qemu::spawn(&self.config, &spec)?;
+        let mut child = qemu::spawn(&self.config, &spec, !pooled)?;
         // QEMU holds the taps now; they go when it goes.
         drop(tap_fds);
         let qemu_pid = child.id().expect("a child just spawned has a pid");
@@ -230,23 +280,29 @@ impl PreparedVm {
         let (exited_tx, vm_exited) = watch::channel(false);
         spawn_reaper(child, exited_tx);
         if let Some(path) = cgroup {
-            cgroup::place(&dir, path, &[qemu_pid, self.virtiofsd_pid]).map_err(|source| {
-                VmError::Cgroup {
-                    vm: id.clone(),
-                    path: path.to_string(),
-                    source,
-                }
+            let pids = [qemu_pid, self.virtiofsd_pid];
+            // A pooled VM's cgroup is the pool's, shared by its VMs: joined, not recorded (its
+            // release must not remove it). What the VM touches until a pod adopts it is
+            // charged there (see `RunningVm::place`).
+            let placed = if pooled {
+                cgroup::join(path, &pids)
+            } else {
+                cgroup::place(&dir, path, &pids)
+            };
+            placed.map_err(|source| VmError::Cgroup {
+                vm: id.clone(),
+                path: path.to_string(),
+                source,
             })?;
         }
         let connected = connect_agent(
-            listener,
-            &channel,
+            endpoint,
             vm_exited.clone(),
             self.config.boot_timeout,
             &stderr,
         )
         .await;
-        let (agent, ping) = connected.map_err(|cause| VmError::Boot {
+        let (agent, ping, connection) = connected.map_err(|cause| VmError::Boot {
             vm: id.clone(),
             console: format!(
                 "{}{}",
@@ -273,14 +329,11 @@ impl PreparedVm {
             virtiofsd_pid: self.virtiofsd_pid,
             nics,
             kernel_release: ping.kernel_release.clone(),
+            // A pooled VM's directory moves when a pod claims it; its processes keep naming
+            // this one.
+            origin: pooled.then(|| dir.clone()),
         };
-        let state_path = dir.join(VmState::FILE);
-        let bytes = serde_json::to_vec(&state).expect("the VM state serializes");
-        std::fs::write(&state_path, bytes).map_err(VmError::fs(
-            &id,
-            "record the VM state in",
-            &state_path,
-        ))?;
+        state.save(&dir)?;
         info!(
             sandbox = %id,
             accel = self.accelerator.name(),
@@ -297,6 +350,7 @@ impl PreparedVm {
             share: self.share,
             timing,
             agent,
+            connection,
             vm_exited,
             guard: self.guard,
         })
@@ -314,6 +368,8 @@ pub struct RunningVm {
     share: PathBuf,
     timing: VmTiming,
     agent: AgentClient,
+    /// The agent connection's socket, when this process dialled it (a pooled VM).
+    connection: Option<OwnedFd>,
     vm_exited: watch::Receiver<bool>,
     guard: DirGuard,
 }
@@ -343,6 +399,110 @@ impl RunningVm {
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.state.qemu_pid
+    }
+
+    /// Whether this VM was booted for the pool (and, in a pod's shim, adopted).
+    pub fn adopted(&self) -> bool {
+        self.state.origin.is_some()
+    }
+
+    /// Adopts the pooled VM that was moved to `dir` (its state, `vm.json`, says where it was
+    /// started): checks that its QEMU and virtiofsd still run, watches QEMU's exit, connects to
+    /// its agent and takes its first answer within `timeout`, and records the VM as `id`'s.
+    /// On failure everything in `dir` is released.
+    pub async fn adopt(id: &str, dir: &Path, timeout: Duration) -> Result<RunningVm, VmError> {
+        let started = Instant::now();
+        let guard = DirGuard::new(dir);
+        let mut state = VmState::load(dir).map_err(VmError::fs(id, "read the VM state in", dir))?;
+        let origin = state.origin.clone().unwrap_or_else(|| dir.to_path_buf());
+        let gone = |what: &'static str, detail: String| VmError::NotReady {
+            vm: id.to_string(),
+            what,
+            detail,
+        };
+        let vm_exited = watch_exit(state.qemu_pid).map_err(|e| {
+            gone(
+                "the pooled VM",
+                format!("QEMU (pid {}): {e}", state.qemu_pid),
+            )
+        })?;
+        for (what, pid) in [("QEMU", state.qemu_pid), ("virtiofsd", state.virtiofsd_pid)] {
+            let raw = i32::try_from(pid).unwrap_or(0);
+            if !process_mentions(raw, &marker(&origin)) {
+                return Err(gone("the pooled VM", format!("{what} (pid {pid}) is gone")));
+            }
+        }
+        let endpoint = match &state.channel {
+            AgentChannel::Serial(_) => AgentEndpoint::Dial(dir.join("agent.sock")),
+            AgentChannel::Vsock(cid) => AgentEndpoint::Vsock(*cid),
+        };
+        let none = Mutex::new(String::new());
+        let (agent, ping, connection) = connect_agent(endpoint, vm_exited.clone(), timeout, &none)
+            .await
+            .map_err(|cause| VmError::Boot {
+                vm: id.to_string(),
+                console: tail(&dir.join("guest.log"), 800),
+                cause: Box::new(cause),
+            })?;
+        if let AgentChannel::Serial(path) = &mut state.channel {
+            *path = dir.join("agent.sock");
+        }
+        state.id = id.to_string();
+        state.origin = Some(origin);
+        state.kernel_release = ping.kernel_release;
+        state.save(dir)?;
+        let timing = VmTiming {
+            vm_to_agent: started.elapsed(),
+            ..VmTiming::default()
+        };
+        info!(sandbox = %id, adopt_ms = millis(timing.vm_to_agent), "pooled VM adopted");
+        Ok(RunningVm {
+            state,
+            dir: dir.to_path_buf(),
+            share: dir.join("share"),
+            timing,
+            agent,
+            connection,
+            vm_exited,
+            guard,
+        })
+    }
+
+    /// Hands a VM booted with [`Lifetime::Pooled`] over to the pool: its agent connection
+    /// closes (QEMU listens again for the adopter) and nothing is released when it goes;
+    /// returns its directory.
+    pub fn into_pool(self) -> PathBuf {
+        self.guard.disarm();
+        // The ttrpc client's tasks may hold the socket a while after the client is dropped;
+        // QEMU serves one connection at a time, so the adopter would wait for that.
+        if let Some(fd) = &self.connection {
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        self.dir.clone()
+    }
+
+    /// Moves the VM's processes into the host cgroup `path` (recorded in its directory): an
+    /// adopted VM into its pod's. What the VM allocates from then on is charged there; the
+    /// memory it touched before stays charged to the cgroup it was touched in (the pool's):
+    /// cgroup v2 never moves charges, and v1's `memory.move_charge_at_immigrate` is gone from
+    /// current kernels (6.18 refuses it).
+    pub fn place(&self, path: &str) -> Result<(), VmError> {
+        cgroup::place(
+            &self.dir,
+            path,
+            &[self.state.qemu_pid, self.state.virtiofsd_pid],
+        )
+        .map_err(|source| VmError::Cgroup {
+            vm: self.state.id.clone(),
+            path: path.to_string(),
+            source,
+        })
+    }
+
+    /// Records the NICs the VM's pod attached (after an adoption).
+    pub fn record_nics(&mut self, nics: Vec<AttachedNic>) -> Result<(), VmError> {
+        self.state.nics = nics;
+        self.state.save(&self.dir)
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -375,8 +535,9 @@ impl RunningVm {
         {
             warn!(sandbox = %self.id(), "QEMU did not quit: killing it");
         }
+        let origin = self.state.origin.as_deref().unwrap_or(&self.dir);
         for pid in [self.state.qemu_pid, self.state.virtiofsd_pid] {
-            kill_if_ours(&self.dir, pid);
+            kill_if_ours(origin, pid);
         }
         let _ = tokio::time::timeout(Duration::from_secs(3), exited.wait_for(|e| *e)).await;
         // The blocking clean-up runs to its end even if this call is cancelled: the guard's
@@ -388,18 +549,27 @@ impl RunningVm {
     }
 }
 
-/// The mark of a VM's processes: their command lines name files in its directory.
-fn marker(dir: &Path) -> String {
-    format!("{}/", dir.display())
+/// The mark of a VM's processes: their command lines name files in the directory it was
+/// started in.
+fn marker(origin: &Path) -> String {
+    format!("{}/", origin.display())
 }
 
-/// SIGKILLs `pid` if it is still one of this VM's processes (a pid may have been reused
-/// since); whether it was.
-fn kill_if_ours(dir: &Path, pid: u32) -> bool {
+/// Where the VM in `dir` was started (see [`VmState::origin`]).
+fn origin_of(dir: &Path) -> PathBuf {
+    VmState::load(dir)
+        .ok()
+        .and_then(|s| s.origin)
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// SIGKILLs `pid` if it is still one of the processes of the VM started in `origin` (a pid may
+/// have been reused since); whether it was.
+fn kill_if_ours(origin: &Path, pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
-    if raw == 0 || !process_mentions(raw, &marker(dir)) {
+    if raw == 0 || !process_mentions(raw, &marker(origin)) {
         return false;
     }
     let _ = nix::sys::signal::kill(
@@ -409,15 +579,15 @@ fn kill_if_ours(dir: &Path, pid: u32) -> bool {
     true
 }
 
-/// SIGKILLs those of `pids` that are still this VM's processes and waits up to 2 s for each
-/// to go (blocking: not for async code).
-fn kill_vm_processes(dir: &Path, pids: &[u32]) {
+/// SIGKILLs those of `pids` that are still processes of the VM started in `origin` and waits
+/// up to 2 s for each to go (blocking: not for async code).
+fn kill_vm_processes(origin: &Path, pids: &[u32]) {
     for pid in pids {
-        if !kill_if_ours(dir, *pid) {
+        if !kill_if_ours(origin, *pid) {
             continue;
         }
         for _ in 0..200 {
-            if !process_mentions(i32::try_from(*pid).unwrap_or(0), &marker(dir)) {
+            if !process_mentions(i32::try_from(*pid).unwrap_or(0), &marker(origin)) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -473,22 +643,31 @@ fn stderr_text(buf: &Mutex<String>) -> String {
     }
 }
 
-/// Waits for QEMU to connect to the agent socket and for the agent's first answer.
-/// The guest reads the request once its agent opens the port, so one request with the boot
-/// deadline is the whole handshake.
+/// How the agent channel is reached.
+enum AgentEndpoint {
+    /// QEMU dials this listener (a VM its starter owns).
+    Accept(tokio::net::UnixListener),
+    /// QEMU listens on this socket (a pooled VM).
+    Dial(PathBuf),
+    Vsock(u32),
+}
+
+/// Connects the agent channel and waits for the agent's first answer. The guest reads the
+/// request once its agent opens the port, so one request with the boot deadline is the whole
+/// handshake.
 async fn connect_agent(
-    listener: Option<tokio::net::UnixListener>,
-    channel: &AgentChannel,
+    endpoint: AgentEndpoint,
     mut exited: watch::Receiver<bool>,
     timeout: Duration,
     qemu_stderr: &Mutex<String>,
-) -> Result<(AgentClient, PingResponse), BootFailure> {
+) -> Result<(AgentClient, PingResponse, Option<OwnedFd>), BootFailure> {
     let qemu_exited = || BootFailure::QemuExited {
         stderr: stderr_text(qemu_stderr),
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let client = match (listener, channel) {
-        (Some(listener), _) => {
+    let mut connection = None;
+    let client = match endpoint {
+        AgentEndpoint::Accept(listener) => {
             let stream = tokio::select! {
                 accepted = listener.accept() => accepted.map(|(s, _)| s).map_err(BootFailure::Socket)?,
                 _ = exited.wait_for(|e| *e) => return Err(qemu_exited()),
@@ -500,7 +679,30 @@ async fn connect_agent(
                 .into_raw_fd();
             ttrpc::r#async::Client::new(fd)
         }
-        (None, AgentChannel::Vsock(cid)) => {
+        AgentEndpoint::Dial(path) => {
+            // QEMU makes the socket once it runs; until then, and while someone else is
+            // connected (QEMU serves one at a time), connecting is retried.
+            let stream: tokio::net::UnixStream = loop {
+                match tokio::net::UnixStream::connect(&path).await {
+                    Ok(stream) => break stream,
+                    Err(_) if *exited.borrow() => return Err(qemu_exited()),
+                    Err(_) if tokio::time::Instant::now() >= deadline => {
+                        return Err(BootFailure::NeverConnected)
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            };
+            let stream = stream.into_std().map_err(BootFailure::Socket)?;
+            // Kept to end the connection on purpose (see `RunningVm::into_pool`).
+            connection = Some(
+                stream
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(BootFailure::Socket)?,
+            );
+            ttrpc::r#async::Client::new(stream.into_raw_fd())
+        }
+        AgentEndpoint::Vsock(cid) => {
             // The guest listens once its agent runs: retry until then.
             let addr = format!("vsock://{cid}:{}", kite_protocol::VSOCK_PORT);
             loop {
@@ -513,7 +715,7 @@ async fn connect_agent(
                     Ok(client) => break client,
                     Err(source) if tokio::time::Instant::now() >= deadline => {
                         return Err(BootFailure::NoVsockAgent {
-                            cid: *cid,
+                            cid,
                             timeout,
                             source,
                         })
@@ -523,7 +725,6 @@ async fn connect_agent(
                 }
             }
         }
-        (None, AgentChannel::Serial(_)) => return Err(BootFailure::NeverConnected),
     };
     let agent = AgentClient::new(client);
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -533,7 +734,7 @@ async fn connect_agent(
         _ = exited.wait_for(|e| *e) => return Err(qemu_exited()),
     };
     match answer {
-        Ok(info) => Ok((agent, info)),
+        Ok(info) => Ok((agent, info, connection)),
         Err(e) => {
             // A connection that breaks usually means QEMU is going: say why it went.
             let gone = tokio::time::timeout(Duration::from_secs(1), exited.wait_for(|e| *e)).await;
@@ -556,6 +757,53 @@ fn spawn_reaper(mut child: tokio::process::Child, tx: watch::Sender<bool>) {
     });
 }
 
+/// Watches `pid` (not a child of this process: a pooled VM's QEMU) through a pidfd: the
+/// channel turns true when it exits.
+fn watch_exit(pid: u32) -> std::io::Result<watch::Receiver<bool>> {
+    let raw = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open(2) takes a pid and flags, touches no memory of ours, and returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: the AsyncFd takes the OwnedFd over; nothing else holds or closes the descriptor
+    // while it is registered.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        // A pidfd turns readable when its process exits.
+        let _ = fd.readable().await;
+        tx.send_replace(true);
+    });
+    Ok(rx)
+}
+
+/// CIDs of pooled VMs (on hosts with vhost-vsock): above any `1000 + pid`.
+const POOLED_CID_BASE: u32 = 0x4000_0000;
+const POOLED_CID_RANGE: u32 = 0x3000_0000;
+
+/// A random number from the kernel (for names, MACs and CIDs, not for keys).
+pub(crate) fn random_u32() -> u32 {
+    use std::io::Read;
+    let mut bytes = [0u8; 4];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // Not reached on a Linux host; the time still differs between calls.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return now.subsec_nanos() ^ std::process::id();
+    }
+    u32::from_ne_bytes(bytes)
+}
+
 fn pid_from(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -566,6 +814,15 @@ fn process_mentions(pid: i32, marker: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(marker))
         .unwrap_or(false)
+}
+
+/// Whether the QEMU and virtiofsd of the VM in `dir` both still run (by pid file, checked by
+/// command line).
+pub fn processes_alive(dir: &Path) -> bool {
+    let origin = origin_of(dir);
+    ["qemu.pid", "virtiofsd.pid"].iter().all(|file| {
+        pid_from(&dir.join(file)).is_some_and(|pid| process_mentions(pid, &marker(&origin)))
+    })
 }
 
 /// Releases everything a VM left in `dir`: kills its QEMU and virtiofsd (found by pid file and
@@ -581,7 +838,7 @@ pub fn cleanup_vm_dir(dir: &Path) {
         .filter_map(|file| pid_from(&dir.join(file)))
         .filter_map(|pid| u32::try_from(pid).ok())
         .collect();
-    kill_vm_processes(dir, &pids);
+    kill_vm_processes(&origin_of(dir), &pids);
     cgroup::remove(dir);
     // With QEMU gone its taps are gone; what it leaves in the pod's namespace goes now.
     net::release(dir, Path::new(passthrough::SYSFS));
@@ -637,6 +894,7 @@ mod tests {
             virtiofsd_pid: 11,
             nics: Vec::new(),
             kernel_release: "6.1.0".into(),
+            origin: Some("/run/kite/sandboxes/.pool/ab12".into()),
         };
         std::fs::write(
             dir.path().join(VmState::FILE),

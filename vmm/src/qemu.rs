@@ -57,6 +57,9 @@ pub struct VmSpec {
     pub tsc_khz: Option<u64>,
     pub qemu_sandbox: bool,
     pub channel: AgentChannel,
+    /// QEMU listens on the agent socket (a pooled VM: whoever adopts it connects), instead of
+    /// dialling the shim's.
+    pub agent_listens: bool,
     pub virtiofs_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
@@ -215,7 +218,15 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     match &spec.channel {
         AgentChannel::Serial(socket) => args.extend([
             "-chardev".into(),
-            format!("socket,id=agent,path={}", p(socket)),
+            format!(
+                "socket,id=agent,path={}{}",
+                p(socket),
+                if spec.agent_listens {
+                    ",server=on,wait=off"
+                } else {
+                    ""
+                }
+            ),
             "-device".into(),
             format!(
                 "virtserialport,chardev=agent,name={}",
@@ -281,8 +292,9 @@ fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
     unsafe { cmd.pre_exec(hook) };
 }
 
-/// Starts QEMU for `spec` (stderr piped: it says why QEMU exits at boot).
-pub fn spawn(config: &VmConfig, spec: &VmSpec) -> Result<Child, VmError> {
+/// Starts QEMU for `spec` (stderr piped: it says why QEMU exits at boot). An `owned` QEMU dies
+/// with the calling process; a pooled one outlives it (the pool's holder may restart).
+pub fn spawn(config: &VmConfig, spec: &VmSpec, owned: bool) -> Result<Child, VmError> {
     for (what, path) in [
         ("QEMU", &config.qemu_path),
         ("guest kernel", &spec.kernel),
@@ -300,15 +312,29 @@ pub fn spawn(config: &VmConfig, spec: &VmSpec) -> Result<Child, VmError> {
     cmd.args(qemu_args(spec))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    die_with_parent(&mut cmd);
+        .stderr(if owned {
+            Stdio::piped()
+        } else {
+            // Nobody may be left to read a pipe once the holder restarts: a pooled QEMU's
+            // messages go to a file in its directory.
+            Stdio::from(stderr_file(spec)?)
+        })
+        .kill_on_drop(owned);
+    if owned {
+        die_with_parent(&mut cmd);
+    }
     inherit_fds(&mut cmd, spec.tap_fds.clone());
     cmd.spawn().map_err(|source| VmError::Spawn {
         vm: spec.vm_id.clone(),
         what: "QEMU",
         source,
     })
+}
+
+/// The file a pooled QEMU's stderr goes to, beside its console log.
+fn stderr_file(spec: &VmSpec) -> Result<std::fs::File, VmError> {
+    let path = spec.console_log.with_file_name("qemu.log");
+    std::fs::File::create(&path).map_err(VmError::fs(&spec.vm_id, "create", &path))
 }
 
 #[cfg(test)]
@@ -328,6 +354,7 @@ mod tests {
             tsc_khz: Some(2_445_406),
             qemu_sandbox: true,
             channel,
+            agent_listens: false,
             virtiofs_socket: "/s/vfs.sock".into(),
             qmp_socket: "/s/qmp.sock".into(),
             console_log: "/s/console.log".into(),

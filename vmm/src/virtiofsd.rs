@@ -9,13 +9,15 @@ use crate::config::VmConfig;
 use crate::qemu::die_with_parent;
 use crate::VmError;
 
-/// Starts virtiofsd on `shared_dir`, listening on `socket`, logging to `log`.
+/// Starts virtiofsd on `shared_dir`, listening on `socket`, logging to `log`; an `owned` one
+/// dies with the calling process, a pooled VM's outlives it.
 pub fn spawn(
     config: &VmConfig,
     vm: &str,
     socket: &Path,
     shared_dir: &Path,
     log: &Path,
+    owned: bool,
 ) -> Result<Child, VmError> {
     if !config.virtiofsd_path.exists() {
         return Err(VmError::Missing {
@@ -41,8 +43,10 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
-        .kill_on_drop(true);
-    die_with_parent(&mut cmd);
+        .kill_on_drop(owned);
+    if owned {
+        die_with_parent(&mut cmd);
+    }
     cmd.spawn().map_err(|source| VmError::Spawn {
         vm: vm.into(),
         what: "virtiofsd",

@@ -150,7 +150,7 @@ impl SandboxBooter for VmBooter {
         spec: &oci_spec::runtime::Spec,
     ) -> Result<Arc<dyn PodSandbox>, SandboxError> {
         let netns = kite_vmm::net::netns_path(spec);
-        let sandbox = Sandbox::boot(config, sandbox_id, Some(spec), netns.as_deref()).await?;
+        let sandbox = Sandbox::start(config, sandbox_id, Some(spec), netns.as_deref()).await?;
         let agent = GuestAgentClient(sandbox.agent().clone());
         Ok(Arc::new(BootedSandbox { sandbox, agent }))
     }

@@ -66,6 +66,9 @@ pub struct TimingsRecord {
     pub guest_start_ms: f64,
     /// Create and start less what the guest agent took.
     pub shim_own_ms: f64,
+    /// What the warm pool did for the sandbox's start: off, hit, miss:<reason> ("" when this
+    /// create booted nothing).
+    pub pool: String,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -96,6 +99,7 @@ impl StartTimings {
             shim_own_ms: ms(
                 (self.create + self.start).saturating_sub(self.guest_create + self.guest_start)
             ),
+            pool: self.boot.map(|b| b.pool.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -117,6 +121,7 @@ impl TimingsLog {
         info!(
             container = %record.container,
             booted = record.booted,
+            pool = %record.pool,
             vm_boot_ms = record.vm_boot_ms,
             create_ms = record.create_ms,
             start_ms = record.start_ms,

@@ -15,6 +15,12 @@
 //! Each mechanism has its module: [`tap`], [`tc`], [`macvtap`], [`netns`] (entering the
 //! namespace, reading it).
 //!
+//! A pooled VM boots before its pod's namespace exists, with one tap made in the pool's holding
+//! namespace ([`open_pool_tap`]) and a MAC of its own. Its adopter moves that tap into the pod's
+//! namespace under the name a cold boot gives it, adds the same redirect, and has the guest
+//! take the pod's MAC ([`attach_pooled`]): from then on the pod network is the same as a
+//! cold-booted one's, and [`release`] undoes it the same way.
+//!
 //! The guest agent then names its NICs (found by MAC) as the namespace does and gives them the
 //! same MTU, addresses, routes (with their MTU) and neighbours.
 //!
@@ -29,7 +35,7 @@ mod netns;
 mod tap;
 mod tc;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use kite_protocol::agent as proto;
@@ -212,20 +218,7 @@ pub fn attach(
             },
         })
         .collect();
-    let state = NetworkState {
-        netns: netns.to_path_buf(),
-        nics: nics.clone(),
-    };
-    let state_path = sandbox_dir.join(STATE_FILE);
-    std::fs::write(
-        &state_path,
-        serde_json::to_vec(&state).expect("network state serializes"),
-    )
-    .map_err(|source| NetworkError::Record {
-        sandbox: sandbox.to_string(),
-        path: state_path.clone(),
-        source,
-    })?;
+    record(sandbox, sandbox_dir, netns, &nics)?;
 
     let result = attach_all(sandbox, netns, sandbox_dir, sysfs, &plan, &nics);
     match result {
@@ -243,6 +236,30 @@ pub fn attach(
             Err(e)
         }
     }
+}
+
+/// Writes `network.json`: what [`release`] will undo. Written before anything is changed, so a
+/// crash at any point leaves the record.
+fn record(
+    sandbox: &str,
+    sandbox_dir: &Path,
+    netns: &Path,
+    nics: &[AttachedNic],
+) -> Result<(), NetworkError> {
+    let state = NetworkState {
+        netns: netns.to_path_buf(),
+        nics: nics.to_vec(),
+    };
+    let path = sandbox_dir.join(STATE_FILE);
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&state).expect("network state serializes"),
+    )
+    .map_err(|source| NetworkError::Record {
+        sandbox: sandbox.to_string(),
+        path,
+        source,
+    })
 }
 
 fn attach_all(
@@ -292,6 +309,161 @@ fn attach_all(
         netns: netns.to_path_buf(),
         op: "attach",
         source: Box::new(source),
+    })
+}
+
+/// A pod's namespace as read before anything is attached: whether a pooled VM can take it.
+pub struct PodInterfaces {
+    netns: PathBuf,
+    links: Vec<Link>,
+    guest: proto::NetworkConfig,
+}
+
+impl PodInterfaces {
+    /// Why a pooled VM (one tap NIC) cannot take this pod's network, if it cannot: a pod with
+    /// no interface or more than one, a PCI function to pass through, or macvtaps (made on the
+    /// pod's interface, so not before it exists).
+    pub fn unfit_for_pool(
+        &self,
+        mode: NetworkMode,
+        vfio_passthrough: bool,
+    ) -> Option<&'static str> {
+        match self.links.as_slice() {
+            [] => Some("no-interface"),
+            [link] if link.pci.is_some() && vfio_passthrough => Some("vfio"),
+            [_] if mode == NetworkMode::Macvtap => Some("macvtap"),
+            [_] => None,
+            _ => Some("interfaces"),
+        }
+    }
+}
+
+/// Reads the pod's namespace `netns` (interfaces, addresses, routes, neighbours).
+pub fn read_pod(sandbox: &str, netns: &Path) -> Result<PodInterfaces, NetworkError> {
+    let (links, guest) = in_netns(netns, "read", |h| async move { netns::read(&h).await })
+        .map_err(|source| NetworkError::Netns {
+            sandbox: sandbox.to_string(),
+            netns: netns.to_path_buf(),
+            op: "read",
+            source: Box::new(source),
+        })?;
+    Ok(PodInterfaces {
+        netns: netns.to_path_buf(),
+        links,
+        guest,
+    })
+}
+
+/// Makes (or finds) the pool's holding network namespace, bound at `path`: pooled VMs' taps
+/// live there until their pods take them.
+pub fn ensure_holding_netns(path: &Path) -> Result<(), NetnsError> {
+    netns::ensure_bound(path)
+}
+
+/// Removes the holding namespace at `path` (the taps in it went with their VMs).
+pub fn remove_holding_netns(path: &Path) {
+    netns::remove_bound(path);
+}
+
+/// Opens a tap named `name` in the holding namespace `holding`, for a pooled VM.
+pub fn open_pool_tap(holding: &Path, name: &str) -> Result<OwnedFd, NetnsError> {
+    let tap_name = name.to_string();
+    in_netns(holding, "pool tap", move |_| async move {
+        tap::open_tap(&tap_name).map_err(netns::io(format!("open tap {tap_name}")))
+    })
+}
+
+/// Gives the pod network `pod` to the adopted VM in `sandbox_dir`, whose NIC is the tap
+/// `pool_tap` in the holding namespace `holding` with MAC `pool_mac`: records it (as a cold
+/// boot would), moves the tap into the pod's namespace under a cold boot's name, redirects as
+/// a cold boot does, and returns the guest's configuration (which gives the NIC the pod's MAC).
+/// On failure what was done is undone.
+pub fn attach_pooled(
+    sandbox: &str,
+    pod: PodInterfaces,
+    sandbox_dir: &Path,
+    holding: &Path,
+    pool_tap: &str,
+    pool_mac: &str,
+) -> Result<PodNetwork, NetworkError> {
+    let PodInterfaces {
+        netns,
+        links,
+        mut guest,
+    } = pod;
+    let [link] = links.as_slice() else {
+        return Err(NetworkError::Netns {
+            sandbox: sandbox.to_string(),
+            netns,
+            op: "attach a pooled VM",
+            source: Box::new(NetnsError::Unexpected {
+                what: format!("{} interfaces (a pooled VM takes one)", links.len()),
+            }),
+        });
+    };
+    let link = link.clone();
+    let tap = format!("{TAP_PREFIX}0");
+    let nics = vec![AttachedNic {
+        name: link.name.clone(),
+        mac: format_mac(&link.mac),
+        attachment: Attachment::Tap { tap: tap.clone() },
+    }];
+    record(sandbox, sandbox_dir, &netns, &nics)?;
+    let netns_err = |op: &'static str, netns: &Path| {
+        let (sandbox, netns) = (sandbox.to_string(), netns.to_path_buf());
+        move |source| NetworkError::Netns {
+            sandbox,
+            netns,
+            op,
+            source: Box::new(source),
+        }
+    };
+    let moved = std::fs::File::open(&netns)
+        .map_err(netns::io("open the pod's namespace"))
+        .and_then(|target| {
+            let (from, to) = (pool_tap.to_string(), tap.clone());
+            in_netns(holding, "move tap", move |h| async move {
+                let index = index_of(&h, &from)
+                    .await
+                    .ok_or_else(|| NetnsError::Vanished {
+                        interface: from.clone(),
+                    })?;
+                // One message: into the pod's namespace, under the cold boot's name.
+                h.link()
+                    .set(
+                        rtnetlink::LinkUnspec::new_with_index(index)
+                            .setns_by_fd(target.as_raw_fd())
+                            .name(to.clone())
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(netns::netlink(format!("move {from} into the pod as {to}")))
+            })
+        })
+        .map_err(netns_err("move the pooled VM's tap", holding))
+        .and_then(|()| {
+            let tap = tap.clone();
+            in_netns(&netns, "attach", move |h| async move {
+                tc::redirect(&h, &link, &tap)
+                    .await
+                    .map_err(NetnsError::on(&link.name))
+            })
+            .map_err(netns_err("attach", &netns))
+        });
+    if let Err(e) = moved {
+        release(sandbox_dir, Path::new(crate::passthrough::SYSFS));
+        return Err(e);
+    }
+    if let Some(iface) = guest.interfaces.first_mut() {
+        iface.current_mac = pool_mac.to_string();
+    }
+    info!(sandbox, netns = %netns.display(), "pod network attached to a pooled VM");
+    Ok(PodNetwork {
+        netns,
+        nics,
+        tap_fds: Vec::new(),
+        guest,
     })
 }
 

@@ -265,6 +265,52 @@ pub(super) async fn read(h: &Handle) -> Result<(Vec<Link>, proto::NetworkConfig)
     Ok((links, guest))
 }
 
+fn is_bound(path: &Path) -> bool {
+    // nsfs's magic number (`statfs(2)`): what a bound namespace is.
+    let nsfs = nix::sys::statfs::FsType(0x6e73_6673);
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nsfs)
+        .unwrap_or(false)
+}
+
+/// A network namespace of its own, bound at `path` (made if `path` is not one already): a
+/// thread unshares a new one and bind-mounts it (no process is forked for it).
+pub(super) fn ensure_bound(path: &Path) -> Result<(), NetnsError> {
+    if is_bound(path) {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+    }
+    File::create(path).map_err(io(format!("create {}", path.display())))?;
+    let target = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("netns-new".into())
+        .spawn(move || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| io("unshare a network namespace")(e.into()))?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| io(format!("bind the namespace at {}", target.display()))(e.into()))
+        })
+        .map_err(io("start a thread"))?
+        .join()
+        .unwrap_or(Err(NetnsError::Panicked))
+}
+
+/// Unbinds and removes the namespace [`ensure_bound`] made at `path`.
+pub(super) fn remove_bound(path: &Path) {
+    if is_bound(path) {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_file(path);
+}
+
 pub(super) async fn index_of(h: &Handle, name: &str) -> Option<u32> {
     h.link()
         .get()
