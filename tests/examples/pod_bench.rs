@@ -1,9 +1,13 @@
 //! Pod benchmark through the CRI, runc and kite in one run (hack/bench-pods.sh runs it):
 //!
 //! - pod start: RunPodSandbox → CreateContainer → StartContainer → the container's first
-//!   output in its CRI log, N pods of each, interleaved;
+//!   output in its CRI log, N pods of each kind, interleaved: runc, kite booting its own VM
+//!   ("kite-cold": the pod declines the warm pool), kite adopting a pooled VM ("kite-warm";
+//!   each waits for the pool to have a VM ready, and is checked to have adopted it);
 //! - host memory per idle pod: PSS of kite's QEMU + virtiofsd + shim (runc: its shim, pause
-//!   and the container), with all N pods of each kind up;
+//!   and the container), with all N pods of each kind up, split into guest RAM (shared memory),
+//!   QEMU's and the others' own memory (anonymous: under TCG mostly its translation cache)
+//!   and files; and the same for the idle VMs in the warm pool;
 //! - host ↔ pod TCP throughput with iperf3, both directions, runc and kite.
 //!
 //!     cargo run --release -p kite-e2e --example pod_bench -- [N]
@@ -15,6 +19,12 @@ use kite_e2e::cri::{status_message, Cri, Pod, RemoveOnDrop, KITE, RUNC};
 use kite_e2e::IMAGE;
 
 const IPERF_IMAGE: &str = "127.0.0.1:5000/kite/iperf3:latest";
+
+/// The kinds of pod, in the order each round starts them.
+const KITE_COLD: &str = "kite-cold";
+const KITE_WARM: &str = "kite-warm";
+const KINDS: [&str; 3] = [RUNC, KITE_COLD, KITE_WARM];
+const POOL_DIR: &str = "/run/kite/sandboxes/.pool";
 
 struct Start {
     run_pod: f64,
@@ -37,10 +47,15 @@ fn spread(v: &[f64]) -> (f64, f64, f64, f64) {
     (at(0.5), s[0], at(0.9), s[s.len() - 1])
 }
 
-async fn start_pod(c: &mut Cri, handler: &str, name: &str) -> (Pod, Start) {
+async fn start_pod(c: &mut Cri, kind: &str, name: &str) -> (Pod, Start) {
+    let (handler, annotations): (&str, &[(&str, &str)]) = match kind {
+        KITE_COLD => (KITE, &[("io.kite.warm-pool", "false")]),
+        KITE_WARM => (KITE, &[]),
+        other => (other, &[]),
+    };
     let t0 = Instant::now();
     let pod = c
-        .run_pod(name, handler, &[])
+        .run_pod(name, handler, annotations)
         .await
         .unwrap_or_else(|e| panic!("run {handler} pod: {}", status_message(&e)));
     let t1 = Instant::now();
@@ -83,14 +98,67 @@ async fn start_pod(c: &mut Cri, handler: &str, name: &str) -> (Pod, Start) {
     )
 }
 
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+/// A process's PSS (KiB): all, of shared memory (a VM's guest RAM), anonymous, files.
+#[derive(Clone, Copy, Default)]
+struct Pss {
+    total: u64,
+    shmem: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl std::ops::Add for Pss {
+    type Output = Pss;
+    fn add(self, o: Pss) -> Pss {
+        Pss {
+            total: self.total + o.total,
+            shmem: self.shmem + o.shmem,
+            anon: self.anon + o.anon,
+            file: self.file + o.file,
+        }
+    }
+}
+
+fn pss_kib(pid: u32) -> Pss {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Pss {
+        total: field("Pss:"),
+        shmem: field("Pss_Shmem:"),
+        anon: field("Pss_Anon:"),
+        file: field("Pss_File:"),
+    }
+}
+
+/// The pids a kite VM's directory records (QEMU, virtiofsd).
+fn vm_pids(dir: &std::path::Path) -> Vec<u32> {
+    ["qemu.pid", "virtiofsd.pid"]
+        .iter()
+        .filter_map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Whether the warm pool has a VM ready.
+fn pool_has_ready() -> bool {
+    std::fs::read_dir(POOL_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            !e.file_name().to_string_lossy().starts_with('.') && e.path().join("pool.json").exists()
+        })
 }
 
 fn processes() -> Vec<(u32, u32, String)> {
@@ -123,9 +191,10 @@ fn sandbox_record(pod_id: &str) -> Option<serde_json::Value> {
         .find(|r| r["container"] == pod_id)
 }
 
-/// PSS (MiB) of what a pod costs the host: the pod's shim and every process under it (runc:
-/// pause and the container; kite: QEMU and virtiofsd).
-fn pod_pss_mib(pod_id: &str) -> f64 {
+/// PSS of what a pod costs the host: the pod's shim and every process under it (runc: pause
+/// and the container; kite: QEMU and virtiofsd, found by the VM's pid files: an adopted VM's
+/// processes are not the shim's children).
+fn pod_pss(pod_id: &str) -> Pss {
     let procs = processes();
     let Some(shim) = procs
         .iter()
@@ -143,7 +212,34 @@ fn pod_pss_mib(pod_id: &str) -> f64 {
         pids.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
         i += 1;
     }
-    pids.iter().map(|p| pss_kib(*p)).sum::<u64>() as f64 / 1024.0
+    for pid in vm_pids(&std::path::Path::new(kite_e2e::STATE_DIR).join(pod_id)) {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    pids.iter()
+        .map(|p| pss_kib(*p))
+        .fold(Pss::default(), |a, b| a + b)
+}
+
+/// PSS of each idle VM in the warm pool.
+fn pool_vms_pss() -> Vec<Pss> {
+    std::fs::read_dir(POOL_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("pool.json").exists())
+        .map(|e| {
+            vm_pids(&e.path())
+                .iter()
+                .map(|p| pss_kib(*p))
+                .fold(Pss::default(), |a, b| a + b)
+        })
+        .collect()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// iperf3 from the host to `ip` (or back with `reverse`), Gbit/s.
@@ -187,52 +283,91 @@ async fn main() {
             .unwrap_or_else(|e| panic!("pull {image}: {}", status_message(&e)));
     }
 
+    // The warm pool's idle VMs, before any pod takes one.
+    let waited = Instant::now();
+    while pool_vms_pss().len() < 2 && waited.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pooled_memory = pool_vms_pss();
+    assert!(
+        !pooled_memory.is_empty(),
+        "the warm pool has no VM ready ([shim.pool] in /etc/kite/kite.toml; hack/pool.sh)"
+    );
+
     let mut starts: Vec<(&str, Start)> = Vec::new();
     let mut pods: Vec<(&str, Pod)> = Vec::new();
     let mut guards = Vec::new();
     for i in 0..n {
-        for handler in [RUNC, KITE] {
-            let (pod, s) = start_pod(&mut c, handler, &format!("bench-{handler}-{i}")).await;
+        for kind in KINDS {
+            if kind == KITE_WARM {
+                // Warm means a VM is ready: give the pool its refill (not counted).
+                let waited = Instant::now();
+                while !pool_has_ready() && waited.elapsed() < Duration::from_secs(60) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            let (pod, s) = start_pod(&mut c, kind, &format!("bench-{kind}-{i}")).await;
+            if kind != RUNC {
+                let pool = sandbox_record(&pod.id)
+                    .and_then(|r| r["pool"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let expected = if kind == KITE_WARM {
+                    "hit"
+                } else {
+                    "miss:declined"
+                };
+                assert_eq!(pool, expected, "{kind} pod {i}");
+            }
             eprintln!(
-                "{handler} pod {i}: first output after {:.0} ms",
+                "{kind} pod {i}: first output after {:.0} ms",
                 s.first_output
             );
-            starts.push((handler, s));
+            starts.push((kind, s));
             guards.push(RemoveOnDrop(pod.id.clone()));
-            pods.push((handler, pod));
+            pods.push((kind, pod));
         }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut memory: Vec<(&str, f64)> = Vec::new();
-    for (handler, pod) in &pods {
-        memory.push((handler, pod_pss_mib(&pod.id)));
+    let mut memory: Vec<(&str, Pss)> = Vec::new();
+    for (kind, pod) in &pods {
+        memory.push((kind, pod_pss(&pod.id)));
     }
     for (_, pod) in &pods {
         let _ = c.remove_pod(&pod.id).await;
     }
 
     // The stages of each kite pod's sandbox start, from the shim's structured record.
-    let stage = |key: &str| -> Vec<f64> {
+    let stage = |kind: &str, key: &str| -> Vec<f64> {
         pods.iter()
-            .filter(|(h, _)| *h == KITE)
+            .filter(|(h, _)| *h == kind)
             .filter_map(|(_, p)| sandbox_record(&p.id)?[key].as_f64())
             .collect()
     };
-    let stages: Vec<(&str, Vec<f64>)> = [
-        "vm_boot_ms",
-        "guest_kernel_ms",
-        "network_attach_ms",
-        "network_guest_ms",
-        "create_ms",
-    ]
-    .iter()
-    .map(|k| (*k, stage(k)))
-    .collect();
+    let stages: Vec<(&str, &str, Vec<f64>)> = [KITE_COLD, KITE_WARM]
+        .iter()
+        .flat_map(|kind| {
+            [
+                "vm_boot_ms",
+                "guest_kernel_ms",
+                "network_attach_ms",
+                "network_guest_ms",
+                "create_ms",
+            ]
+            .iter()
+            .map(|k| (*kind, *k, stage(kind, k)))
+            .collect::<Vec<_>>()
+        })
+        .collect();
 
     let mut throughput = Vec::new();
     for handler in [RUNC, KITE] {
         let pod = c
-            .run_pod(&format!("iperf-{handler}"), handler, &[])
+            .run_pod(
+                &format!("iperf-{handler}"),
+                handler,
+                &[("io.kite.warm-pool", "false")],
+            )
             .await
             .unwrap_or_else(|e| panic!("run {handler} pod: {}", status_message(&e)));
         let _guard = RemoveOnDrop(pod.id.clone());
@@ -248,9 +383,9 @@ async fn main() {
         let _ = c.remove_pod(&pod.id).await;
     }
 
-    println!("\nkite pod benchmark: {n} pods each, runc and kite interleaved; accelerator {accel}");
-    println!("\npod start through the CRI, ms     median      min      p90      max");
-    for handler in [RUNC, KITE] {
+    println!("\nkite pod benchmark: {n} pods each, runc, kite cold and kite warm interleaved; accelerator {accel}");
+    println!("\npod start through the CRI, ms          median      min      p90      max");
+    for handler in KINDS {
         let pick = |f: fn(&Start) -> f64| -> Vec<f64> {
             starts
                 .iter()
@@ -265,46 +400,68 @@ async fn main() {
             ("to first output", pick(|s| s.first_output)),
         ] {
             let (med, min, p90, max) = spread(&v);
-            println!("  {handler:5} {what:24} {med:8.1} {min:8.1} {p90:8.1} {max:8.1}");
+            println!("  {handler:9} {what:24} {med:8.1} {min:8.1} {p90:8.1} {max:8.1}");
         }
     }
-    let med = |h: &str| {
+    let med = |h: &str, f: fn(&Start) -> f64| {
         spread(
             &starts
                 .iter()
                 .filter(|(x, _)| *x == h)
-                .map(|(_, s)| s.first_output)
+                .map(|(_, s)| f(s))
                 .collect::<Vec<_>>(),
         )
         .0
     };
+    for kind in [KITE_COLD, KITE_WARM] {
+        println!(
+            "  {kind}/runc, to first output: {:.2}x",
+            med(kind, |s| s.first_output) / med(RUNC, |s| s.first_output)
+        );
+    }
     println!(
-        "  kite/runc, to first output: {:.1}x",
-        med(KITE) / med(RUNC)
+        "  kite-warm/kite-cold, RunPodSandbox: {:.3}",
+        med(KITE_WARM, |s| s.run_pod) / med(KITE_COLD, |s| s.run_pod)
     );
 
-    println!("\nkite sandbox start stages (shim record), ms  median      min      p90      max");
-    for (key, v) in &stages {
+    println!(
+        "\nkite sandbox start stages (shim record), ms       median      min      p90      max"
+    );
+    for (kind, key, v) in &stages {
         if v.is_empty() {
             continue;
         }
         let (med, min, p90, max) = spread(v);
-        println!("  {key:28} {med:8.1} {min:8.1} {p90:8.1} {max:8.1}");
+        println!("  {kind:9} {key:24} {med:8.1} {min:8.1} {p90:8.1} {max:8.1}");
     }
 
-    println!("\nhost memory per idle pod (PSS, MiB)  median      min      p90      max");
-    for handler in [RUNC, KITE] {
-        let v: Vec<f64> = memory
+    println!("\nhost memory per idle pod, PSS MiB (median, min-max)   total         guest RAM     own (anon)    files");
+    let row = |what: &str, v: &[Pss]| {
+        let col = |f: fn(&Pss) -> u64| {
+            let x: Vec<f64> = v.iter().map(|p| mib(f(p))).collect();
+            let (med, min, _, max) = spread(&x);
+            format!("{med:6.1} ({min:.0}-{max:.0})")
+        };
+        println!(
+            "  {what:48} {} {} {} {}",
+            col(|p| p.total),
+            col(|p| p.shmem),
+            col(|p| p.anon),
+            col(|p| p.file)
+        );
+    };
+    for kind in KINDS {
+        let v: Vec<Pss> = memory
             .iter()
-            .filter(|(h, _)| *h == handler)
+            .filter(|(h, _)| *h == kind)
             .map(|(_, m)| *m)
             .collect();
-        let (med, min, p90, max) = spread(&v);
-        println!(
-            "  {handler:5} {:28} {med:8.1} {min:8.1} {p90:8.1} {max:8.1}",
-            ""
-        );
+        row(kind, &v);
     }
+    row(
+        "idle VM in the warm pool (QEMU + virtiofsd)",
+        &pooled_memory,
+    );
 
     println!("\nhost <-> pod TCP (iperf3, 5 s), Gbit/s   host->pod  pod->host");
     for (handler, to, from) in &throughput {
