@@ -40,7 +40,8 @@ agent=$here/target/$target/release/kite-guest
 stage=$work/initrd
 rm -rf "$stage"
 mkdir -p "$stage/sysroot/lib/modules"
-cp "$agent" "$stage/sysroot/init"
+# Stripped: the initrd stays in the guest's RAM (unpacked) for the VM's life.
+strip --strip-all -o "$stage/sysroot/init" "$agent"
 ln -s sysroot/init "$stage/init"
 # Modules in groups; the shim names the groups a VM needs on the kernel command line
 # (kite.modules=…), and the agent loads just those, in this order, each after its dependencies.

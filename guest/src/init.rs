@@ -67,11 +67,22 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
         .name("agent-port-in".into())
         .spawn(move || -> std::io::Result<()> {
             let mut buf = vec![0u8; 64 << 10];
+            let mut was_connected = false;
             loop {
                 match port_in.read(&mut buf) {
-                    // The host is not connected: wait for it.
-                    Ok(0) => std::thread::sleep(Duration::from_millis(20)),
-                    Ok(n) => conn_out.write_all(&buf[..n])?,
+                    // The host is not connected: wait for it. A host that leaves after it was
+                    // connected is a warm pool's holder (or a restarting shim): the VM idles,
+                    // so its memory is compacted for free page reporting to give back.
+                    Ok(0) => {
+                        if std::mem::take(&mut was_connected) {
+                            crate::boot::compact_memory();
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok(n) => {
+                        was_connected = true;
+                        conn_out.write_all(&buf[..n])?;
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
