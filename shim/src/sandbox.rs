@@ -241,11 +241,6 @@ impl Sandbox {
         self.vm.id()
     }
 
-    /// Whether the sandbox runs in a VM it adopted from the warm pool.
-    pub fn adopted(&self) -> bool {
-        self.vm.adopted()
-    }
-
     pub fn timing(&self) -> BootTiming {
         self.timing
     }

@@ -401,11 +401,6 @@ impl RunningVm {
         self.state.qemu_pid
     }
 
-    /// Whether this VM was booted for the pool (and, in a pod's shim, adopted).
-    pub fn adopted(&self) -> bool {
-        self.state.origin.is_some()
-    }
-
     /// Adopts the pooled VM that was moved to `dir` (its state, `vm.json`, says where it was
     /// started): checks that its QEMU and virtiofsd still run, watches QEMU's exit, connects to
     /// its agent and takes its first answer within `timeout`, and records the VM as `id`'s.

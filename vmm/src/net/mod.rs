@@ -181,13 +181,7 @@ pub fn attach(
     vfio_passthrough: bool,
     sysfs: &Path,
 ) -> Result<PodNetwork, NetworkError> {
-    let (links, guest) = in_netns(netns, "read", |h| async move { netns::read(&h).await })
-        .map_err(|source| NetworkError::Netns {
-            sandbox: sandbox.to_string(),
-            netns: netns.to_path_buf(),
-            op: "read",
-            source: Box::new(source),
-        })?;
+    let PodInterfaces { links, guest, .. } = read_pod(sandbox, netns)?;
 
     // Decide each interface's attachment. The PCI address comes from netlink (the link's
     // parent device): the shim's /sys/class/net shows the host's namespace, not the pod's.
