@@ -51,10 +51,13 @@ fn pump_serial_port(path: std::path::PathBuf) {
     }
 }
 
-/// One pumping session: returns when either side fails (both sides have stopped by then).
+/// One pumping session: returns when either side fails, after both have stopped (each side
+/// that stops makes the other stop: a session never hangs half-open).
 fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Read;
+    use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let port = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -63,12 +66,29 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
     let conn = std::os::unix::net::UnixStream::connect(INTERNAL_SOCKET)?;
     let (mut port_in, mut port_out) = (port.try_clone()?, port);
     let (mut conn_in, mut conn_out) = (conn.try_clone()?, conn.try_clone()?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader_stop = stop.clone();
     let host_to_agent = std::thread::Builder::new()
         .name("agent-port-in".into())
         .spawn(move || -> std::io::Result<()> {
             let mut buf = vec![0u8; 64 << 10];
             let mut was_connected = false;
-            loop {
+            let result = loop {
+                if reader_stop.load(Ordering::Relaxed) {
+                    break Ok(());
+                }
+                // Waits for the host's bytes a while at a time, so that the session's end is
+                // noticed without them.
+                let mut fds = [nix::poll::PollFd::new(
+                    port_in.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+                    Ok(0) => continue,
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => break Err(e.into()),
+                }
                 match port_in.read(&mut buf) {
                     // The host is not connected: wait for it. A host that leaves after it was
                     // connected is a warm pool's holder (or a restarting shim): the VM idles,
@@ -81,12 +101,17 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
                     }
                     Ok(n) => {
                         was_connected = true;
-                        conn_out.write_all(&buf[..n])?;
+                        if let Err(e) = conn_out.write_all(&buf[..n]) {
+                            break Err(e);
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+                    Err(e) => break Err(e),
                 }
-            }
+            };
+            // The other side stops reading the connection now.
+            let _ = conn_out.shutdown(std::net::Shutdown::Both);
+            result
         })?;
     let mut buf = vec![0u8; 64 << 10];
     let agent_to_host: std::io::Result<()> = loop {
@@ -94,7 +119,7 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
             Ok(0) => {
                 break Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    "the agent closed its connection",
+                    "the agent's connection closed",
                 ))
             }
             Ok(n) => {
@@ -106,12 +131,13 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
             Err(e) => break Err(e),
         }
     };
-    // The reader stops at its next write to the connection.
+    // The reader stops within its poll interval.
+    stop.store(true, Ordering::Relaxed);
     let _ = conn.shutdown(std::net::Shutdown::Both);
     let host_side = host_to_agent
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the port reader panicked")));
-    agent_to_host.and(host_side)
+    host_side.and(agent_to_host)
 }
 
 /// Stops the VM: nothing runs after PID 1.

@@ -124,7 +124,8 @@ pub async fn loopback_up() -> Result<(), NetworkError> {
 }
 
 /// Finds the NIC with `mac`, waiting for its driver to bring it up.
-async fn find_by_mac(h: &Handle, mac: &[u8]) -> Result<Option<u32>, NetworkError> {
+/// The index of the link with one of `macs` (tried in order), waiting up to [`NIC_WAIT`].
+async fn find_by_mac(h: &Handle, macs: &[&[u8]]) -> Result<Option<u32>, NetworkError> {
     let deadline = tokio::time::Instant::now() + NIC_WAIT;
     loop {
         let links: Vec<LinkMessage> = h
@@ -134,8 +135,10 @@ async fn find_by_mac(h: &Handle, mac: &[u8]) -> Result<Option<u32>, NetworkError
             .try_collect()
             .await
             .map_err(|e| NetworkError::Netlink(format!("list links: {e}")))?;
-        if let Some(l) = links.iter().find(|l| mac_of(l) == Some(mac)) {
-            return Ok(Some(l.header.index));
+        for mac in macs {
+            if let Some(l) = links.iter().find(|l| mac_of(l) == Some(*mac)) {
+                return Ok(Some(l.header.index));
+            }
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(None);
@@ -161,7 +164,8 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
             &iface.current_mac
         };
         let current = parse_mac(current_text)?;
-        let index = find_by_mac(&h, &current).await?.ok_or_else(|| {
+        // Found by the pod's MAC too: a configuration retried after the NIC took it.
+        let index = find_by_mac(&h, &[&current, &mac]).await?.ok_or_else(|| {
             ierr(format!(
                 "no NIC with MAC {current_text} within {NIC_WAIT:?}"
             ))

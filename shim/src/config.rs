@@ -292,10 +292,18 @@ impl ShimConfig {
                 );
             }
         }
-        if self.pool.enabled && !self.pool_dir().starts_with(&self.state_dir) {
+        // A pod takes a pooled VM by renaming its directory into state_dir; the holder treats
+        // every directory in the pool as a VM of its own, so the pool must not be state_dir
+        // itself, nor a directory a sandbox could be named.
+        let pool_dir = self.pool_dir();
+        let hidden_child = pool_dir.parent() == Some(self.state_dir.as_path())
+            && pool_dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !hidden_child {
             return invalid(
                 "pool.dir",
-                "must be under state_dir (a pod takes a pooled VM by renaming its directory)",
+                "must be a directory of state_dir whose name starts with '.' (e.g. <state_dir>/.pool)",
             );
         }
         Ok(())
@@ -409,6 +417,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pool.dir"), "{err}");
+        // The pool must not be state_dir (every sandbox would look like a pooled VM) nor a
+        // name a sandbox could have; checked with the pool off too (drain reads it).
+        for dir in [
+            "/run/kite/sandboxes",
+            "/run/kite/sandboxes/pool",
+            "/run/kite/sandboxes/a/.p",
+        ] {
+            let text = format!("[shim.pool]\ndir = \"{dir}\"");
+            let err = ShimConfig::from_toml(&text, Path::new("/k.toml")).unwrap_err();
+            assert!(err.to_string().contains("pool.dir"), "{dir}: {err}");
+        }
+        let own = "[shim.pool]\ndir = \"/run/kite/sandboxes/.pool-b\"";
+        assert!(ShimConfig::from_toml(own, Path::new("/k.toml")).is_ok());
         let typo = "[shim.pool]\ncuont = 1";
         assert!(ShimConfig::from_toml(typo, Path::new("/k.toml")).is_err());
     }

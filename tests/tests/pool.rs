@@ -396,8 +396,35 @@ async fn pods_adopt_pooled_vms_and_the_pool_survives_its_holder() {
     assert_pod_identity(&mut c, &p, &web_p).await;
     remove(&mut c, &p).await;
 
-    // 4. The holder stopped (a VM it was booting goes), the pool drained: a pod boots its
-    // own VM, as without a pool.
+    // 4. The holder SIGKILLed while it boots a VM (the refill after pod C): the next holder
+    // releases the unfinished VM, processes included. Then it is stopped and the pool
+    // drained: a pod boots its own VM, as without a pool.
+    let start = Instant::now();
+    while !std::fs::read_dir(pool_dir()).unwrap().flatten().any(|e| {
+        !e.file_name().to_string_lossy().starts_with('.')
+            && e.path().join("qemu.pid").exists()
+            && !e.path().join("pool.json").exists()
+    }) {
+        assert!(start.elapsed() < LIMIT, "no refill began: {}", log_tail());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.kill();
+    let holder = Holder::start();
+    let start = Instant::now();
+    loop {
+        let orphans = kite_e2e::orphaned_pool_vms();
+        if orphans.is_empty()
+            && metric("kite_pool_retired_total{reason=\"unfinished\"}").await == 1.0
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the unfinished VM was not released: {orphans:?}; {}",
+            log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     holder.stop();
     drain();
     assert!(ready().is_empty());

@@ -304,10 +304,12 @@ impl PreparedVm {
         .await;
         let (agent, ping, connection) = connected.map_err(|cause| VmError::Boot {
             vm: id.clone(),
+            // A pooled QEMU's stderr goes to qemu.log (no pipe outlives the holder).
             console: format!(
-                "{}{}",
+                "{}{}{}",
                 tail(&dir.join("console.log"), 800),
-                tail(&dir.join("guest.log"), 800)
+                tail(&dir.join("guest.log"), 800),
+                tail(&dir.join("qemu.log"), 800)
             ),
             cause: Box::new(cause),
         })?;
@@ -409,7 +411,7 @@ impl RunningVm {
         let started = Instant::now();
         let guard = DirGuard::new(dir);
         let mut state = VmState::load(dir).map_err(VmError::fs(id, "read the VM state in", dir))?;
-        let origin = state.origin.clone().unwrap_or_else(|| dir.to_path_buf());
+        let origin = trusted_origin(state.origin.clone(), dir);
         let gone = |what: &'static str, detail: String| VmError::NotReady {
             vm: id.to_string(),
             what,
@@ -552,9 +554,21 @@ fn marker(origin: &Path) -> String {
 
 /// Where the VM in `dir` was started (see [`VmState::origin`]).
 fn origin_of(dir: &Path) -> PathBuf {
-    VmState::load(dir)
-        .ok()
-        .and_then(|s| s.origin)
+    trusted_origin(VmState::load(dir).ok().and_then(|s| s.origin), dir)
+}
+
+/// A recorded origin if it has the shape of a pool's VM directory (`<dir>/.<pool>/<vm>`),
+/// else `dir`: the origin names the processes to kill, so a short or odd path (`/`, which
+/// every command line mentions) must never become the marker.
+fn trusted_origin(origin: Option<PathBuf>, dir: &Path) -> PathBuf {
+    origin
+        .filter(|o| {
+            let pool = o.parent().and_then(Path::file_name);
+            o.is_absolute()
+                && o.file_name().is_some_and(|n| !n.is_empty())
+                && pool.is_some_and(|p| p.to_string_lossy().starts_with('.'))
+                && o.components().count() >= 4
+        })
         .unwrap_or_else(|| dir.to_path_buf())
 }
 
@@ -825,6 +839,13 @@ pub fn processes_alive(dir: &Path) -> bool {
 /// (`network.json`), unmounts the share and removes the directory. Safe to call on a directory
 /// that is already gone, and after a crash of the process that started the VM.
 pub fn cleanup_vm_dir(dir: &Path) {
+    cleanup_moved_vm_dir(dir, &origin_of(dir));
+}
+
+/// [`cleanup_vm_dir`] for a VM whose processes were started in `origin`, when its directory
+/// has moved since and its state may not say so (a pooled VM retired before it had finished
+/// booting: no `vm.json` yet).
+pub fn cleanup_moved_vm_dir(dir: &Path, origin: &Path) {
     if !dir.exists() {
         return;
     }
@@ -833,7 +854,7 @@ pub fn cleanup_vm_dir(dir: &Path) {
         .filter_map(|file| pid_from(&dir.join(file)))
         .filter_map(|pid| u32::try_from(pid).ok())
         .collect();
-    kill_vm_processes(&origin_of(dir), &pids);
+    kill_vm_processes(origin, &pids);
     cgroup::remove(dir);
     // With QEMU gone its taps are gone; what it leaves in the pod's namespace goes now.
     net::release(dir, Path::new(passthrough::SYSFS));
@@ -897,5 +918,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(VmState::load(dir.path()).unwrap(), state);
+        assert_eq!(
+            origin_of(dir.path()),
+            Path::new("/run/kite/sandboxes/.pool/ab12")
+        );
+    }
+
+    #[test]
+    fn only_a_pool_shaped_origin_is_trusted() {
+        let dir = Path::new("/run/kite/sandboxes/sb1");
+        for odd in [
+            "/",
+            "/run",
+            "relative/.pool/ab12",
+            "/run/.pool/..",
+            "/run/kite/pool/ab12",
+        ] {
+            assert_eq!(trusted_origin(Some(odd.into()), dir), dir, "{odd}");
+        }
+        assert_eq!(trusted_origin(None, dir), dir);
+        let pooled = Path::new("/run/kite/sandboxes/.pool/ab12");
+        assert_eq!(trusted_origin(Some(pooled.into()), dir), pooled);
     }
 }

@@ -15,7 +15,7 @@ use nix::fcntl::{renameat2, RenameFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmSize;
-use crate::machine::cleanup_vm_dir;
+use crate::machine::cleanup_moved_vm_dir;
 
 /// Directories in the pool whose names start so are not VMs being offered (a retired VM on its
 /// way out, a temporary file).
@@ -171,22 +171,24 @@ pub fn claim(
 }
 
 /// Takes the VM `entry` out of the pool (so no adopter can claim it any more) and releases it.
-/// Whether it was still there to retire (false: a pod claimed it first).
-pub fn retire(pool_dir: &Path, entry: &PoolEntry) -> bool {
+/// `Ok(false)`: it was no longer there to retire (a pod claimed it first); an error leaves it
+/// in the pool, untouched.
+pub fn retire(pool_dir: &Path, entry: &PoolEntry) -> std::io::Result<bool> {
     let retired = pool_dir.join(format!("{RETIRED_PREFIX}{}", entry.name));
-    if renameat2(
+    match renameat2(
         None,
         &entry.dir,
         None,
         &retired,
         RenameFlags::RENAME_NOREPLACE,
-    )
-    .is_err()
-    {
-        return false;
+    ) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOENT) => return Ok(false),
+        Err(e) => return Err(e.into()),
     }
-    cleanup_vm_dir(&retired);
-    true
+    // Its processes name the directory it was started in (its state may not say so yet).
+    cleanup_moved_vm_dir(&retired, &entry.dir);
+    Ok(true)
 }
 
 /// Releases what retirements that were cut short left in `pool_dir`.
@@ -195,8 +197,9 @@ pub fn sweep_retired(pool_dir: &Path) {
         return;
     };
     for e in read.flatten() {
-        if e.file_name().to_string_lossy().starts_with(RETIRED_PREFIX) {
-            cleanup_vm_dir(&e.path());
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(vm) = name.strip_prefix(RETIRED_PREFIX) {
+            cleanup_moved_vm_dir(&e.path(), &pool_dir.join(vm));
         }
     }
 }
@@ -291,13 +294,13 @@ mod tests {
         assert_eq!(all.len(), 2);
         let v1 = all.iter().find(|e| e.name == "v1").unwrap();
         let v2 = all.iter().find(|e| e.name == "v2").unwrap();
-        assert!(retire(&pool, v1));
+        assert!(retire(&pool, v1).unwrap());
         assert!(!pool.join(".retired-v1").exists(), "released");
         let size = v2.meta.as_ref().unwrap().size;
         claim(&pool, "fp", size, &root.path().join("sb"))
             .unwrap()
             .unwrap();
-        assert!(!retire(&pool, v2), "claimed first");
+        assert!(!retire(&pool, v2).unwrap(), "claimed first");
         assert!(root.path().join("sb").exists());
         assert!(entries(&pool).is_empty());
     }

@@ -271,6 +271,19 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     unsafe { cmd.pre_exec(hook) };
 }
 
+/// Puts a child that outlives its parent (a pooled VM's) in a session of its own: a signal to
+/// the parent's process group or terminal (Ctrl-C on a foreground kite-pool) does not reach it.
+pub(crate) fn detach_session(cmd: &mut Command) {
+    let hook = || {
+        nix::unistd::setsid()
+            .map(drop)
+            .map_err(std::io::Error::from)
+    };
+    // SAFETY: the hook runs between fork and exec and only calls setsid(2), which is
+    // async-signal-safe, and allocates nothing.
+    unsafe { cmd.pre_exec(hook) };
+}
+
 /// Lets the child inherit `fds` (the shim opens every descriptor close-on-exec, so no other
 /// child holds a tap open).
 fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
@@ -322,6 +335,8 @@ pub fn spawn(config: &VmConfig, spec: &VmSpec, owned: bool) -> Result<Child, VmE
         .kill_on_drop(owned);
     if owned {
         die_with_parent(&mut cmd);
+    } else {
+        detach_session(&mut cmd);
     }
     inherit_fds(&mut cmd, spec.tap_fds.clone());
     cmd.spawn().map_err(|source| VmError::Spawn {

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use crate::config::VmConfig;
-use crate::qemu::die_with_parent;
+use crate::qemu::{detach_session, die_with_parent};
 use crate::VmError;
 
 /// Starts virtiofsd on `shared_dir`, listening on `socket`, logging to `log`; an `owned` one
@@ -46,6 +46,8 @@ pub fn spawn(
         .kill_on_drop(owned);
     if owned {
         die_with_parent(&mut cmd);
+    } else {
+        detach_session(&mut cmd);
     }
     cmd.spawn().map_err(|source| VmError::Spawn {
         vm: vm.into(),

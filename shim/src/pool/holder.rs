@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{Read, Seek};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -155,7 +156,27 @@ impl Holder {
             let dir = self.pool_dir.clone();
             move |source| PoolError::Fs { dir, op, source }
         };
-        std::fs::create_dir_all(&self.pool_dir).map_err(fs("create"))?;
+        // Only root's shims adopt from it: nobody else has business reading VMs' sockets.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.pool_dir)
+            .map_err(fs("create"))?;
+        std::fs::set_permissions(&self.pool_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(fs("restrict to root"))?;
+        // A claim renames a VM's directory into state_dir: one filesystem.
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+        if let Some(state_dir) = self.pool_dir.parent() {
+            if dev(&self.pool_dir).map_err(fs("stat"))?
+                != dev(state_dir).map_err(fs("stat state_dir"))?
+            {
+                return Err(PoolError::Fs {
+                    dir: self.pool_dir.clone(),
+                    op: "share state_dir's filesystem (a mount on the pool directory?)",
+                    source: std::io::Error::from_raw_os_error(libc::EXDEV),
+                });
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -339,26 +360,41 @@ impl Holder {
             if let Some(meta) = offered.remove(&name) {
                 let entry = PoolEntry {
                     dir: self.pool_dir.join(&name),
-                    name,
-                    meta: Some(meta),
+                    name: name.clone(),
+                    meta: Some(meta.clone()),
                 };
-                self.retire(entry, reason).await;
+                if !self.retire(entry, reason).await {
+                    offered.insert(name, meta);
+                }
             }
         }
     }
 
-    async fn retire(&self, entry: PoolEntry, reason: &'static str) {
+    /// Whether the VM is out of the pool now (retired, or claimed by a pod first); false when
+    /// the retirement failed and it is still there.
+    async fn retire(&self, entry: PoolEntry, reason: &'static str) -> bool {
         let pool_dir = self.pool_dir.clone();
         let name = entry.name.clone();
-        let retired = tokio::task::spawn_blocking(move || pool::retire(&pool_dir, &entry))
-            .await
-            .unwrap_or(false);
-        if retired {
-            info!(vm = %name, reason, "pooled VM retired");
-            self.metrics
-                .retired
-                .get_or_create(&reason_label(reason))
-                .inc();
+        let dir = entry.dir.clone();
+        let outcome = tokio::task::spawn_blocking(move || pool::retire(&pool_dir, &entry)).await;
+        match outcome {
+            Ok(Ok(true)) => {
+                info!(vm = %name, reason, "pooled VM retired");
+                self.metrics
+                    .retired
+                    .get_or_create(&reason_label(reason))
+                    .inc();
+                true
+            }
+            Ok(Ok(false)) => true,
+            Ok(Err(e)) => {
+                warn!(vm = %name, dir = %dir.display(), reason, error = %e, "cannot retire a pooled VM; it stays in the pool");
+                false
+            }
+            Err(e) => {
+                warn!(vm = %name, reason, error = %e, "retiring a pooled VM panicked");
+                false
+            }
         }
     }
 
@@ -437,12 +473,22 @@ impl Holder {
         pool::sweep_retired(&self.pool_dir);
         let mut released = 0;
         for entry in pool::entries(&self.pool_dir) {
-            if pool::retire(&self.pool_dir, &entry) {
-                released += 1;
-                self.metrics
-                    .retired
-                    .get_or_create(&reason_label("drain"))
-                    .inc();
+            match pool::retire(&self.pool_dir, &entry) {
+                Ok(true) => {
+                    released += 1;
+                    self.metrics
+                        .retired
+                        .get_or_create(&reason_label("drain"))
+                        .inc();
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(PoolError::Fs {
+                        dir: entry.dir.clone(),
+                        op: "retire a VM",
+                        source: e,
+                    })
+                }
             }
         }
         net::remove_holding_netns(&self.netns);
