@@ -32,9 +32,9 @@ cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.new" && replace "$out/vmlinuz.new" 
 target=x86_64-unknown-linux-gnu
 (cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" \
    LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-   cargo build --release --locked -q \
+   cargo build --profile guest --locked -q \
    -p kite-guest --target $target)
-agent=$here/target/$target/release/kite-guest
+agent=$here/target/$target/guest/kite-guest
 
 # The initrd: /init -> /sysroot/init; everything the agent needs lives in /sysroot.
 stage=$work/initrd
@@ -58,7 +58,12 @@ for g in $groups; do
 done | awk '!seen[$2]++' | while read -r group ko; do
   rel=${ko#"$kroot"/lib/modules/"$kver"/}
   mkdir -p "$stage/sysroot/lib/modules/$(dirname "$rel")"
-  cp "$ko" "$stage/sysroot/lib/modules/$rel"
+  # Unpacked here, not by the guest's kernel at each boot (slow under TCG).
+  case "$rel" in
+    *.ko.xz) rel=${rel%.xz}; xz -dc "$ko" > "$stage/sysroot/lib/modules/$rel" ;;
+    *.ko.zst) rel=${rel%.zst}; zstd -qdc "$ko" > "$stage/sysroot/lib/modules/$rel" ;;
+    *) cp "$ko" "$stage/sysroot/lib/modules/$rel" ;;
+  esac
   echo "$group $rel" >> "$stage/sysroot/lib/modules/modules.load"
 done
 # Fixed times: the same files make the same initrd (and the warm pool's VMs stay valid).

@@ -12,7 +12,7 @@ log() { echo "setup: $*"; }
 pkgs=(containerd runc qemu-system-x86 containernetworking-plugins docker-registry
       libseccomp-dev libcap-ng-dev pkg-config cpio kmod iproute2 iptables busybox-static
       python3 python3-pip curl ca-certificates procps psmisc util-linux gcc protobuf-compiler iperf3
-      openjdk-17-jdk-headless socat etcd-server etcd-client libprotobuf-dev)
+      openjdk-17-jdk-headless socat xz-utils etcd-server etcd-client libprotobuf-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

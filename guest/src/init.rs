@@ -1,7 +1,7 @@
 //! The life of PID 1: boot, then serve the agent protocol until the VM is powered off.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kite_protocol::agent::PingResponse;
@@ -11,25 +11,6 @@ use crate::boot;
 use crate::channel;
 use crate::reaper::Reaper;
 use crate::service::AgentService;
-
-/// Name of the virtio-serial port that carries the agent's log lines to the host.
-pub const LOG_PORT_NAME: &str = "kite.log";
-
-/// Log lines go to the log port once it exists, and to the kernel console before that.
-#[derive(Clone)]
-struct LogSink(Arc<Mutex<Option<std::fs::File>>>);
-
-impl Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.0.lock().ok().as_mut().and_then(|f| f.as_mut()) {
-            Some(port) => port.write(buf),
-            None => std::io::stderr().write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// ttrpc serves on listening sockets; a virtio-serial port is a single stream. The agent
 /// serves on this unix socket and pumps the port's bytes to one connection to it.
@@ -155,33 +136,30 @@ pub fn run() -> ! {
         power_off();
     }
     let started_ns = boot::monotonic_ns();
-    let sink = LogSink(Arc::new(Mutex::new(None)));
-    let writer = sink.clone();
+    // The agent's log goes to the kernel's console (the host's console.log). A virtio-serial
+    // port of its own would cost the guest 4 MiB: the driver fills each port's receive queue
+    // with a page per descriptor, 1024 descriptors on virtio-mmio.
     tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
+        .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
         .init();
-    match boot_and_serve(started_ns, sink) {
+    match boot_and_serve(started_ns) {
         Ok(()) => info!("agent stopped"),
         Err(e) => error!("kite-guest: {e:#}"),
     }
     power_off();
 }
 
-fn boot_and_serve(started_ns: u64, sink: LogSink) -> anyhow::Result<()> {
+fn boot_and_serve(started_ns: u64) -> anyhow::Result<()> {
     use anyhow::Context;
     let ms = |from: u64| (boot::monotonic_ns().saturating_sub(from)) as f64 / 1e6;
     boot::mount_kernel_filesystems()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let t_modules = boot::monotonic_ns();
     let loaded = boot::load_modules(&cmdline)?;
+    boot::report_free_memory_finely();
     let modules_ms = ms(t_modules);
-    if let Ok(port) = channel::wait_for_port(LOG_PORT_NAME, Duration::from_millis(500)) {
-        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&port) {
-            *sink.0.lock().expect("log sink lock") = Some(file);
-        }
-    }
     let t_share = boot::monotonic_ns();
     boot::mount_share(
         kite_protocol::SHARE_TAG,

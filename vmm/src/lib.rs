@@ -89,7 +89,7 @@ pub enum VmError {
     #[error("sandbox {vm}: the VM did not boot{console}")]
     Boot {
         vm: String,
-        /// The tails of the console and guest logs, when they say anything.
+        /// The tails of the console log (kernel and agent) and of qemu.log, when they say anything.
         console: String,
         #[source]
         cause: Box<BootFailure>,

@@ -255,7 +255,6 @@ impl PreparedVm {
             virtiofs_socket: dir.join("virtiofsd.sock"),
             qmp_socket: dir.join("qmp.sock"),
             console_log: dir.join("console.log"),
-            guest_log: dir.join("guest.log"),
             pid_file: dir.join("qemu.pid"),
             free_page_reporting: self.config.free_page_reporting,
             nics: nics.clone(),
@@ -306,9 +305,8 @@ impl PreparedVm {
             vm: id.clone(),
             // A pooled QEMU's stderr goes to qemu.log (no pipe outlives the holder).
             console: format!(
-                "{}{}{}",
-                tail(&dir.join("console.log"), 800),
-                tail(&dir.join("guest.log"), 800),
+                "{}{}",
+                tail(&dir.join("console.log"), 1200),
                 tail(&dir.join("qemu.log"), 800)
             ),
             cause: Box::new(cause),
@@ -438,7 +436,7 @@ impl RunningVm {
             .await
             .map_err(|cause| VmError::Boot {
                 vm: id.to_string(),
-                console: tail(&dir.join("guest.log"), 800),
+                console: tail(&dir.join("console.log"), 1200),
                 cause: Box::new(cause),
             })?;
         if let AgentChannel::Serial(path) = &mut state.channel {

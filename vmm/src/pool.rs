@@ -170,6 +170,37 @@ pub fn claim(
     Ok(Err(Miss::Empty))
 }
 
+/// The QEMU command line (kernel command line included) of a pooled VM of `size` booted with
+/// `config`, with fixed stand-ins for its directory and devices: part of the pool's fingerprint,
+/// so VMs started by an older rendering of the command line are not adopted by a newer shim.
+pub fn command_line_template(config: &crate::VmConfig, size: VmSize) -> String {
+    let dir = Path::new("/pool/vm");
+    let spec = crate::qemu::VmSpec {
+        vm_id: "vm".into(),
+        // The choice is in the configuration (hashed beside this); probing the host for it here
+        // would warn at every look.
+        accelerator: crate::Accelerator::Tcg,
+        machine: config.machine,
+        vcpus: size.vcpus,
+        memory_mib: size.memory_mib,
+        kernel: config.kernel_path.clone(),
+        initrd: config.initrd_path.clone(),
+        kernel_params: config.kernel_params.clone(),
+        tsc_khz: None,
+        qemu_sandbox: config.qemu_sandbox,
+        channel: crate::qemu::AgentChannel::Serial(dir.join("agent.sock")),
+        agent_listens: true,
+        virtiofs_socket: dir.join("virtiofsd.sock"),
+        qmp_socket: dir.join("qmp.sock"),
+        console_log: dir.join("console.log"),
+        pid_file: dir.join("qemu.pid"),
+        free_page_reporting: config.free_page_reporting,
+        nics: Vec::new(),
+        tap_fds: Vec::new(),
+    };
+    crate::qemu::qemu_args(&spec).join(" ")
+}
+
 /// Takes the VM `entry` out of the pool (so no adopter can claim it any more) and releases it.
 /// `Ok(false)`: it was no longer there to retire (a pod claimed it first); an error leaves it
 /// in the pool, untouched.

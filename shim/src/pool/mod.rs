@@ -28,7 +28,7 @@ pub const MISSES_FILE: &str = ".misses";
 pub const NETNS_FILE: &str = ".netns";
 
 /// What a VM of `size` booted with `config` is made from: the VM layer's configuration, the
-/// size, the kite version, and the identity (size, modification time, inode) of QEMU, virtiofsd,
+/// size, the kite version, the QEMU command line kite renders for it, and the identity (size, modification time, inode) of QEMU, virtiofsd,
 /// the guest kernel and initrd. A pod adopts only a VM with its own fingerprint, so a changed
 /// configuration or a rebuilt guest never serves a pod from a VM made otherwise.
 pub fn fingerprint(config: &ShimConfig, size: VmSize) -> String {
@@ -38,6 +38,7 @@ pub fn fingerprint(config: &ShimConfig, size: VmSize) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     env!("CARGO_PKG_VERSION").hash(&mut hasher);
     format!("{vm:?}").hash(&mut hasher);
+    kite_vmm::pool::command_line_template(&vm, size).hash(&mut hasher);
     (size.vcpus, size.memory_mib).hash(&mut hasher);
     for path in [
         &vm.qemu_path,
