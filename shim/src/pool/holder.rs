@@ -79,6 +79,23 @@ pub enum PoolError {
     Vm(#[from] VmError),
 }
 
+/// The first class short of VMs (`ready` counts each one's) whose next VM fits the memory budget
+/// with `held_mib` already held: a large class the budget cannot take now does not keep the
+/// smaller ones after it empty.
+fn class_to_fill<'a>(
+    classes: &'a [Class],
+    ready: &[u32],
+    held_mib: u64,
+    budget_mib: u64,
+) -> Option<&'a Class> {
+    classes
+        .iter()
+        .zip(ready)
+        .filter(|(c, n)| **n < c.count)
+        .map(|(c, _)| c)
+        .find(|c| held_mib + c.size.memory_mib <= budget_mib)
+}
+
 /// One size of pooled VM, as the holder keeps it.
 #[derive(Clone, Debug)]
 struct Class {
@@ -446,16 +463,14 @@ impl Holder {
 
     /// The class to boot a VM of next, if any is short and memory allows one more.
     fn next_to_boot(&self, offered: &HashMap<String, PoolMeta>, ready: &[u32]) -> Option<Class> {
-        let class = self
-            .classes
-            .iter()
-            .zip(ready)
-            .find(|(c, n)| **n < c.count)
-            .map(|(c, _)| c.clone())?;
         let held: u64 = offered.values().map(|m| m.size.memory_mib).sum();
-        if held + class.size.memory_mib > self.config.pool.memory_budget_mib {
-            return None;
-        }
+        let class = class_to_fill(
+            &self.classes,
+            ready,
+            held,
+            self.config.pool.memory_budget_mib,
+        )?
+        .clone();
         let available_mib = available_memory_mib();
         if available_mib.is_some_and(|a| a < self.config.pool.min_available_mib) {
             return None;
@@ -561,4 +576,34 @@ async fn boot_one(
         meta,
         took: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(memory_mib: u64, count: u32) -> Class {
+        Class {
+            size: VmSize {
+                vcpus: 1,
+                memory_mib,
+            },
+            count,
+            fingerprint: "fp".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_short_class_the_budget_allows_is_filled() {
+        let classes = [class(1024, 1), class(256, 2)];
+        let mib = |c: Option<&Class>| c.map(|c| c.size.memory_mib);
+        // Both short, room for either: the first.
+        assert_eq!(mib(class_to_fill(&classes, &[0, 0], 0, 2048)), Some(1024));
+        // The large one does not fit: the small one is still filled.
+        assert_eq!(mib(class_to_fill(&classes, &[0, 0], 1024, 1536)), Some(256));
+        // Full classes are skipped; nothing fits: none.
+        assert_eq!(mib(class_to_fill(&classes, &[1, 0], 0, 2048)), Some(256));
+        assert_eq!(mib(class_to_fill(&classes, &[1, 2], 0, 2048)), None);
+        assert_eq!(mib(class_to_fill(&classes, &[0, 0], 1900, 2048)), None);
+    }
 }
