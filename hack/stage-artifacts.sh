@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds kite's release binaries and stages what a node install puts on a host (the kite-deploy
 # image's and the Debian package's payload) in DIR: VERSION, bin/ (the shim, kite-snapshotter,
-# kite-lazyfs, kite-agent, kitectl, kite-deploy, virtiofsd), share/guest/ (kernel, initrd).
+# kite-pool, kite-lazyfs, kite-agent, kitectl, kite-deploy, virtiofsd), share/guest/ (kernel, initrd).
 #   hack/stage-artifacts.sh DIR VERSION
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,7 +14,7 @@ for f in /var/lib/kite/guest/vmlinuz /var/lib/kite/guest/initrd.img /usr/local/b
   [ -f "$f" ] || { echo "stage-artifacts: $f is missing (run hack/setup.sh)" >&2; exit 1; }
 done
 mkdir -p "$dest/bin" "$dest/share/guest"
-for b in containerd-shim-kite-v2 kite-snapshotter kite-lazyfs kite-agent kitectl kite-deploy; do
+for b in containerd-shim-kite-v2 kite-pool kite-snapshotter kite-lazyfs kite-agent kitectl kite-deploy; do
   install -m 0755 "$rel/$b" "$dest/bin/$b"
 done
 install -m 0755 /usr/local/bin/virtiofsd "$dest/bin/virtiofsd"

@@ -353,6 +353,7 @@ fn install_steps(
         vec![dest.join("bin/virtiofsd"), "--version".into()],
         vec![dest.join("bin/kite-agent"), "--help".into()],
         vec![dest.join("bin/kite-snapshotter"), "--help".into()],
+        vec![dest.join("bin/kite-pool"), "--help".into()],
     ] {
         let argv: Vec<&str> = check.iter().filter_map(|p| p.to_str()).collect();
         host.run(&argv).map_err(|e| InstallError::Prerequisite {
@@ -462,6 +463,9 @@ fn install_steps(
     wait_cri(host, &cri_socket, opts.timeout, true)?;
     sm.restart_daemon(host, layout, "kite-agent")?;
     wait_socket(host, &layout.agent_socket(), opts.timeout, "kite-agent")?;
+    // The warm pool: a new kite-pool takes the old one's ready VMs over (and replaces those
+    // made from another version's guest).
+    sm.restart_daemon(host, layout, "kite-pool")?;
     Ok(())
 }
 
@@ -778,10 +782,32 @@ fn rollback(
     wait_cri(host, &socket, opts.timeout, before.record.is_some())
 }
 
+/// Releases the warm pool's VMs with the install's own kite-pool (stopped before): a pooled
+/// VM's QEMU runs from the host's QEMU, not from the install, and is not a pod.
+fn drain_pool(host: &Host, layout: &Layout) -> Result<(), InstallError> {
+    let pool = layout.current_bin("kite-pool");
+    // An install of a version without a pool has nothing to drain.
+    if !host.exists(&pool) || !host.exists(&layout.kite_config()) {
+        return Ok(());
+    }
+    let (pool, config) = (
+        pool.display().to_string(),
+        layout.kite_config().display().to_string(),
+    );
+    host.run(&[pool.as_str(), "--config", config.as_str(), "drain"])?;
+    Ok(())
+}
+
 /// Processes still running from the install (kite-lazyfs outlives the snapshotter): SIGTERM,
 /// then SIGKILL.
 fn stop_leftover_processes(layout: &Layout) {
-    const LEFTOVERS: [&str; 4] = ["kite-lazyfs", "kite-snapshotter", "kite-agent", "virtiofsd"];
+    const LEFTOVERS: [&str; 5] = [
+        "kite-lazyfs",
+        "kite-snapshotter",
+        "kite-agent",
+        "kite-pool",
+        "virtiofsd",
+    ];
     for (pid, exe) in processes_under(&layout.prefix) {
         let name = exe
             .file_name()
@@ -931,8 +957,10 @@ pub fn uninstall(opts: &Options) -> Result<Uninstalled, InstallError> {
     sm.restart_containerd(&host)?;
     wait_cri(&host, &cri_socket, opts.timeout, false)?;
 
-    // 2. kite's daemons, and whatever still runs from its files.
+    // 2. kite's daemons, the warm pool's VMs (they outlive kite-pool by design), and whatever
+    //    still runs from kite's files.
     sm.stop_daemons(&host, layout)?;
+    drain_pool(&host, layout)?;
     stop_leftover_processes(layout);
     unmount_under(&host, layout);
 
@@ -1061,7 +1089,13 @@ impl Status {
     pub fn healthy(&self) -> bool {
         self.version.is_some()
             && !self.installing
-            && self.daemons.iter().all(|(_, p)| p.is_some())
+            // The warm pool only makes pods start sooner (and exits once it has drained when
+            // the operator turns it off): a node without it runs pods all the same.
+            && self
+                .daemons
+                .iter()
+                .filter(|(d, _)| d != "kite-pool")
+                .all(|(_, p)| p.is_some())
             && self.containerd_runs_kite.is_ok()
     }
 }

@@ -81,6 +81,8 @@ pub fn render(layout: &Layout, cri_socket: &Path, overlay: Option<Table>) -> Str
             ("virtiofsd_path", p(cur.join("bin/virtiofsd"))),
             ("state_dir", p(layout.run_dir.join("sandboxes"))),
             ("timings_file", p(layout.run_dir.join("timings.jsonl"))),
+            // The warm pool (kite-pool), with its defaults: 2 VMs of the default size.
+            ("pool", section(vec![("enabled", Value::Boolean(true))])),
         ]),
     );
     root.insert(
@@ -149,6 +151,7 @@ mod tests {
             Some("/opt/kite/current/share/guest/vmlinuz")
         );
         assert_eq!(t["shim"]["default_vcpus"].as_integer(), Some(2));
+        assert_eq!(t["shim"]["pool"]["enabled"].as_bool(), Some(true));
         assert_eq!(
             t["snapshotter"]["lazyfs_path"].as_str(),
             Some("/opt/kite/current/bin/kite-lazyfs")

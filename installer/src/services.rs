@@ -1,4 +1,4 @@
-//! kite's daemons (kite-snapshotter, kite-agent) and containerd's restart, through the host's
+//! kite's daemons (kite-snapshotter, kite-agent, kite-pool) and containerd's restart, through the host's
 //! service manager: systemd when the host runs it, otherwise pid files and a command the
 //! operator names for containerd.
 
@@ -12,11 +12,13 @@ use nix::unistd::Pid;
 use crate::host::{Host, HostError};
 use crate::kite_config::Layout;
 
-/// kite's daemons, in start order (the snapshotter before containerd dials it).
-pub const DAEMONS: [&str; 2] = ["kite-snapshotter", "kite-agent"];
+/// kite's daemons, in start order (the snapshotter before containerd dials it; the warm pool
+/// last, stopped first).
+pub const DAEMONS: [&str; 3] = ["kite-snapshotter", "kite-agent", "kite-pool"];
 
 const SNAPSHOTTER_UNIT: &str = include_str!("../../deploy/systemd/kite-snapshotter.service");
 const AGENT_UNIT: &str = include_str!("../../deploy/systemd/kite-agent.service");
+const POOL_UNIT: &str = include_str!("../../deploy/systemd/kite-pool.service");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -104,6 +106,10 @@ impl ServiceManager {
             (
                 PathBuf::from("/etc/systemd/system/kite-agent.service"),
                 fill(AGENT_UNIT),
+            ),
+            (
+                PathBuf::from("/etc/systemd/system/kite-pool.service"),
+                fill(POOL_UNIT),
             ),
         ]
     }
@@ -249,7 +255,7 @@ mod tests {
             log_dir: "/var/log/kite".into(),
         };
         let units = ServiceManager::units(&layout);
-        assert_eq!(units.len(), 2);
+        assert_eq!(units.len(), 3);
         for (path, text) in &units {
             assert!(path.starts_with("/etc/systemd/system"));
             assert!(!text.contains('@'), "{text}");

@@ -66,6 +66,25 @@ pub fn target_down() {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    // An install's warm pool (left by a failed run): its own kite-pool releases the VMs, their
+    // namespace and cgroup; what it cannot is killed (the VMs' command lines name RUN_DIR).
+    let pool = Path::new(PREFIX).join("current/bin/kite-pool");
+    let config = Path::new(CONFIG_DIR).join("kite.toml");
+    if pool.exists() && config.exists() {
+        let _ = std::process::Command::new(&pool)
+            .arg("--config")
+            .arg(&config)
+            .arg("drain")
+            .output();
+    }
+    for line in crate::processes_mentioning(&format!("{RUN_DIR}/")) {
+        if let Some(pid) = line.split(':').next().and_then(|p| p.parse().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
     let mut mounts = mounts_under(&[RUN_DIR, STATE_DIR]);
     mounts.sort();
     for m in mounts.iter().rev() {
@@ -101,11 +120,13 @@ pub fn installer_env() -> Vec<(String, String)> {
         // the node's /usr/local/bin (the machine's own holds the set-up's kite).
         ("KITE_SHIM_LINK_DIR", TARGET_BIN.into()),
         ("KITE_CONTAINERD_RESTART", restart),
-        // The set-up's own agent and snapshotter hold the default metrics ports.
+        // The set-up's own agent, snapshotter and warm pool hold the default metrics ports
+        // (and the pool its cgroup); the install's pool keeps one VM.
         (
             "KITE_CONFIG_OVERLAY",
             "[agent]\nmetrics_addr = \"127.0.0.1:9711\"\n\
-             [snapshotter]\nmetrics_address = \"127.0.0.1:9712\"\n"
+             [snapshotter]\nmetrics_address = \"127.0.0.1:9712\"\n\
+             [shim.pool]\nmetrics_addr = \"127.0.0.1:9713\"\ncount = 1\ncgroup = \"/kite-pool-deploy\"\n"
                 .into(),
         ),
         ("NODE_NAME", "deploy-e2e".into()),

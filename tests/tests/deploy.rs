@@ -89,8 +89,55 @@ fn assert_nothing_left_of(prefix: &str) {
     assert!(link.symlink_metadata().is_err(), "the shim's link is left");
     let procs = processes_under(prefix);
     assert!(procs.is_empty(), "processes left: {procs:?}");
+    // The warm pool's VMs run the host's QEMU: found by their directory under the install's.
+    let vms = kite_e2e::processes_mentioning(&format!("{RUN_DIR}/"));
+    assert!(vms.is_empty(), "pooled VMs left: {vms:?}");
     let mounts = mounts_under(&[prefix, RUN_DIR, STATE_DIR]);
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+}
+
+/// Waits until the install's warm pool offers a VM (`pool.json` is published last).
+async fn wait_pool_ready(limit: Duration) {
+    let pool = Path::new(RUN_DIR).join("sandboxes/.pool");
+    let start = std::time::Instant::now();
+    loop {
+        let ready = std::fs::read_dir(&pool)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("pool.json").exists());
+        if ready {
+            return;
+        }
+        let log = std::fs::read_to_string(format!("{LOG_DIR}/kite-pool.log")).unwrap_or_default();
+        assert!(
+            start.elapsed() < limit,
+            "the install's warm pool offers no VM in {limit:?}: {}",
+            &log[log.len().saturating_sub(2000)..]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How sandbox `pod_id` used the warm pool, from the shims' start records. A shim writes them
+/// where the configuration it starts with says (the machine's /etc/kite/kite.toml: the
+/// install's is in a directory of the test's own), hence both files.
+fn pool_use_of(pod_id: &str) -> String {
+    let paths = [
+        format!("{RUN_DIR}/timings.jsonl"),
+        "/run/kite/timings.jsonl".into(),
+    ];
+    paths
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| v["sandbox"].as_str() == Some(pod_id))
+        .find_map(|v| v["pool"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no start record with a pool use for {pod_id} in {paths:?}"))
 }
 
 /// The scenarios share one target node, so they run one after the other in one test (as
@@ -145,8 +192,10 @@ async fn the_deploy_image_installs_upgrades_under_a_running_pod_and_uninstalls_t
     assert!(again.1.contains("already was"), "{again:?}");
     assert_eq!(std::fs::read_to_string(TARGET_CONFIG).unwrap(), installed);
 
-    // A kite pod through the target's CRI, on version a.
+    // A kite pod through the target's CRI, on version a, in a VM of the install's warm pool.
+    wait_pool_ready(LIMIT).await;
     let (kite1, kite1_ip) = serving_pod(&mut target, "kite-one", KITE, "kite-one").await;
+    assert_eq!(pool_use_of(&kite1.id), "hit", "pod one adopts a pooled VM");
     assert!(
         shim_of(&kite1.id).starts_with(format!("{PREFIX}/e2e-a")),
         "pod one runs version a's shim"

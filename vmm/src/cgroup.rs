@@ -81,11 +81,17 @@ pub fn remove(vm_dir: &Path) {
     let Ok(path) = std::fs::read_to_string(vm_dir.join(CGROUP_FILE)) else {
         return;
     };
+    remove_path(&path);
+}
+
+/// Removes the cgroup `path` (one [`join`]ed, e.g. the warm pool's, once its VMs are gone);
+/// a cgroup that does not exist is fine.
+pub fn remove_path(path: &str) {
     // A killed process leaves its cgroup only when its exit completes: retry for a while.
     let mut last = None;
     for _ in 0..150 {
         let removed =
-            manager(&path).and_then(|m| m.remove().map_err(|e| CgroupError::Open(Box::new(e))));
+            manager(path).and_then(|m| m.remove().map_err(|e| CgroupError::Open(Box::new(e))));
         match removed {
             Ok(()) => return,
             Err(e) => last = Some(e),

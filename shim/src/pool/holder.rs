@@ -487,6 +487,8 @@ impl Holder {
         let _lock = self.lock()?;
         pool::sweep_retired(&self.pool_dir);
         let mut released = 0;
+        // Every VM it can release goes; the first failure is reported at the end.
+        let mut failed = None;
         for entry in pool::entries(&self.pool_dir) {
             match pool::retire(&self.pool_dir, &entry) {
                 Ok(true) => {
@@ -498,15 +500,22 @@ impl Holder {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    return Err(PoolError::Fs {
+                    warn!(vm = %entry.name, error = %e, "cannot release a pooled VM");
+                    failed.get_or_insert(PoolError::Fs {
                         dir: entry.dir.clone(),
                         op: "retire a VM",
                         source: e,
-                    })
+                    });
                 }
             }
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         net::remove_holding_netns(&self.netns);
+        if !self.config.pool.cgroup.is_empty() {
+            kite_vmm::cgroup::remove_path(&self.config.pool.cgroup);
+        }
         let _ = std::fs::remove_file(self.pool_dir.join(MISSES_FILE));
         Ok(released)
     }

@@ -324,14 +324,20 @@ impl TaskState {
         }
         let sandbox_id = rootfs::sandbox_id(&id, &spec);
         let config = match &request.config_path {
-            Some(path) => ShimConfig {
-                // State must stay where `shim delete` looks for it after a crash.
-                state_dir: self.config.state_dir.clone(),
-                ..ShimConfig::load_from(path).map_err(|source| TaskError::Config {
-                    container: id.clone(),
-                    source,
-                })?
-            },
+            Some(path) => {
+                let mut loaded =
+                    ShimConfig::load_from(path).map_err(|source| TaskError::Config {
+                        container: id.clone(),
+                        source,
+                    })?;
+                // The warm pool is the one that configuration's kite-pool keeps.
+                loaded.pool.dir = loaded.pool_dir();
+                ShimConfig {
+                    // State must stay where `shim delete` looks for it after a crash.
+                    state_dir: self.config.state_dir.clone(),
+                    ..loaded
+                }
+            }
             None => self.config.clone(),
         };
         let (sandbox, booted_here) = self.ensure_sandbox(&config, &sandbox_id, &spec).await?;
