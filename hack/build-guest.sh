@@ -43,6 +43,10 @@ mkdir -p "$stage/sysroot/lib/modules"
 # Stripped: the initrd stays in the guest's RAM (unpacked) for the VM's life.
 strip --strip-all -o "$stage/sysroot/init" "$agent"
 ln -s sysroot/init "$stage/init"
+# The console the kernel opens as PID 1's stdin, stdout and stderr (the agent logs there); the
+# kernel's built-in initramfs has one too, but not every kernel's.
+mkdir -p "$stage/dev"
+mknod -m 600 "$stage/dev/console" c 5 1
 # Modules in groups; the shim names the groups a VM needs on the kernel command line
 # (kite.modules=…), and the agent loads just those, in this order, each after its dependencies.
 # vf: drivers of the network functions a pod may get passed through (ENA, Intel VF, gVNIC).
@@ -58,10 +62,10 @@ for g in $groups; do
 done | awk '!seen[$2]++' | while read -r group ko; do
   rel=${ko#"$kroot"/lib/modules/"$kver"/}
   mkdir -p "$stage/sysroot/lib/modules/$(dirname "$rel")"
-  # Unpacked here, not by the guest's kernel at each boot (slow under TCG).
+  # Newer Debian kernels ship modules xz-compressed; the agent loads plain ones (finit_module
+  # without MODULE_INIT_COMPRESSED_FILE: decompressing at every boot is slow under TCG).
   case "$rel" in
     *.ko.xz) rel=${rel%.xz}; xz -dc "$ko" > "$stage/sysroot/lib/modules/$rel" ;;
-    *.ko.zst) rel=${rel%.zst}; zstd -qdc "$ko" > "$stage/sysroot/lib/modules/$rel" ;;
     *) cp "$ko" "$stage/sysroot/lib/modules/$rel" ;;
   esac
   echo "$group $rel" >> "$stage/sysroot/lib/modules/modules.load"

@@ -1,7 +1,6 @@
 //! The life of PID 1: boot, then serve the agent protocol until the VM is powered off.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kite_protocol::agent::PingResponse;
@@ -38,7 +37,6 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Read;
     use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let port = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -47,28 +45,25 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
     let conn = std::os::unix::net::UnixStream::connect(INTERNAL_SOCKET)?;
     let (mut port_in, mut port_out) = (port.try_clone()?, port);
     let (mut conn_in, mut conn_out) = (conn.try_clone()?, conn.try_clone()?);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader_stop = stop.clone();
+    // Written once the agent side has ended: wakes the reader out of its wait for the host.
+    let (wake_rx, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let host_to_agent = std::thread::Builder::new()
         .name("agent-port-in".into())
         .spawn(move || -> std::io::Result<()> {
             let mut buf = vec![0u8; 64 << 10];
             let mut was_connected = false;
             let result = loop {
-                if reader_stop.load(Ordering::Relaxed) {
-                    break Ok(());
-                }
-                // Waits for the host's bytes a while at a time, so that the session's end is
-                // noticed without them.
-                let mut fds = [nix::poll::PollFd::new(
-                    port_in.as_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
-                    Ok(0) => continue,
+                let mut fds = [
+                    nix::poll::PollFd::new(port_in.as_fd(), nix::poll::PollFlags::POLLIN),
+                    nix::poll::PollFd::new(wake_rx.as_fd(), nix::poll::PollFlags::POLLIN),
+                ];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => break Err(e.into()),
+                }
+                if fds[1].any().unwrap_or(false) {
+                    break Ok(());
                 }
                 match port_in.read(&mut buf) {
                     // The host is not connected: wait for it. A host that leaves after it was
@@ -112,8 +107,8 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
             Err(e) => break Err(e),
         }
     };
-    // The reader stops within its poll interval.
-    stop.store(true, Ordering::Relaxed);
+    // The reader stops at its next wait (or at its next write to the connection).
+    let _ = nix::unistd::write(&wake_tx, &[1]);
     let _ = conn.shutdown(std::net::Shutdown::Both);
     let host_side = host_to_agent
         .join()

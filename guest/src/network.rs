@@ -123,7 +123,6 @@ pub async fn loopback_up() -> Result<(), NetworkError> {
         .map_err(|e| NetworkError::Netlink(format!("lo up: {e}")))
 }
 
-/// Finds the NIC with `mac`, waiting for its driver to bring it up.
 /// The index of the link with one of `macs` (tried in order), waiting up to [`NIC_WAIT`].
 async fn find_by_mac(h: &Handle, macs: &[&[u8]]) -> Result<Option<u32>, NetworkError> {
     let deadline = tokio::time::Instant::now() + NIC_WAIT;

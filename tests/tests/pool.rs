@@ -57,18 +57,26 @@ impl Holder {
         Holder { child }
     }
 
-    fn signal(&mut self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid"));
-        let _ = nix::sys::signal::kill(pid, signal);
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("a pid"))
+    }
+
+    /// Sends `signal` and waits for kite-pool's exit; whether a SIGTERM ended it well.
+    fn signal(&mut self, signal: nix::sys::signal::Signal) -> bool {
+        let _ = nix::sys::signal::kill(self.pid(), signal);
         let status = self.child.wait().expect("wait for kite-pool");
-        if signal == nix::sys::signal::Signal::SIGTERM {
-            assert!(status.success(), "kite-pool on SIGTERM: {status}");
-        }
+        signal != nix::sys::signal::Signal::SIGTERM || status.success()
+    }
+
+    /// Freezes kite-pool where it is (SIGSTOP): whatever it was doing stays half-done.
+    fn freeze(&self) {
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGSTOP);
     }
 
     fn stop(mut self) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let ok = self.signal(nix::sys::signal::Signal::SIGTERM);
         std::mem::forget(self);
+        assert!(ok, "kite-pool did not exit cleanly on SIGTERM");
     }
 
     fn kill(mut self) {
@@ -78,6 +86,7 @@ impl Holder {
 }
 
 impl Drop for Holder {
+    /// Stops kite-pool when a test fails before it does (no assertion: it may be unwinding).
     fn drop(&mut self) {
         self.signal(nix::sys::signal::Signal::SIGTERM);
     }
@@ -396,31 +405,55 @@ async fn pods_adopt_pooled_vms_and_the_pool_survives_its_holder() {
     assert_pod_identity(&mut c, &p, &web_p).await;
     remove(&mut c, &p).await;
 
-    // 4. The holder SIGKILLed while it boots a VM (the refill after pod C): the next holder
-    // releases the unfinished VM, processes included. Then it is stopped and the pool
-    // drained: a pod boots its own VM, as without a pool.
+    // 4. The holder SIGKILLed while it boots a VM: the next holder releases the unfinished
+    // VM, processes included. (A third VM is asked for so that a boot surely begins; the
+    // holder is frozen the moment QEMU runs, so the boot cannot be published before the kill.)
+    // Then it is stopped and the pool drained: a pod boots its own VM, as without a pool.
+    wait_ready("the refill after pod C", LIMIT, |v| v.len() == 2).await;
+    holder.stop();
+    write_config("count = 3");
+    let holder = Holder::start();
     let start = Instant::now();
-    while !std::fs::read_dir(pool_dir()).unwrap().flatten().any(|e| {
-        !e.file_name().to_string_lossy().starts_with('.')
-            && e.path().join("qemu.pid").exists()
-            && !e.path().join("pool.json").exists()
-    }) {
-        assert!(start.elapsed() < LIMIT, "no refill began: {}", log_tail());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let booting = loop {
+        let found = std::fs::read_dir(pool_dir()).unwrap().flatten().find(|e| {
+            !e.file_name().to_string_lossy().starts_with('.')
+                && e.path().join("qemu.pid").exists()
+                && !e.path().join("pool.json").exists()
+        });
+        if let Some(e) = found {
+            holder.freeze();
+            break e.path();
+        }
+        assert!(start.elapsed() < LIMIT, "no third VM began: {}", log_tail());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let pids: Vec<u32> = ["qemu.pid", "virtiofsd.pid"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(booting.join(f)).ok())
+        .filter_map(|t| t.trim().parse().ok())
+        .collect();
+    assert!(
+        !pids.is_empty(),
+        "the booting VM {} has pids",
+        booting.display()
+    );
     holder.kill();
+    write_config("count = 2");
     let holder = Holder::start();
     let start = Instant::now();
     loop {
         let orphans = kite_e2e::orphaned_pool_vms();
-        if orphans.is_empty()
-            && metric("kite_pool_retired_total{reason=\"unfinished\"}").await == 1.0
-        {
+        let released = !booting.exists()
+            && pids.iter().all(|p| !alive(*p))
+            && orphans.is_empty()
+            && metric("kite_pool_retired_total{reason=\"unfinished\"}").await == 1.0;
+        if released {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "the unfinished VM was not released: {orphans:?}; {}",
+            "the unfinished VM {} (pids {pids:?}) was not released: {orphans:?}; {}",
+            booting.display(),
             log_tail()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -170,35 +170,53 @@ pub fn claim(
     Ok(Err(Miss::Empty))
 }
 
-/// The QEMU command line (kernel command line included) of a pooled VM of `size` booted with
-/// `config`, with fixed stand-ins for its directory and devices: part of the pool's fingerprint,
-/// so VMs started by an older rendering of the command line are not adopted by a newer shim.
+/// The QEMU command lines (kernel command line included) of a pooled VM of `size` booted with
+/// `config`, under TCG and under KVM, with the configured agent channel and one tap NIC, with
+/// fixed stand-ins for its directory, CID, MAC and descriptors: part of the pool's fingerprint,
+/// so VMs started by another rendering of the command line are not adopted by a newer shim.
 pub fn command_line_template(config: &crate::VmConfig, size: VmSize) -> String {
+    use crate::config::ChannelChoice;
+    use crate::net::{AttachedNic, Attachment};
+    use crate::qemu::AgentChannel;
     let dir = Path::new("/pool/vm");
-    let spec = crate::qemu::VmSpec {
-        vm_id: "vm".into(),
-        // The choice is in the configuration (hashed beside this); probing the host for it here
-        // would warn at every look.
-        accelerator: crate::Accelerator::Tcg,
-        machine: config.machine,
-        vcpus: size.vcpus,
-        memory_mib: size.memory_mib,
-        kernel: config.kernel_path.clone(),
-        initrd: config.initrd_path.clone(),
-        kernel_params: config.kernel_params.clone(),
-        tsc_khz: None,
-        qemu_sandbox: config.qemu_sandbox,
-        channel: crate::qemu::AgentChannel::Serial(dir.join("agent.sock")),
-        agent_listens: true,
-        virtiofs_socket: dir.join("virtiofsd.sock"),
-        qmp_socket: dir.join("qmp.sock"),
-        console_log: dir.join("console.log"),
-        pid_file: dir.join("qemu.pid"),
-        free_page_reporting: config.free_page_reporting,
-        nics: Vec::new(),
-        tap_fds: Vec::new(),
+    let channel = match config.agent_channel {
+        ChannelChoice::Serial => AgentChannel::Serial(dir.join("agent.sock")),
+        ChannelChoice::Auto | ChannelChoice::Vsock => AgentChannel::Vsock(3),
     };
-    crate::qemu::qemu_args(&spec).join(" ")
+    let mut lines = Vec::new();
+    // The accelerator is the host's to decide (its choice is in the configuration, hashed
+    // beside this): both renderings, without probing the host at every look.
+    for accelerator in [crate::Accelerator::Tcg, crate::Accelerator::Kvm] {
+        let spec = crate::qemu::VmSpec {
+            vm_id: "vm".into(),
+            accelerator,
+            machine: config.machine,
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            kernel: config.kernel_path.clone(),
+            initrd: config.initrd_path.clone(),
+            kernel_params: config.kernel_params.clone(),
+            tsc_khz: None,
+            qemu_sandbox: config.qemu_sandbox,
+            channel: channel.clone(),
+            agent_listens: true,
+            virtiofs_socket: dir.join("virtiofsd.sock"),
+            qmp_socket: dir.join("qmp.sock"),
+            console_log: dir.join("console.log"),
+            pid_file: dir.join("qemu.pid"),
+            free_page_reporting: config.free_page_reporting,
+            nics: vec![AttachedNic {
+                name: "eth0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                attachment: Attachment::Tap {
+                    tap: "kite-tap0".into(),
+                },
+            }],
+            tap_fds: vec![3],
+        };
+        lines.push(crate::qemu::qemu_args(&spec).join(" "));
+    }
+    lines.join("\n")
 }
 
 /// Takes the VM `entry` out of the pool (so no adopter can claim it any more) and releases it.
