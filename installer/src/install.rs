@@ -465,7 +465,7 @@ fn install_steps(
     wait_socket(host, &layout.agent_socket(), opts.timeout, "kite-agent")?;
     // The warm pool: a new kite-pool takes the old one's ready VMs over (and replaces those
     // made from another version's guest).
-    sm.restart_daemon(host, layout, "kite-pool")?;
+    sm.restart_daemon(host, layout, services::POOL_DAEMON)?;
     Ok(())
 }
 
@@ -785,7 +785,7 @@ fn rollback(
 /// Releases the warm pool's VMs with the install's own kite-pool (stopped before): a pooled
 /// VM's QEMU runs from the host's QEMU, not from the install, and is not a pod.
 fn drain_pool(host: &Host, layout: &Layout) -> Result<(), InstallError> {
-    let pool = layout.current_bin("kite-pool");
+    let pool = layout.current_bin(services::POOL_DAEMON);
     // An install of a version without a pool has nothing to drain.
     if !host.exists(&pool) || !host.exists(&layout.kite_config()) {
         return Ok(());
@@ -1089,12 +1089,10 @@ impl Status {
     pub fn healthy(&self) -> bool {
         self.version.is_some()
             && !self.installing
-            // The warm pool only makes pods start sooner (and exits once it has drained when
-            // the operator turns it off): a node without it runs pods all the same.
             && self
                 .daemons
                 .iter()
-                .filter(|(d, _)| d != "kite-pool")
+                .filter(|(d, _)| d != services::POOL_DAEMON)
                 .all(|(_, p)| p.is_some())
             && self.containerd_runs_kite.is_ok()
     }

@@ -14,7 +14,11 @@ use crate::kite_config::Layout;
 
 /// kite's daemons, in start order (the snapshotter before containerd dials it; the warm pool
 /// last, stopped first).
-pub const DAEMONS: [&str; 3] = ["kite-snapshotter", "kite-agent", "kite-pool"];
+pub const DAEMONS: [&str; 3] = ["kite-snapshotter", "kite-agent", POOL_DAEMON];
+
+/// The warm pool's holder: it only makes pods start sooner, so a node's health does not need it
+/// (and it exits once it has drained when the operator turns the pool off).
+pub const POOL_DAEMON: &str = "kite-pool";
 
 const SNAPSHOTTER_UNIT: &str = include_str!("../../deploy/systemd/kite-snapshotter.service");
 const AGENT_UNIT: &str = include_str!("../../deploy/systemd/kite-agent.service");

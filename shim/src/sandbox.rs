@@ -137,8 +137,6 @@ impl Sandbox {
         oci: Option<&oci_spec::runtime::Spec>,
         netns: &Path,
     ) -> Result<Result<Sandbox, &'static str>, SandboxError> {
-        let size = sizing::size_for(config, oci);
-        let fingerprint = warm_pool::fingerprint(config, size);
         let pod = {
             let (id, ns) = (id.to_string(), netns.to_path_buf());
             tokio::task::spawn_blocking(move || net::read_pod(&id, &ns))
@@ -148,6 +146,8 @@ impl Sandbox {
         if let Some(reason) = pod.unfit_for_pool(config.network_mode, config.vfio_passthrough) {
             return Ok(Err(reason));
         }
+        let size = sizing::size_for(config, oci);
+        let fingerprint = warm_pool::fingerprint(config, size);
         let pool_dir = config.pool_dir();
         let dir = Self::dir_for(config, id);
         let claimed = pool::claim(&pool_dir, &fingerprint, size, &dir).map_err(VmError::fs(

@@ -77,13 +77,11 @@ pub fn target_down() {
             .arg("drain")
             .output();
     }
-    for line in crate::processes_mentioning(&format!("{RUN_DIR}/")) {
-        if let Some(pid) = line.split(':').next().and_then(|p| p.parse().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+    for pid in crate::pids_mentioning(&format!("{RUN_DIR}/")) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     let mut mounts = mounts_under(&[RUN_DIR, STATE_DIR]);
     mounts.sort();

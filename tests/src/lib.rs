@@ -192,20 +192,39 @@ fn wait_for_stopped(id: &str, limit: Duration) -> bool {
     false
 }
 
+/// The processes (`pid: command line`) whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    command_lines_mentioning(needle)
+        .into_iter()
+        .map(|(pid, cmd)| format!("{pid}: {cmd}"))
+        .collect()
+}
+
+/// The pids of the processes whose command line mentions `needle` (as
+/// [`processes_mentioning`] finds them).
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    command_lines_mentioning(needle)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn command_lines_mentioning(needle: &str) -> Vec<(i32, String)> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
     };
     for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.parse::<u32>().is_err() || name == std::process::id().to_string() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if u32::try_from(pid).ok() == Some(std::process::id()) {
             continue;
         }
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains(needle) && !cmd.starts_with("ctr ") {
-                found.push(format!("{name}: {cmd}"));
+                found.push((pid, cmd));
             }
         }
     }

@@ -261,26 +261,21 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     args
 }
 
-/// Makes a child die with the shim: if the shim is killed, its VM and virtiofsd go too.
-pub(crate) fn die_with_parent(cmd: &mut Command) {
-    let hook = || {
-        nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
-            .map_err(std::io::Error::from)
+/// Ties a VM process's life to the calling process, or cuts it loose. An `owned` child (a cold
+/// boot's) dies with the shim: killed when its handle drops or the shim dies (PDEATHSIG). A
+/// pooled one outlives its parent and runs in a session of its own, so a signal to the
+/// parent's process group or terminal (Ctrl-C on a foreground kite-pool) does not reach it.
+pub(crate) fn set_lifetime(cmd: &mut Command, owned: bool) {
+    cmd.kill_on_drop(owned);
+    let hook = move || {
+        if owned {
+            nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
+        } else {
+            nix::unistd::setsid().map(drop)
+        }
+        .map_err(std::io::Error::from)
     };
-    // SAFETY: the hook runs between fork and exec and only calls prctl(2), which is
-    // async-signal-safe, and allocates nothing.
-    unsafe { cmd.pre_exec(hook) };
-}
-
-/// Puts a child that outlives its parent (a pooled VM's) in a session of its own: a signal to
-/// the parent's process group or terminal (Ctrl-C on a foreground kite-pool) does not reach it.
-pub(crate) fn detach_session(cmd: &mut Command) {
-    let hook = || {
-        nix::unistd::setsid()
-            .map(drop)
-            .map_err(std::io::Error::from)
-    };
-    // SAFETY: the hook runs between fork and exec and only calls setsid(2), which is
+    // SAFETY: the hook runs between fork and exec and only calls prctl(2) or setsid(2), both
     // async-signal-safe, and allocates nothing.
     unsafe { cmd.pre_exec(hook) };
 }
@@ -332,13 +327,8 @@ pub fn spawn(config: &VmConfig, spec: &VmSpec, owned: bool) -> Result<Child, VmE
             // Nobody may be left to read a pipe once the holder restarts: a pooled QEMU's
             // messages go to a file in its directory.
             Stdio::from(stderr_file(spec)?)
-        })
-        .kill_on_drop(owned);
-    if owned {
-        die_with_parent(&mut cmd);
-    } else {
-        detach_session(&mut cmd);
-    }
+        });
+    set_lifetime(&mut cmd, owned);
     inherit_fds(&mut cmd, spec.tap_fds.clone());
     cmd.spawn().map_err(|source| VmError::Spawn {
         vm: spec.vm_id.clone(),

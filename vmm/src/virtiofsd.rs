@@ -6,7 +6,7 @@ use std::process::Stdio;
 use tokio::process::{Child, Command};
 
 use crate::config::VmConfig;
-use crate::qemu::{detach_session, die_with_parent};
+use crate::qemu::set_lifetime;
 use crate::VmError;
 
 /// Starts virtiofsd on `shared_dir`, listening on `socket`, logging to `log`; an `owned` one
@@ -42,13 +42,8 @@ pub fn spawn(
         .arg("--xattr")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(owned);
-    if owned {
-        die_with_parent(&mut cmd);
-    } else {
-        detach_session(&mut cmd);
-    }
+        .stderr(log_file);
+    set_lifetime(&mut cmd, owned);
     cmd.spawn().map_err(|source| VmError::Spawn {
         vm: vm.into(),
         what: "virtiofsd",

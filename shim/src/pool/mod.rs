@@ -28,8 +28,8 @@ pub const MISSES_FILE: &str = ".misses";
 pub const NETNS_FILE: &str = ".netns";
 
 /// What a VM of `size` booted with `config` is made from: the VM layer's configuration, the
-/// size, the kite version, the QEMU command line kite renders for it, and the identity (size, modification time, inode) of QEMU, virtiofsd,
-/// the guest kernel and initrd. A pod adopts only a VM with its own fingerprint, so a changed
+/// size, the kite version, the QEMU command lines kite renders for it, and the identity (size,
+/// modification time, inode) of QEMU, virtiofsd, the guest kernel and initrd. A pod adopts only a VM with its own fingerprint, so a changed
 /// configuration or a rebuilt guest never serves a pod from a VM made otherwise.
 pub fn fingerprint(config: &ShimConfig, size: VmSize) -> String {
     let vm = config.vm_config();
