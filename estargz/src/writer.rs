@@ -178,6 +178,11 @@ pub fn convert<R: Read, W: Write>(
     let toc_json = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": toc}))
         .expect("TOC serializes");
     let toc_offset = out.written;
+    // What the reader would refuse is refused here, naming the entry (a hard link to a file
+    // the layer does not have, say), rather than pushed as a layer no kite node can mount.
+    let written: crate::Toc = serde_json::from_slice(&toc_json)
+        .map_err(|e| EstargzError::Toc(format!("the TOC written does not read back: {e}")))?;
+    crate::Index::from_toc(&written, toc_offset)?;
     let mut tail = Vec::new();
     let mut h = tar::Header::new_ustar();
     h.set_path(TOC_NAME).map_err(io)?;
@@ -234,6 +239,28 @@ fn write_landmark<W: Write>(
     Ok(())
 }
 
+/// A GNU long name or long link record for `value`: a header, then the value NUL-terminated
+/// and padded to a block.
+fn long_record(head: &mut Vec<u8>, kind: tar::EntryType, value: &[u8]) -> Result<(), EstargzError> {
+    let mut long = tar::Header::new_gnu();
+    long.set_entry_type(kind);
+    long.set_path("././@LongLink").map_err(io)?;
+    long.set_size(value.len() as u64 + 1);
+    long.set_cksum();
+    head.extend_from_slice(long.as_bytes());
+    head.extend_from_slice(value);
+    head.push(0);
+    head.resize(head.len() + padding(value.len() as u64 + 1), 0);
+    Ok(())
+}
+
+/// A ustar header field holding as much of `value` as fits, the rest zero.
+fn fill_field(field: &mut [u8], value: &[u8]) {
+    let n = value.len().min(field.len());
+    field.fill(0);
+    field[..n].copy_from_slice(&value[..n]);
+}
+
 fn write_item<W: Write>(
     out: &mut Counting<W>,
     toc: &mut Vec<OutEntry>,
@@ -280,23 +307,19 @@ fn write_item<W: Write>(
             _ => String::new(),
         },
     };
-    // The header is written anew with the entry's full name; a name too long for a ustar
-    // header goes first as a GNU long-name record. (Pax records, such as xattrs, are not
-    // carried over yet.)
+    // The header is written anew with the entry's full name and link target; one that a ustar
+    // header cannot hold (too long, or refused by `set_path`: absolute, `..`) goes first as a
+    // GNU long-name (long-link) record, as GNU tar writes them, with the header's own field
+    // holding the first 100 bytes. (Pax records, such as xattrs, are not carried over yet.)
     let mut header = h.clone();
     let mut head = Vec::new();
     if header.set_path(&item.name).is_err() {
-        let mut long = tar::Header::new_gnu();
-        long.set_entry_type(EntryType::GNULongName);
-        long.set_path("././@LongLink").map_err(io)?;
-        long.set_size(item.name.len() as u64 + 1);
-        long.set_cksum();
-        head.extend_from_slice(long.as_bytes());
-        head.extend_from_slice(item.name.as_bytes());
-        head.push(0);
-        head.resize(head.len() + padding(item.name.len() as u64 + 1), 0);
-        let short = &item.name.as_bytes()[..100];
-        header.as_old_mut().name.copy_from_slice(short);
+        long_record(&mut head, EntryType::GNULongName, item.name.as_bytes())?;
+        fill_field(&mut header.as_old_mut().name, item.name.as_bytes());
+    }
+    if !item.link.is_empty() && header.set_link_name(&item.link).is_err() {
+        long_record(&mut head, EntryType::GNULongLink, item.link.as_bytes())?;
+        fill_field(&mut header.as_old_mut().linkname, item.link.as_bytes());
     }
     header.set_cksum();
     head.extend_from_slice(header.as_bytes());
@@ -489,6 +512,72 @@ mod tests {
                 "chunk {i}"
             );
         }
+    }
+
+    /// Found by fuzzing (estargz_convert): an absolute name, which `set_path` refuses though it
+    /// is short, panicked the converter; a link target over 100 bytes was cut in the tar.
+    #[test]
+    fn names_tar_headers_refuse_and_long_link_targets_are_carried_whole() {
+        let mut raw = tar::Header::new_gnu();
+        raw.set_entry_type(tar::EntryType::Regular);
+        raw.set_mode(0o644);
+        raw.set_size(2);
+        let mut b = tar::Builder::new(Vec::new());
+        // `append_data` would refuse these names: write the header fields directly.
+        for name in ["/abs", "a/../b"] {
+            let mut h = raw.clone();
+            fill_field(&mut h.as_old_mut().name, name.as_bytes());
+            h.set_cksum();
+            b.append(&h, &b"hi"[..]).unwrap();
+        }
+        let target = format!("/{}", "t".repeat(150));
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Symlink);
+        l.set_size(0);
+        b.append_link(&mut l, "link", &target).unwrap();
+        let tar = b.into_inner().unwrap();
+
+        let mut blob = Vec::new();
+        let c = convert(&tar[..], &mut blob, 4096, &[]).unwrap();
+        let (toc, json, toc_offset) = read_toc(&blob, 1 << 20).unwrap();
+        verify_toc_digest(&json, &c.toc_digest).unwrap();
+        let index = Index::from_toc(&toc, toc_offset).unwrap();
+        assert!(
+            index.inodes.contains_key("abs"),
+            "{:?}",
+            index.inodes.keys()
+        );
+        // An ordinary reader sees the names and the whole link target.
+        let mut seen = Vec::new();
+        let mut a = tar::Archive::new(flate2::read::MultiGzDecoder::new(&blob[..]));
+        for e in a.entries().unwrap() {
+            let e = e.unwrap();
+            let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            if name == "link" {
+                assert_eq!(e.link_name_bytes().unwrap().as_ref(), target.as_bytes());
+            }
+            seen.push(name);
+        }
+        for name in ["/abs", "a/../b", "link"] {
+            assert!(seen.iter().any(|s| s == name), "{name} in {seen:?}");
+        }
+    }
+
+    /// Found by fuzzing (estargz_convert): a hard link to a file the layer does not have was
+    /// converted into a blob whose TOC kite's reader refuses.
+    #[test]
+    fn a_layer_the_reader_would_refuse_is_not_converted() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Link);
+        l.set_size(0);
+        b.append_link(&mut l, "bin/cat", "bin/sh").unwrap();
+        let tar = b.into_inner().unwrap();
+        let e = convert(&tar[..], &mut Vec::new(), 4096, &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("bin/cat") && e.to_string().contains("bin/sh"),
+            "{e}"
+        );
     }
 
     #[test]

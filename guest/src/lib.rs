@@ -11,5 +11,6 @@ pub mod modules;
 pub mod network;
 pub mod process;
 pub mod reaper;
+pub mod request;
 pub mod runtime;
 pub mod service;

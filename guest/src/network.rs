@@ -42,24 +42,53 @@ fn connect() -> Result<Handle, NetworkError> {
     Ok(handle)
 }
 
-fn parse_ip(what: &'static str, s: &str) -> Result<IpAddr, NetworkError> {
-    s.parse()
-        .map_err(|e: std::net::AddrParseError| NetworkError::Invalid {
-            what,
-            value: s.into(),
-            reason: e.to_string(),
-        })
+/// What a `ConfigureNetwork` request may hold: more is refused, not applied in part.
+pub const MAX_INTERFACES: usize = 16;
+pub const MAX_ROUTES: usize = 256;
+pub const MAX_NEIGHBOURS: usize = 256;
+
+fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> NetworkError {
+    NetworkError::Invalid {
+        what,
+        value: value.into(),
+        reason: reason.into(),
+    }
 }
 
-fn parse_mac(s: &str) -> Result<Vec<u8>, NetworkError> {
-    let bytes: Result<Vec<u8>, _> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
-    match bytes {
-        Ok(b) if b.len() == 6 => Ok(b),
-        _ => Err(NetworkError::Invalid {
-            what: "MAC",
-            value: s.into(),
-            reason: "not six hex bytes".into(),
-        }),
+fn parse_ip(what: &'static str, s: &str) -> Result<IpAddr, NetworkError> {
+    s.parse()
+        .map_err(|e: std::net::AddrParseError| invalid(what, s, e.to_string()))
+}
+
+/// Six bytes of two hex digits each, colon-separated (`02:42:0a:58:00:05`).
+fn parse_mac(s: &str) -> Result<[u8; 6], NetworkError> {
+    let bad = || invalid("MAC", s, "not six hex bytes");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(bad)?;
+        // from_str_radix alone would take "+f" and "f".
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    match parts.next() {
+        None => Ok(mac),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// A prefix length that fits `ip`'s family.
+fn check_prefix(what: &'static str, value: &str, ip: IpAddr, len: u32) -> Result<u8, NetworkError> {
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    match u8::try_from(len) {
+        Ok(l) if len <= max => Ok(l),
+        _ => Err(invalid(
+            what,
+            value,
+            format!("prefix length {len} over {max}"),
+        )),
     }
 }
 
@@ -73,17 +102,176 @@ fn parse_cidr(s: &str, v6: bool) -> Result<(IpAddr, u8), NetworkError> {
         };
         return Ok((any, 0));
     }
-    let (ip, len) = s.split_once('/').ok_or_else(|| NetworkError::Invalid {
-        what: "route destination",
-        value: s.into(),
-        reason: "no prefix length".into(),
-    })?;
-    let len: u8 = len.parse().map_err(|_| NetworkError::Invalid {
-        what: "route destination",
-        value: s.into(),
-        reason: "bad prefix length".into(),
-    })?;
-    Ok((parse_ip("route destination", ip)?, len))
+    let what = "route destination";
+    let (ip, len) = s
+        .split_once('/')
+        .ok_or_else(|| invalid(what, s, "no prefix length"))?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(what, s, "bad prefix length"));
+    }
+    let len: u32 = len
+        .parse()
+        .map_err(|_| invalid(what, s, "bad prefix length"))?;
+    let ip = parse_ip(what, ip)?;
+    Ok((ip, check_prefix(what, s, ip, len)?))
+}
+
+/// An interface name the kernel takes (`dev_valid_name`): 1 to 15 bytes, no `/`, `:` or
+/// white space, not `.` or `..`.
+fn check_link_name(what: &'static str, name: &str) -> Result<(), NetworkError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(what, name, "not an interface name"))
+    }
+}
+
+fn check_mtu(what: &'static str, value: &str, mtu: u32) -> Result<(), NetworkError> {
+    // 0 keeps the link's own; IPv4 needs 68, the kernel takes up to 65535 for these links.
+    if mtu == 0 || (68..=65535).contains(&mtu) {
+        Ok(())
+    } else {
+        Err(invalid(what, value, format!("MTU {mtu} out of 68..=65535")))
+    }
+}
+
+/// One NIC of the pod: found by `current` (a pooled VM's own MAC) or `mac`, then renamed,
+/// given `mac`, the MTU and the addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfacePlan {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mac_text: String,
+    pub current: [u8; 6],
+    pub current_text: String,
+    pub mtu: u32,
+    pub addresses: Vec<(IpAddr, u8)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePlan {
+    pub device: String,
+    pub destination: (IpAddr, u8),
+    pub gateway: Option<IpAddr>,
+    pub source: Option<IpAddr>,
+    pub mtu: u32,
+    /// For errors: the request's own words.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighbourPlan {
+    pub device: String,
+    pub address: IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// A `ConfigureNetwork` request, checked whole before anything changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkPlan {
+    pub interfaces: Vec<InterfacePlan>,
+    /// On-link routes first: a gateway must be reachable before a route through it is added.
+    pub routes: Vec<RoutePlan>,
+    pub neighbours: Vec<NeighbourPlan>,
+}
+
+/// Checks and parses a `ConfigureNetwork` request (sizes, names, MACs, addresses, prefix
+/// lengths, MTUs, address families): a bad one is refused before the guest changes.
+pub fn plan(config: &NetworkConfig) -> Result<NetworkPlan, NetworkError> {
+    let count = |what: &'static str, n: usize, max: usize| {
+        if n > max {
+            Err(invalid(what, &n.to_string(), format!("more than {max}")))
+        } else {
+            Ok(())
+        }
+    };
+    count("interfaces", config.interfaces.len(), MAX_INTERFACES)?;
+    count("routes", config.routes.len(), MAX_ROUTES)?;
+    count("neighbours", config.neighbours.len(), MAX_NEIGHBOURS)?;
+    let mut plan = NetworkPlan::default();
+    for iface in &config.interfaces {
+        check_link_name("interface name", &iface.name)?;
+        check_mtu("interface", &iface.name, iface.mtu)?;
+        let mac = parse_mac(&iface.mac)?;
+        // A VM booted before its pod has a NIC with a MAC of its own: found by that one, it
+        // takes the pod's.
+        let current_text = if iface.current_mac.is_empty() {
+            iface.mac.clone()
+        } else {
+            iface.current_mac.clone()
+        };
+        let current = parse_mac(&current_text)?;
+        count("addresses", iface.addresses.len(), MAX_ROUTES)?;
+        let mut addresses = Vec::with_capacity(iface.addresses.len());
+        for a in &iface.addresses {
+            let ip = parse_ip("address", &a.address)?;
+            addresses.push((ip, check_prefix("address", &a.address, ip, a.prefix_len)?));
+        }
+        plan.interfaces.push(InterfacePlan {
+            name: iface.name.clone(),
+            mac,
+            mac_text: iface.mac.clone(),
+            current,
+            current_text,
+            mtu: iface.mtu,
+            addresses,
+        });
+    }
+    for r in &config.routes {
+        check_link_name("route device", &r.device)?;
+        check_mtu("route device", &r.device, r.mtu)?;
+        let v6 = r.destination.contains(':') || r.gateway.contains(':');
+        let destination = parse_cidr(&r.destination, v6)?;
+        let gateway = if r.gateway.is_empty() {
+            None
+        } else {
+            Some(parse_ip("gateway", &r.gateway)?)
+        };
+        if gateway.is_some_and(|g| g.is_ipv4() != destination.0.is_ipv4()) {
+            return Err(invalid(
+                "gateway",
+                &r.gateway,
+                format!("not of the family of {:?}", r.destination),
+            ));
+        }
+        let source = if r.source.is_empty() {
+            None
+        } else {
+            Some(parse_ip("source", &r.source)?)
+        };
+        if source.is_some_and(|s| s.is_ipv4() != destination.0.is_ipv4()) {
+            return Err(invalid(
+                "source",
+                &r.source,
+                format!("not of the family of {:?}", r.destination),
+            ));
+        }
+        plan.routes.push(RoutePlan {
+            device: r.device.clone(),
+            destination,
+            gateway,
+            source,
+            mtu: r.mtu,
+            text: format!("{:?} via {:?}", r.destination, r.gateway),
+        });
+    }
+    plan.routes.sort_by_key(|r| r.gateway.is_some());
+    for n in &config.neighbours {
+        check_link_name("neighbour device", &n.device)?;
+        plan.neighbours.push(NeighbourPlan {
+            device: n.device.clone(),
+            address: parse_ip("neighbour", &n.address)?,
+            mac: parse_mac(&n.mac)?,
+        });
+    }
+    Ok(plan)
 }
 
 fn mac_of(msg: &LinkMessage) -> Option<&[u8]> {
@@ -147,28 +335,23 @@ async fn find_by_mac(h: &Handle, macs: &[&[u8]]) -> Result<Option<u32>, NetworkE
 }
 
 pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
+    let plan = plan(config)?;
     let h = connect()?;
-    for iface in &config.interfaces {
+    for iface in &plan.interfaces {
         let ierr = |reason: String| NetworkError::Interface {
             name: iface.name.clone(),
-            mac: iface.mac.clone(),
+            mac: iface.mac_text.clone(),
             reason,
         };
-        let mac = parse_mac(&iface.mac)?;
-        // A VM booted before its pod has a NIC with a MAC of its own: found by that one, it
-        // takes the pod's below (virtio-net tells QEMU, whose receive filter follows).
-        let current_text = if iface.current_mac.is_empty() {
-            &iface.mac
-        } else {
-            &iface.current_mac
-        };
-        let current = parse_mac(current_text)?;
         // Found by the pod's MAC too: a configuration retried after the NIC took it.
-        let index = find_by_mac(&h, &[&current, &mac]).await?.ok_or_else(|| {
-            ierr(format!(
-                "no NIC with MAC {current_text} within {NIC_WAIT:?}"
-            ))
-        })?;
+        let index = find_by_mac(&h, &[&iface.current[..], &iface.mac[..]])
+            .await?
+            .ok_or_else(|| {
+                ierr(format!(
+                    "no NIC with MAC {} within {NIC_WAIT:?}",
+                    iface.current_text
+                ))
+            })?;
         // A link is renamed only while it is down.
         h.link()
             .set(LinkUnspec::new_with_index(index).down().build())
@@ -176,8 +359,9 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
             .await
             .map_err(|e| ierr(format!("down: {e}")))?;
         let mut set = LinkUnspec::new_with_index(index).name(iface.name.clone());
-        if current != mac {
-            set = set.address(mac.clone());
+        if iface.current != iface.mac {
+            // virtio-net tells QEMU, whose receive filter follows.
+            set = set.address(iface.mac.to_vec());
         }
         if iface.mtu > 0 {
             set = set.mtu(iface.mtu);
@@ -187,44 +371,31 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
             .execute()
             .await
             .map_err(|e| ierr(format!("rename, MTU {}, up: {e}", iface.mtu)))?;
-        for a in &iface.addresses {
-            let ip = parse_ip("address", &a.address)?;
-            ignore_exists(
-                h.address()
-                    .add(index, ip, a.prefix_len as u8)
-                    .execute()
-                    .await,
-            )
-            .map_err(|e| ierr(format!("address {}/{}: {e}", a.address, a.prefix_len)))?;
+        for &(ip, len) in &iface.addresses {
+            ignore_exists(h.address().add(index, ip, len).execute().await)
+                .map_err(|e| ierr(format!("address {ip}/{len}: {e}")))?;
         }
     }
-    // On-link routes first: a gateway must be reachable before a route through it is added.
-    let mut routes: Vec<_> = config.routes.iter().collect();
-    routes.sort_by_key(|r| !r.gateway.is_empty());
-    for r in routes {
+    for r in &plan.routes {
         let rerr = |e: String| NetworkError::Interface {
             name: r.device.clone(),
             mac: String::new(),
-            reason: format!("route {:?} via {:?}: {e}", r.destination, r.gateway),
+            reason: format!("route {}: {e}", r.text),
         };
         let index = link_index(&h, &r.device).await?;
-        let v6 = r.destination.contains(':') || r.gateway.contains(':');
-        let (dest, len) = parse_cidr(&r.destination, v6)?;
+        let (dest, len) = r.destination;
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dest, len)
             .map_err(|e| rerr(e.to_string()))?
             .output_interface(index);
-        if !r.gateway.is_empty() {
-            // A gateway of the other family is refused here, with the reason.
-            b = b
-                .gateway(parse_ip("gateway", &r.gateway)?)
-                .map_err(|e| rerr(e.to_string()))?;
+        if let Some(gateway) = r.gateway {
+            b = b.gateway(gateway).map_err(|e| rerr(e.to_string()))?;
         }
-        if let Ok(source) = parse_ip("source", &r.source) {
+        if let Some(source) = r.source {
             b = b.pref_source(source).map_err(|e| rerr(e.to_string()))?;
         }
         let mut msg = b.build();
-        if r.gateway.is_empty() {
+        if r.gateway.is_none() {
             // On the link: a gateway behind this route must be reachable through it, which the
             // kernel allows only for link-scope routes.
             msg.header.scope = RouteScope::Link;
@@ -242,13 +413,11 @@ pub async fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
             .await
             .map_err(|e| rerr(e.to_string()))?;
     }
-    for n in &config.neighbours {
+    for n in &plan.neighbours {
         let index = link_index(&h, &n.device).await?;
-        let ip = parse_ip("neighbour", &n.address)?;
-        let mac = parse_mac(&n.mac)?;
         h.neighbours()
-            .add(index, ip)
-            .link_layer_address(&mac)
+            .add(index, n.address)
+            .link_layer_address(&n.mac)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
@@ -266,9 +435,12 @@ mod tests {
     fn macs_and_cidrs_parse() {
         assert_eq!(
             parse_mac("02:42:0a:58:00:05").unwrap(),
-            vec![2, 0x42, 0x0a, 0x58, 0, 5]
+            [2, 0x42, 0x0a, 0x58, 0, 5]
         );
         assert!(parse_mac("02:42").is_err());
+        assert!(parse_mac("02:42:0a:58:00:05:06").is_err());
+        assert!(parse_mac("+2:42:0a:58:00:05").is_err());
+        assert!(parse_mac("2:42:0a:58:00:05").is_err());
         assert!(parse_mac("zz:42:0a:58:00:05").is_err());
         assert_eq!(
             parse_cidr("10.88.0.0/16", false).unwrap(),
@@ -277,5 +449,71 @@ mod tests {
         assert_eq!(parse_cidr("", true).unwrap(), ("::".parse().unwrap(), 0));
         assert!(parse_cidr("10.88.0.0", false).is_err());
         assert!(parse_cidr("10.88.0.0/x", false).is_err());
+        assert!(parse_cidr("10.88.0.0/33", false).is_err());
+        assert!(parse_cidr("10.88.0.0/+8", false).is_err());
+        assert_eq!(parse_cidr("fd00::/128", true).unwrap().1, 128);
+    }
+
+    fn request() -> NetworkConfig {
+        use kite_protocol::agent::{Interface, IpAddress, Route};
+        let mut c = NetworkConfig::new();
+        let mut i = Interface::new();
+        i.name = "eth0".into();
+        i.mac = "02:42:0a:58:00:05".into();
+        i.current_mac = "02:00:00:00:00:01".into();
+        i.mtu = 1500;
+        let mut a = IpAddress::new();
+        a.address = "10.88.0.5".into();
+        a.prefix_len = 16;
+        i.addresses.push(a);
+        c.interfaces.push(i);
+        let mut default = Route::new();
+        default.device = "eth0".into();
+        default.gateway = "10.88.0.1".into();
+        let mut link = Route::new();
+        link.device = "eth0".into();
+        link.destination = "10.88.0.0/16".into();
+        c.routes.push(default);
+        c.routes.push(link);
+        c
+    }
+
+    #[test]
+    fn a_request_is_planned_whole_on_link_routes_first() {
+        let p = plan(&request()).unwrap();
+        assert_eq!(
+            p.interfaces[0].addresses,
+            vec![("10.88.0.5".parse().unwrap(), 16)]
+        );
+        assert_eq!(p.interfaces[0].current, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(p.routes[0].gateway, None);
+        assert_eq!(p.routes[1].gateway, Some("10.88.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_bad_part_refuses_the_whole_request() {
+        // Formerly the prefix length was cut to a byte: 272 became 16.
+        let mut c = request();
+        c.interfaces[0].addresses[0].prefix_len = 272;
+        let e = plan(&c).unwrap_err().to_string();
+        assert!(e.contains("10.88.0.5") && e.contains("272"), "{e}");
+
+        let mut c = request();
+        c.interfaces[0].name = "a-name-far-too-long".into();
+        assert!(plan(&c).is_err());
+        let mut c = request();
+        c.interfaces[0].mtu = 70000;
+        assert!(plan(&c).is_err());
+        let mut c = request();
+        c.routes[0].gateway = "fd00::1".into();
+        c.routes[0].destination = "10.0.0.0/8".into();
+        assert!(plan(&c).is_err());
+        let mut c = request();
+        c.routes[0].source = "garbage".into();
+        assert!(plan(&c).is_err());
+        let mut c = request();
+        let r = c.routes[0].clone();
+        c.routes = vec![r; MAX_ROUTES + 1];
+        assert!(plan(&c).is_err());
     }
 }

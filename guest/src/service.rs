@@ -19,6 +19,7 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::process::{Process, Stdio};
 use crate::reaper::Reaper;
+use crate::request;
 use crate::runtime::{self, HelperResult};
 
 /// How long container set-up (the runtime helper) may take.
@@ -304,14 +305,9 @@ impl agent_ttrpc::Agent for AgentService {
                 format!("container {id} exists"),
             ));
         }
-        let mut spec: oci_spec::runtime::Spec =
-            serde_json::from_slice(&req.oci_spec).map_err(|e| {
-                status(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("container {id}: OCI spec: {e}"),
-                )
-            })?;
-        let rootfs = Path::new(kite_protocol::GUEST_SHARE_DIR).join(&req.rootfs);
+        let plan = request::plan_create(Path::new(kite_protocol::GUEST_SHARE_DIR), &req)
+            .map_err(|e| rpc_status(ttrpc::Code::INVALID_ARGUMENT, &e))?;
+        let (rootfs, spec) = (plan.rootfs, plan.spec);
         if !rootfs.is_dir() {
             return Err(status(
                 ttrpc::Code::FAILED_PRECONDITION,
@@ -320,11 +316,6 @@ impl agent_ttrpc::Agent for AgentService {
                     rootfs.display()
                 ),
             ));
-        }
-        runtime::adapt_spec(&id, &mut spec, &rootfs)
-            .map_err(|e| rpc_status(ttrpc::Code::INVALID_ARGUMENT, &e))?;
-        if let Some(p) = spec.process_mut() {
-            p.set_terminal(Some(req.terminal));
         }
         let dir = runtime::bundle_dir(&id);
         std::fs::create_dir_all(&dir)
@@ -392,6 +383,10 @@ impl agent_ttrpc::Agent for AgentService {
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
         let id = req.container_id.clone();
+        // Removal cleans up after a failed create too, so the id may be unknown: it still
+        // names the directories removed.
+        request::check_id("container", &id)
+            .map_err(|e| rpc_status(ttrpc::Code::INVALID_ARGUMENT, &e))?;
         let removed = self.containers.lock().await.remove(&id);
         tokio::task::spawn_blocking(move || runtime::delete(&id))
             .await
@@ -419,16 +414,8 @@ impl agent_ttrpc::Agent for AgentService {
                 format!("container {id}: exec {exec_id} exists"),
             ));
         }
-        let mut process: oci_spec::runtime::Process = serde_json::from_slice(&req.process)
-            .map_err(|e| {
-                status(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("container {id}: exec {exec_id}: OCI process: {e}"),
-                )
-            })?;
-        process.set_terminal(Some(req.terminal));
-        process.set_apparmor_profile(None);
-        process.set_selinux_label(None);
+        let process =
+            request::plan_exec(&req).map_err(|e| rpc_status(ttrpc::Code::INVALID_ARGUMENT, &e))?;
         let file = runtime::bundle_dir(&id).join(format!("exec-{exec_id}.json"));
         std::fs::write(&file, serde_json::to_vec(&process).unwrap_or_default())
             .map_err(|e| internal(format!("container {id}: write exec {exec_id}: {e}")))?;

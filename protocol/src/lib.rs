@@ -235,6 +235,10 @@ pub mod errors {
         Status { code: ttrpc::Code, message: String },
         #[error("the connection failed")]
         Channel(#[source] ttrpc::Error),
+        /// The server answered what it cannot mean (a pid out of range, more data than asked
+        /// for): a broken or hostile peer.
+        #[error("impossible answer: {0}")]
+        BadAnswer(String),
     }
 
     impl From<ttrpc::Error> for RpcError {
@@ -250,11 +254,13 @@ pub mod errors {
     }
 
     impl RpcError {
-        /// The server's code, or UNAVAILABLE when the channel broke.
+        /// The server's code, UNAVAILABLE when the channel broke, INTERNAL for an impossible
+        /// answer.
         pub fn code(&self) -> ttrpc::Code {
             match self {
                 RpcError::Status { code, .. } => *code,
                 RpcError::Channel(_) => ttrpc::Code::UNAVAILABLE,
+                RpcError::BadAnswer(_) => ttrpc::Code::INTERNAL,
             }
         }
     }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use kite_vmm::rpc_context as ctx;
 
@@ -137,6 +137,11 @@ async fn pump_output(agent: AgentClient, cid: String, eid: String, stream: Strea
         match got {
             Ok(resp) if resp.data.is_empty() => break,
             Ok(resp) => {
+                let what = format!("container {cid} exec {eid:?} {stream:?}");
+                if let Err(e) = crate::task::answers::chunk(&what, CHUNK, &resp) {
+                    warn!("{e}");
+                    break;
+                }
                 if let Err(e) = sink.write_all(&resp.data).await {
                     debug!(container = %cid, exec = %eid, "{stream:?}: write to containerd: {e}");
                     // Keep draining so the process is not blocked on a full pipe.

@@ -225,6 +225,108 @@ struct ManifestList {
     manifests: Vec<Descriptor>,
 }
 
+/// The most entries an index, and layers a manifest, may have (Docker's own limit is 127
+/// layers; indexes list a few platforms).
+pub const MAX_MANIFEST_ENTRIES: usize = 1024;
+
+/// What a registry's manifest document is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ManifestDocument {
+    /// An OCI index or Docker manifest list: `chosen` is the digest of its manifest for
+    /// linux on this host's architecture.
+    Index {
+        chosen: String,
+    },
+    Image(Box<Manifest>),
+}
+
+/// An OCI digest (`algorithm:encoded`, e.g. `sha256:` and 64 hex digits): digests end up in
+/// URLs and, through the chunk cache, in file names.
+pub fn is_digest(digest: &str) -> bool {
+    let Some((algorithm, encoded)) = digest.split_once(':') else {
+        return false;
+    };
+    let component = |c: &str| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    let algorithm_ok = algorithm.split(['+', '.', '_', '-']).all(component);
+    let encoded_ok = !encoded.is_empty()
+        && encoded
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'));
+    let sha256_ok = algorithm != "sha256"
+        || (encoded.len() == 64
+            && encoded
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    algorithm_ok && encoded_ok && sha256_ok
+}
+
+/// Decodes a manifest document `raw` of `media_type` that a registry sent for `image`, choosing
+/// linux/`arch` from an index. Every digest and count is checked here; sizes and digests of
+/// the blobs are checked when they are fetched.
+pub fn decode_manifest(
+    image: &str,
+    media_type: &str,
+    raw: &[u8],
+    arch: &str,
+) -> Result<ManifestDocument, RegistryError> {
+    let bad = |reason: String| RegistryError::Manifest {
+        image: image.to_string(),
+        reason,
+    };
+    let probe: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let is_list = media_type.starts_with(OCI_INDEX)
+        || media_type.starts_with(DOCKER_LIST)
+        || probe.get("manifests").is_some();
+    let check = |what: &str, d: &Descriptor| {
+        if is_digest(&d.digest) {
+            Ok(())
+        } else {
+            Err(bad(format!("{what} has the digest {:?}", d.digest)))
+        }
+    };
+    if is_list {
+        let list: ManifestList =
+            serde_json::from_value(probe).map_err(|e| bad(format!("index: {e}")))?;
+        if list.manifests.len() > MAX_MANIFEST_ENTRIES {
+            return Err(bad(format!(
+                "the index has {} entries, over {MAX_MANIFEST_ENTRIES}",
+                list.manifests.len()
+            )));
+        }
+        let chosen = list
+            .manifests
+            .iter()
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+            })
+            .ok_or_else(|| bad(format!("the index has no linux/{arch} manifest")))?;
+        check(&format!("the index's linux/{arch} entry"), chosen)?;
+        return Ok(ManifestDocument::Index {
+            chosen: chosen.digest.clone(),
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_value(probe).map_err(|e| bad(format!("{media_type}: {e}")))?;
+    if manifest.layers.len() > MAX_MANIFEST_ENTRIES {
+        return Err(bad(format!(
+            "{} layers, over {MAX_MANIFEST_ENTRIES}",
+            manifest.layers.len()
+        )));
+    }
+    check("the config", &manifest.config)?;
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        check(&format!("layer {i}"), layer)?;
+    }
+    Ok(ManifestDocument::Image(Box::new(manifest)))
+}
+
 /// A manifest as resolved: the manifest, its digest, its raw bytes.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -596,36 +698,28 @@ impl RegistryClient {
                 });
             }
         }
-        let probe: serde_json::Value =
-            serde_json::from_slice(&raw).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let is_list = media_type.starts_with(OCI_INDEX)
-            || media_type.starts_with(DOCKER_LIST)
-            || probe.get("manifests").is_some();
-        if is_list {
-            let list: ManifestList =
-                serde_json::from_slice(&raw).map_err(|e| bad(format!("index: {e}")))?;
-            let arch = host_arch();
-            let chosen = list
-                .manifests
-                .iter()
-                .find(|d| {
-                    d.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-                })
-                .ok_or_else(|| bad(format!("the index has no linux/{arch} manifest")))?;
-            let want = chosen.digest.clone();
-            (media_type, raw, digest) = self.get_manifest(image, &want).await?;
-            if digest != want {
-                return Err(RegistryError::Digest {
-                    url: format!("{image} ({want})"),
-                    expected: want,
-                    actual: digest,
-                });
+        let arch = host_arch();
+        let manifest = match decode_manifest(&image.to_string(), &media_type, &raw, arch)? {
+            ManifestDocument::Image(manifest) => *manifest,
+            ManifestDocument::Index { chosen } => {
+                (media_type, raw, digest) = self.get_manifest(image, &chosen).await?;
+                if digest != chosen {
+                    return Err(RegistryError::Digest {
+                        url: format!("{image} ({chosen})"),
+                        expected: chosen,
+                        actual: digest,
+                    });
+                }
+                match decode_manifest(&image.to_string(), &media_type, &raw, arch)? {
+                    ManifestDocument::Image(manifest) => *manifest,
+                    ManifestDocument::Index { .. } => {
+                        return Err(bad(format!(
+                            "the index's linux/{arch} entry {chosen} is an index too"
+                        )))
+                    }
+                }
             }
-        }
-        let manifest: Manifest =
-            serde_json::from_slice(&raw).map_err(|e| bad(format!("{media_type}: {e}")))?;
+        };
         debug!(%image, %digest, layers = manifest.layers.len(), "resolved");
         Ok(Resolved {
             manifest,
@@ -852,6 +946,60 @@ mod tests {
             (s.as_str(), p["realm"].as_str()),
             ("basic", "Registry Realm")
         );
+    }
+
+    #[test]
+    fn digests_follow_the_oci_grammar() {
+        let hex = "a".repeat(64);
+        assert!(is_digest(&format!("sha256:{hex}")));
+        assert!(is_digest(
+            "sha512+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564"
+        ));
+        for bad in [
+            "",
+            "sha256",
+            "sha256:",
+            ":abc",
+            &format!("sha256:{}", "A".repeat(64)),
+            "sha256:abc",
+            &format!("sha256:../{}", "a".repeat(61)),
+            "SHA256:abc",
+            "sha256:ab/cd",
+        ] {
+            assert!(!is_digest(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn manifests_and_indexes_decode_with_checked_digests() {
+        let d = |n: u8| format!("sha256:{}", format!("{n:02x}").repeat(32));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"c","digest":"{}","size":1}},"layers":[{{"mediaType":"l","digest":"{}","size":2}}]}}"#,
+            d(1),
+            d(2)
+        );
+        match decode_manifest("img", OCI_MANIFEST, manifest.as_bytes(), "amd64").unwrap() {
+            ManifestDocument::Image(m) => assert_eq!(m.layers[0].digest, d(2)),
+            other => panic!("{other:?}"),
+        }
+        let index = format!(
+            r#"{{"manifests":[{{"mediaType":"m","digest":"{}","size":1,"platform":{{"os":"linux","architecture":"arm64"}}}},{{"mediaType":"m","digest":"{}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
+            d(3),
+            d(4)
+        );
+        assert_eq!(
+            decode_manifest("img", OCI_INDEX, index.as_bytes(), "amd64").unwrap(),
+            ManifestDocument::Index { chosen: d(4) }
+        );
+        let e = decode_manifest("img", OCI_INDEX, index.as_bytes(), "s390x").unwrap_err();
+        assert!(
+            e.to_string().contains("img") && e.to_string().contains("s390x"),
+            "{e}"
+        );
+        let hostile = manifest.replace(&d(2), "sha256:../../etc/passwd");
+        let e = decode_manifest("img", OCI_MANIFEST, hostile.as_bytes(), "amd64").unwrap_err();
+        assert!(e.to_string().contains("layer 0"), "{e}");
+        assert!(decode_manifest("img", OCI_MANIFEST, b"[", "amd64").is_err());
     }
 
     #[test]

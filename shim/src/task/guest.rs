@@ -15,6 +15,8 @@ use crate::io::{OpenError, Relays, StdioPaths};
 use crate::rootfs::{self, RootfsError};
 use crate::sandbox::{BootTiming, Sandbox, SandboxError};
 
+use super::answers;
+
 /// How long an agent call that should be quick may take.
 const CALL: Duration = Duration::from_secs(30);
 
@@ -254,7 +256,10 @@ impl GuestAgent for GuestAgentClient {
             .0
             .create_container(rpc_context(Some(limit)), &request)
             .await?;
-        Ok(created.pid)
+        answers::pid(
+            &format!("container {}: create", request.container_id),
+            created.pid,
+        )
     }
 
     async fn start_container(&self, container_id: &str) -> Result<u32, GuestError> {
@@ -262,7 +267,7 @@ impl GuestAgent for GuestAgentClient {
             .0
             .start_container(quick(), &container_request(container_id))
             .await?;
-        Ok(started.pid)
+        answers::pid(&format!("container {container_id}: start"), started.pid)
     }
 
     async fn exec_process(
@@ -280,7 +285,11 @@ impl GuestAgent for GuestAgentClient {
             stdin: !stdio.stdin.is_empty(),
             ..Default::default()
         };
-        Ok(self.0.exec_process(quick(), &request).await?.pid)
+        let started = self.0.exec_process(quick(), &request).await?;
+        answers::pid(
+            &format!("container {container_id}: exec {exec_id}"),
+            started.pid,
+        )
     }
 
     async fn signal_process(
@@ -306,10 +315,7 @@ impl GuestAgent for GuestAgentClient {
             .0
             .wait_process(rpc_context(None), &process_request(container_id, exec_id))
             .await?;
-        Ok(Exit {
-            status: waited.exit_status,
-            at_ns: waited.exited_at_ns,
-        })
+        Ok(answers::exit(&waited, std::time::SystemTime::now()))
     }
 
     async fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), GuestError> {
@@ -349,7 +355,7 @@ impl GuestAgent for GuestAgentClient {
             .0
             .list_pids(quick(), &container_request(container_id))
             .await?;
-        Ok(pids.pids)
+        answers::pids(container_id, pids)
     }
 
     async fn container_stats(&self, container_id: &str) -> Result<ContainerStats, GuestError> {
@@ -357,15 +363,7 @@ impl GuestAgent for GuestAgentClient {
             .0
             .container_stats(quick(), &container_request(container_id))
             .await?;
-        Ok(ContainerStats {
-            cpu_usage_usec: s.cpu_usage_usec,
-            cpu_user_usec: s.cpu_user_usec,
-            cpu_system_usec: s.cpu_system_usec,
-            memory_usage_bytes: s.memory_usage_bytes,
-            memory_limit_bytes: s.memory_limit_bytes,
-            pids_current: s.pids_current,
-            pids_limit: s.pids_limit,
-        })
+        Ok(answers::stats(&s))
     }
 
     async fn update_container(
@@ -387,7 +385,7 @@ impl GuestAgent for GuestAgentClient {
             .0
             .wait_oom(rpc_context(None), &proto::Empty::new())
             .await?;
-        Ok(event.container_id)
+        answers::oom_container(event)
     }
 
     async fn relay_stdio(

@@ -1,8 +1,10 @@
 //! The Task API: [`service`] (the ttrpc adapter containerd calls), [`state`] (containers and
 //! processes, the state machine), [`events`] (what containerd hears), [`guest`] (what the state
-//! machine needs of the sandbox and its guest agent), [`error`] (the one mapping to ttrpc
+//! machine needs of the sandbox and its guest agent), [`answers`] (the checks of what the guest
+//! answers), [`error`] (the one mapping to ttrpc
 //! codes), [`timings`] (the record of each start's stages).
 
+pub mod answers;
 pub mod error;
 pub mod events;
 pub mod guest;
