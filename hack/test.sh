@@ -10,10 +10,14 @@ cd "$here"
 
 echo "== lint"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
 
 echo "== unit tests"
 cargo test --workspace --exclude kite-e2e --locked
+
+echo "== fuzz targets (every parser of untrusted input, 10 s each; hack/fuzz.sh for longer runs)"
+"$here/hack/fuzz.sh" 10
 
 echo "== end-to-end tests (containerd, QEMU $(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo TCG), registry)"
 # Each test checks its own sandbox for leaks, so they may run side by side (the agent tests run
