@@ -11,12 +11,19 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here/fuzz"
 command -v cargo >/dev/null || { [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"; }
+command -v cargo >/dev/null || { echo "fuzz: cargo is missing (install Rust with rustup)" >&2; exit 1; }
 
 targets_all=$(sed -n 's/^name = "\([a-z_]*\)"$/\1/p' Cargo.toml | grep -v '^kite-fuzz$')
 if [ "${1:-}" = "--list" ]; then echo "$targets_all"; exit 0; fi
 secs=${1:-60}
+case $secs in
+  ''|*[!0-9]*) echo "fuzz: SECONDS must be a number, not '$secs' (hack/fuzz.sh [SECONDS] [TARGET...])" >&2; exit 2 ;;
+esac
 shift || true
 targets=${*:-$targets_all}
+for t in $targets; do
+  grep -qx "$t" <<<"$targets_all" || { echo "fuzz: no target '$t' (hack/fuzz.sh --list)" >&2; exit 2; }
+done
 
 # libFuzzer's instrumentation needs a nightly compiler (cargo-fuzz passes -Z flags).
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
@@ -48,7 +55,7 @@ for t in $targets; do
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1
   rc=$?
-  set -e
+  # The log of a run that ended early (a crash on a seed) may lack the lines read here.
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
@@ -62,6 +69,7 @@ for t in $targets; do
     grep -E 'ERROR|panicked|SUMMARY|Test unit written|timeout|out-of-memory' "$log" | head -20 >&2
     ls -t "artifacts/$t" | head -3 >&2
   fi
+  set -e
   rm -f "$log"
 done
 

@@ -99,6 +99,8 @@ struct Item {
     header: tar::Header,
     name: String,
     link: String,
+    /// The link target's bytes as the input has them (`link` is their lossy UTF-8).
+    link_raw: Vec<u8>,
     data: Vec<u8>,
 }
 
@@ -117,16 +119,18 @@ pub fn convert<R: Read, W: Write>(
         let mut entry = entry.map_err(io)?;
         let header = entry.header().clone();
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let link = entry
+        let link_raw = entry
             .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .map(|l| l.into_owned())
             .unwrap_or_default();
+        let link = String::from_utf8_lossy(&link_raw).into_owned();
         let mut data = Vec::new();
         entry.read_to_end(&mut data).map_err(io)?;
         items.push(Item {
             header,
             name,
             link,
+            link_raw,
             data,
         });
     }
@@ -317,9 +321,11 @@ fn write_item<W: Write>(
         long_record(&mut head, EntryType::GNULongName, item.name.as_bytes())?;
         fill_field(&mut header.as_old_mut().name, item.name.as_bytes());
     }
-    if !item.link.is_empty() && header.set_link_name(&item.link).is_err() {
-        long_record(&mut head, EntryType::GNULongLink, item.link.as_bytes())?;
-        fill_field(&mut header.as_old_mut().linkname, item.link.as_bytes());
+    // The input header's own link field is kept byte for byte when the target fits in it
+    // (set_link_name would normalize it: `a/./b`, lossy UTF-8).
+    if item.link_raw.len() > header.as_old().linkname.len() {
+        long_record(&mut head, EntryType::GNULongLink, &item.link_raw)?;
+        fill_field(&mut header.as_old_mut().linkname, &item.link_raw);
     }
     header.set_cksum();
     head.extend_from_slice(header.as_bytes());
@@ -530,6 +536,14 @@ mod tests {
             h.set_cksum();
             b.append(&h, &b"hi"[..]).unwrap();
         }
+        // A target written as it is, not normalized: kept byte for byte.
+        let mut dot = tar::Header::new_gnu();
+        dot.set_entry_type(tar::EntryType::Symlink);
+        dot.set_size(0);
+        fill_field(&mut dot.as_old_mut().name, b"dot");
+        fill_field(&mut dot.as_old_mut().linkname, b"a/./b//c");
+        dot.set_cksum();
+        b.append(&dot, std::io::empty()).unwrap();
         let target = format!("/{}", "t".repeat(150));
         let mut l = tar::Header::new_gnu();
         l.set_entry_type(tar::EntryType::Symlink);
@@ -556,9 +570,12 @@ mod tests {
             if name == "link" {
                 assert_eq!(e.link_name_bytes().unwrap().as_ref(), target.as_bytes());
             }
+            if name == "dot" {
+                assert_eq!(e.header().link_name_bytes().unwrap().as_ref(), b"a/./b//c");
+            }
             seen.push(name);
         }
-        for name in ["/abs", "a/../b", "link"] {
+        for name in ["/abs", "a/../b", "link", "dot"] {
             assert!(seen.iter().any(|s| s == name), "{name} in {seen:?}");
         }
     }

@@ -224,8 +224,22 @@ pub fn plan(config: &NetworkConfig) -> Result<NetworkPlan, NetworkError> {
             addresses,
         });
     }
+    // Routes and neighbours are the pod's interfaces' (the shim leaves loopback out).
+    let names: Vec<String> = plan.interfaces.iter().map(|i| i.name.clone()).collect();
+    let known = |what: &'static str, device: &str| {
+        check_link_name(what, device)?;
+        if names.iter().any(|n| n == device) {
+            Ok(())
+        } else {
+            Err(invalid(
+                what,
+                device,
+                "not an interface of this configuration",
+            ))
+        }
+    };
     for r in &config.routes {
-        check_link_name("route device", &r.device)?;
+        known("route device", &r.device)?;
         check_mtu("route device", &r.device, r.mtu)?;
         let v6 = r.destination.contains(':') || r.gateway.contains(':');
         let destination = parse_cidr(&r.destination, v6)?;
@@ -264,7 +278,7 @@ pub fn plan(config: &NetworkConfig) -> Result<NetworkPlan, NetworkError> {
     }
     plan.routes.sort_by_key(|r| r.gateway.is_some());
     for n in &config.neighbours {
-        check_link_name("neighbour device", &n.device)?;
+        known("neighbour device", &n.device)?;
         plan.neighbours.push(NeighbourPlan {
             device: n.device.clone(),
             address: parse_ip("neighbour", &n.address)?,
@@ -510,6 +524,9 @@ mod tests {
         assert!(plan(&c).is_err());
         let mut c = request();
         c.routes[0].source = "garbage".into();
+        assert!(plan(&c).is_err());
+        let mut c = request();
+        c.routes[0].device = "eth1".into();
         assert!(plan(&c).is_err());
         let mut c = request();
         let r = c.routes[0].clone();

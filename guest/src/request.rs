@@ -69,6 +69,31 @@ pub fn check_id(what: &'static str, id: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// The longest exec id taken: containerd only asks for a non-empty one, but it names files.
+pub const MAX_EXEC_ID_LEN: usize = 128;
+
+/// An exec id: containerd checks only that it is not empty (`ctr task exec --exec-id` takes
+/// `a:b`), so any name that is safe as one file name in the container's directory passes.
+pub fn check_exec_id(id: &str) -> Result<(), RequestError> {
+    let bad = |reason| {
+        Err(RequestError::Id {
+            what: "exec",
+            id: id.chars().take(2 * MAX_EXEC_ID_LEN).collect(),
+            reason,
+        })
+    };
+    if id.is_empty() || id == "." || id == ".." {
+        return bad("is empty, . or ..");
+    }
+    if id.len() > MAX_EXEC_ID_LEN {
+        return bad("is longer than 128 bytes");
+    }
+    if id.contains(['/', '\0']) {
+        return bad("holds a / or a NUL");
+    }
+    Ok(())
+}
+
 /// The container's rootfs: `rootfs` must be a relative path of plain names under `share`.
 pub fn rootfs_in_share(share: &Path, id: &str, rootfs: &str) -> Result<PathBuf, RequestError> {
     let bad = |reason| RequestError::Rootfs {
@@ -130,7 +155,7 @@ pub fn plan_create(share: &Path, req: &CreateContainerRequest) -> Result<CreateP
 pub fn plan_exec(req: &ExecProcessRequest) -> Result<Process, RequestError> {
     let (id, exec_id) = (&req.container_id, &req.exec_id);
     check_id("container", id)?;
-    check_id("exec", exec_id)?;
+    check_exec_id(exec_id)?;
     let process_error = |reason: String| RequestError::Process {
         id: id.clone(),
         exec_id: exec_id.clone(),
@@ -233,8 +258,11 @@ mod tests {
             plan_exec(&req("e1", p)).unwrap().args().as_ref().unwrap()[0],
             "ps"
         );
-        assert!(plan_exec(&req("../e1", p)).is_err());
-        assert!(plan_exec(&req("", p)).is_err());
+        // What ctr takes, the guest takes; what would leave the directory, it refuses.
+        assert!(plan_exec(&req("my:exec @1", p)).is_ok());
+        for bad in ["../e1", "a/b", "", ".", "..", "a\0b", &"x".repeat(129)] {
+            assert!(plan_exec(&req(bad, p)).is_err(), "{bad:?}");
+        }
         assert!(plan_exec(&req(
             "e1",
             r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#

@@ -93,7 +93,8 @@ pub trait GuestAgent: Send + Sync {
         resources: Vec<u8>,
     ) -> Result<(), GuestError>;
     /// Resolves with the next container that had an OOM kill (empty: none named).
-    async fn wait_oom(&self) -> Result<String, GuestError>;
+    /// An OOM kill in the guest: the container's id, `None` for an answer without one.
+    async fn wait_oom(&self) -> Result<Option<String>, GuestError>;
     /// Opens containerd's end of a process's stdio and relays it to and from the guest.
     async fn relay_stdio(
         &self,
@@ -380,7 +381,7 @@ impl GuestAgent for GuestAgentClient {
         Ok(())
     }
 
-    async fn wait_oom(&self) -> Result<String, GuestError> {
+    async fn wait_oom(&self) -> Result<Option<String>, GuestError> {
         let event = self
             .0
             .wait_oom(rpc_context(None), &proto::Empty::new())

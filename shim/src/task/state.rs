@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use super::error::TaskError;
 use super::events::{now, timestamp, EventSink, TaskEvent};
-use super::guest::{ContainerStats, NewContainer, PodSandbox, SandboxBooter};
+use super::guest::{ContainerStats, GuestError, NewContainer, PodSandbox, SandboxBooter};
 use super::timings::{StartTimings, TimingsLog};
 use crate::config::ShimConfig;
 use crate::io::{Relays, StdioPaths};
@@ -770,17 +770,32 @@ impl TaskState {
     }
 }
 
+/// The guest is asked for OOM kills at most this often: one that answers at once (lying, or
+/// shutting down) costs the host little.
+pub(super) const OOM_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// And after an answer without an event, or an impossible one, this long.
+pub(super) const OOM_IDLE_WAIT: Duration = Duration::from_secs(1);
+
 /// Reports the guest's OOM kills (TaskOOM) until the agent goes.
-async fn report_ooms(sandbox: Arc<dyn PodSandbox>, events: Arc<dyn EventSink>) {
-    while let Ok(container_id) = sandbox.agent().wait_oom().await {
-        if container_id.is_empty() {
-            continue;
+pub(super) async fn report_ooms(sandbox: Arc<dyn PodSandbox>, events: Arc<dyn EventSink>) {
+    loop {
+        let asked = tokio::time::Instant::now();
+        match sandbox.agent().wait_oom().await {
+            Ok(Some(container_id)) => {
+                events
+                    .publish(TaskEvent::Oom(TaskOOM {
+                        container_id,
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+            Ok(None) => tokio::time::sleep(OOM_IDLE_WAIT).await,
+            Err(e @ GuestError::BadAnswer(_)) => {
+                warn!(sandbox = %sandbox.id(), "OOM events: {e}");
+                tokio::time::sleep(OOM_IDLE_WAIT).await;
+            }
+            Err(_) => return,
         }
-        events
-            .publish(TaskEvent::Oom(TaskOOM {
-                container_id,
-                ..Default::default()
-            }))
-            .await;
+        tokio::time::sleep_until(asked + OOM_MIN_INTERVAL).await;
     }
 }

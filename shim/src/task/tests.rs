@@ -28,6 +28,9 @@ struct FakeGuest {
     /// Create answers with this status code when set.
     fail_create: StdMutex<Option<ttrpc::Code>>,
     next_pid: StdMutex<u32>,
+    /// When set, WaitOom answers at once with this (a lying or shutting-down guest); counts.
+    oom_answer: StdMutex<Option<Option<String>>>,
+    oom_calls: StdMutex<u32>,
 }
 
 impl FakeGuest {
@@ -139,8 +142,15 @@ impl GuestAgent for FakeGuest {
         self.call(format!("update {id}"));
         Ok(())
     }
-    async fn wait_oom(&self) -> Result<String, GuestError> {
-        std::future::pending().await
+    async fn wait_oom(&self) -> Result<Option<String>, GuestError> {
+        let answer = self.oom_answer.lock().unwrap().clone();
+        match answer {
+            Some(a) => {
+                *self.oom_calls.lock().unwrap() += 1;
+                Ok(a)
+            }
+            None => std::future::pending().await,
+        }
     }
     async fn relay_stdio(&self, _: &str, _: &str, _: &StdioPaths) -> Result<Relays, OpenError> {
         Ok(Relays::none())
@@ -602,4 +612,31 @@ async fn stats_and_updates_reach_the_guest_for_the_right_object() {
         h.state.update("nope", Vec::new()).await,
         Err(TaskError::NotFound { .. })
     ));
+}
+
+/// A guest that answers WaitOom at once, with or without an event, is asked at a bounded rate.
+#[tokio::test(start_paused = true)]
+async fn a_guest_answering_oom_waits_at_once_is_asked_at_a_bounded_rate() {
+    for (answer, most) in [(None, 11), (Some("c1".to_string()), 101)] {
+        let guest = Arc::new(FakeGuest::default());
+        *guest.oom_answer.lock().unwrap() = Some(answer.clone());
+        let sandbox: Arc<dyn PodSandbox> = Arc::new(FakeSandbox {
+            id: "pod".into(),
+            guest: guest.clone(),
+            running: watch::channel(true).0,
+            stopped: Notify::new(),
+            log: Arc::default(),
+        });
+        let events = Arc::new(RecordedEvents::default());
+        let task = tokio::spawn(super::state::report_ooms(sandbox, events.clone()));
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        task.abort();
+        let calls = *guest.oom_calls.lock().unwrap();
+        assert!(
+            calls >= 5 && calls <= most,
+            "{answer:?}: {calls} calls in 10 s"
+        );
+        let published = events.0.lock().unwrap().len();
+        assert_eq!(published, if answer.is_some() { calls as usize } else { 0 });
+    }
 }

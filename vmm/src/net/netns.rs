@@ -18,6 +18,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType,
 };
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::{format_mac, NetnsError, OWN_PREFIX};
@@ -162,6 +163,10 @@ fn route_from(msg: &RouteMessage, links: &[Link]) -> Option<proto::Route> {
             return None;
         }
         r.destination = format!("{d}/{}", msg.header.destination_prefix_length);
+    } else if msg.header.address_family == AddressFamily::Inet6 && r.gateway.is_empty() {
+        // A default route on the link (`default dev eth0`) names no address: the empty
+        // destination would read as IPv4's in the guest.
+        r.destination = "::/0".into();
     }
     Some(r)
 }
@@ -365,6 +370,15 @@ mod tests {
         assert_eq!(g.gateway, "10.88.0.1");
         assert_eq!(g.device, "eth0");
         assert_eq!(g.mtu, 1400);
+    }
+
+    #[test]
+    fn an_ipv6_default_route_on_the_link_names_its_family() {
+        let mut r = route(vec![RouteAttribute::Oif(2)], 0);
+        r.header.address_family = AddressFamily::Inet6;
+        assert_eq!(route_from(&r, &links()).unwrap().destination, "::/0");
+        let v4 = route(vec![RouteAttribute::Oif(2)], 0);
+        assert_eq!(route_from(&v4, &links()).unwrap().destination, "");
     }
 
     #[test]
