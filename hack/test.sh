@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# kite's test command: sets the machine up (hack/setup.sh), then runs the unit tests and the
-# end-to-end tests against the real containerd (ctr and the CRI), QEMU VMs, CNI and the local
-# registry.
+# kite's test command: sets the machine up (hack/setup.sh), then runs the unit tests, every
+# fuzz target for 10 s (hack/fuzz.sh: needs the machine's nightly Rust) and the end-to-end tests
+# against the real containerd (ctr and the CRI), QEMU VMs, CNI and the local registry.
 #   hack/test.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
