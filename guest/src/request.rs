@@ -9,8 +9,7 @@ use oci_spec::runtime::{Process, Spec};
 
 use crate::runtime;
 
-/// containerd's limit for identifiers (`identifiers.Validate`).
-pub const MAX_ID_LEN: usize = 76;
+pub use kite_protocol::MAX_ID_LEN;
 /// The largest OCI spec or process (JSON) the agent reads; containerd's are a few KiB.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
 
@@ -38,35 +37,16 @@ pub enum RequestError {
     },
 }
 
-/// An identifier as containerd accepts one: letters and digits in groups joined by single
-/// `.`, `_` or `-`, at most [`MAX_ID_LEN`] bytes. It names files and cgroups in the guest, so
-/// nothing else (no `/`, no `..`) gets through.
+/// A container id: a containerd identifier ([`kite_protocol::identifier_problem`]).
 pub fn check_id(what: &'static str, id: &str) -> Result<(), RequestError> {
-    let bad = |reason| {
-        Err(RequestError::Id {
+    match kite_protocol::identifier_problem(id) {
+        None => Ok(()),
+        Some(reason) => Err(RequestError::Id {
             what,
             id: id.chars().take(2 * MAX_ID_LEN).collect(),
             reason,
-        })
-    };
-    if id.is_empty() {
-        return bad("is empty");
+        }),
     }
-    if id.len() > MAX_ID_LEN {
-        return bad("is longer than 76 bytes");
-    }
-    let mut previous_separator = true;
-    for b in id.bytes() {
-        let separator = matches!(b, b'.' | b'_' | b'-');
-        if !(b.is_ascii_alphanumeric() || separator) || (separator && previous_separator) {
-            return bad("is not letters and digits joined by single '.', '_' or '-'");
-        }
-        previous_separator = separator;
-    }
-    if previous_separator {
-        return bad("ends in a separator");
-    }
-    Ok(())
 }
 
 /// The longest exec id taken: containerd only asks for a non-empty one, but it names files.

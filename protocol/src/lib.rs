@@ -321,6 +321,30 @@ pub const GUEST_SHARE_DIR: &str = "/run/kite/share";
 /// How long the guest agent lets container set-up (its runtime helper: libcontainer) take
 /// before it gives up with its own error. The shim waits longer than this, so the guest's
 /// reason reaches containerd instead of a bare channel timeout.
+/// containerd's limit for identifiers (`identifiers.Validate`).
+pub const MAX_ID_LEN: usize = 76;
+
+/// What keeps `id` from being an identifier as containerd accepts one (letters and digits in
+/// groups joined by single `.`, `_` or `-`, at most [`MAX_ID_LEN`] bytes), or `None`. Ids that
+/// cross the VM boundary name files and cgroups, so nothing else (no `/`, no `..`) may pass.
+pub fn identifier_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        return Some("is empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return Some("is longer than 76 bytes");
+    }
+    let mut previous_separator = true;
+    for b in id.bytes() {
+        let separator = matches!(b, b'.' | b'_' | b'-');
+        if !(b.is_ascii_alphanumeric() || separator) || (separator && previous_separator) {
+            return Some("is not letters and digits joined by single '.', '_' or '-'");
+        }
+        previous_separator = separator;
+    }
+    previous_separator.then_some("ends in a separator")
+}
+
 pub const GUEST_HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// virtio-fs tag of the sandbox share.

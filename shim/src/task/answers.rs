@@ -16,8 +16,6 @@ pub const PID_MAX: u32 = 4 * 1024 * 1024;
 pub const MAX_PIDS: usize = 1 << 16;
 /// The largest exit status a process can have: 255, or 128 + the highest signal (64).
 pub const MAX_EXIT_STATUS: u32 = 255;
-/// containerd's identifier limit.
-const MAX_ID_LEN: usize = 76;
 
 fn bad(what: String) -> GuestError {
     GuestError::BadAnswer(what)
@@ -89,12 +87,8 @@ pub fn oom_container(answer: proto::OomEvent) -> Result<Option<String>, GuestErr
     if id.is_empty() {
         return Ok(None);
     }
-    let well_formed = id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if !well_formed {
-        let shown: String = id.chars().take(MAX_ID_LEN).collect();
+    if kite_protocol::identifier_problem(&id).is_some() {
+        let shown: String = id.chars().take(kite_protocol::MAX_ID_LEN).collect();
         return Err(bad(format!("OOM event for container {shown:?}")));
     }
     Ok(Some(id))
