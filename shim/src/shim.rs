@@ -88,6 +88,19 @@ fn kill_serving_shim(id: &str) {
     }
 }
 
+/// Removes the socket of a shim (`unix:///run/containerd/s/…`, as its bundle's `address`
+/// names it), if it is a socket: containerd-shim removes it only on a shim's orderly exit, so a
+/// shim killed (or killed by [`kill_serving_shim`]) would leave it behind.
+fn remove_shim_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(address.trim().trim_start_matches("unix://"));
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(socket = %path.display(), error = %e, "cannot remove a dead shim's socket");
+        }
+    }
+}
+
 #[async_trait]
 impl Shim for KiteShim {
     type T = KiteTask;
@@ -147,6 +160,10 @@ impl Shim for KiteShim {
                 }
             }
         }
+        // The dead shim's socket: it removes it itself only when it ends by its own exit.
+        if let Ok(address) = std::fs::read_to_string("address") {
+            remove_shim_socket(&address);
+        }
         let _ = std::fs::remove_file(Path::new("address"));
         info!(container = %self.id, namespace = %self.namespace, "deleted");
         let now = std::time::SystemTime::now()
@@ -167,5 +184,25 @@ impl Shim for KiteShim {
         let events = ContainerdEvents::new(publisher, &self.namespace);
         let state = TaskState::new(self.config.clone(), Arc::new(VmBooter), Arc::new(events));
         KiteTask::new(state, self.exit.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_shim_socket;
+
+    #[test]
+    fn a_dead_shims_socket_is_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        drop(listener);
+        remove_shim_socket(&format!("unix://{}\n", socket.display()));
+        assert!(!socket.exists(), "the socket is removed");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        remove_shim_socket(&format!("unix://{}", file.display()));
+        assert!(file.exists(), "a file that is not a socket stays");
+        remove_shim_socket("unix:///no/such/socket");
     }
 }

@@ -265,8 +265,8 @@ pub fn orphaned_pool_vms() -> Vec<String> {
         .collect()
 }
 
-/// What a sandbox `id` left behind: processes (QEMU, virtiofsd, shim), mounts, state; and
-/// pooled VMs nobody holds (a sandbox may have adopted one).
+/// What a sandbox `id` left behind: processes (QEMU, virtiofsd, shim), mounts, state, the shim's
+/// socket; and pooled VMs nobody holds (a sandbox may have adopted one).
 pub fn leftovers(id: &str) -> Vec<String> {
     let dir: PathBuf = Path::new(STATE_DIR).join(id);
     let marker = dir.display().to_string();
@@ -286,6 +286,14 @@ pub fn leftovers(id: &str) -> Vec<String> {
     );
     if dir.exists() {
         left.push(format!("state dir {marker}"));
+    }
+    // The shim's socket (containerd names it by its address, the namespace and the id).
+    for ns in ["default", "k8s.io"] {
+        let address = containerd_shim::socket_address("/run/containerd/containerd.sock", ns, id);
+        let path = address.trim_start_matches("unix://");
+        if Path::new(path).exists() {
+            left.push(format!("shim socket {path} ({ns})"));
+        }
     }
     left.extend(
         host_cgroups(id)
