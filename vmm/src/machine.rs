@@ -121,6 +121,8 @@ pub struct PreparedVm {
     accelerator: Accelerator,
     virtiofsd_pid: u32,
     virtiofsd_time: Duration,
+    /// Turns true when virtiofsd has exited.
+    virtiofsd_exited: watch::Receiver<bool>,
     lifetime: Lifetime,
     guard: DirGuard,
 }
@@ -185,6 +187,7 @@ impl PreparedVm {
             accelerator,
             virtiofsd_pid,
             virtiofsd_time: started.elapsed(),
+            virtiofsd_exited: exited,
             lifetime,
             guard,
         })
@@ -344,6 +347,13 @@ impl PreparedVm {
             vm_to_agent_ms = millis(timing.vm_to_agent),
             "VM booted"
         );
+        end_vm_with_virtiofsd(
+            id.clone(),
+            dir.clone(),
+            qemu_pid,
+            self.virtiofsd_exited,
+            vm_exited.clone(),
+        );
         Ok(RunningVm {
             state,
             dir,
@@ -427,6 +437,19 @@ impl RunningVm {
                 return Err(gone("the pooled VM", format!("{what} (pid {pid}) is gone")));
             }
         }
+        let virtiofsd_exited = watch_exit(state.virtiofsd_pid).map_err(|e| {
+            gone(
+                "the pooled VM",
+                format!("virtiofsd (pid {}): {e}", state.virtiofsd_pid),
+            )
+        })?;
+        end_vm_with_virtiofsd(
+            id.to_string(),
+            origin.clone(),
+            state.qemu_pid,
+            virtiofsd_exited,
+            vm_exited.clone(),
+        );
         let endpoint = match &state.channel {
             AgentChannel::Serial(_) => AgentEndpoint::Dial(dir.join("agent.sock")),
             AgentChannel::Vsock(cid) => AgentEndpoint::Vsock(*cid),
@@ -790,6 +813,36 @@ fn watch_exit(pid: u32) -> std::io::Result<watch::Receiver<bool>> {
         tx.send_replace(true);
     });
     Ok(rx)
+}
+
+/// virtiofsd serves the VM's filesystems: when it ends while QEMU runs, every file access of
+/// the guest hangs for good (its containers cannot even be killed), so the VM ends with it and
+/// its owner sees QEMU's exit, as for any death of the VM. (When the VM is being stopped,
+/// virtiofsd ends as QEMU lets go of it, a moment before QEMU: hence the grace.)
+fn end_vm_with_virtiofsd(
+    id: String,
+    origin: PathBuf,
+    qemu_pid: u32,
+    mut virtiofsd_exited: watch::Receiver<bool>,
+    mut vm_exited: watch::Receiver<bool>,
+) {
+    const GRACE: Duration = Duration::from_secs(3);
+    tokio::spawn(async move {
+        let ended = tokio::select! {
+            _ = vm_exited.wait_for(|e| *e) => return,
+            ended = virtiofsd_exited.wait_for(|e| *e) => ended.is_ok(),
+        };
+        if !ended {
+            return;
+        }
+        if tokio::time::timeout(GRACE, vm_exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            warn!(sandbox = %id, "virtiofsd exited: the VM lost its filesystems; ending it");
+            kill_if_ours(&origin, qemu_pid);
+        }
+    });
 }
 
 /// CIDs of pooled VMs (on hosts with vhost-vsock): above any `1000 + pid`.
