@@ -13,6 +13,10 @@ use kite_snapshotter::registry::{ImageRef, RegistryClient};
 use kite_snapshotter::snapshots::service::OverlaySnapshotter;
 use tracing::{error, info};
 
+/// How often the snapshotter checks that kite-lazyfs serves every lazy layer (it mounts them
+/// again after kite-lazyfs died).
+const LAZY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 const HELP: &str = "\
 kite-snapshotter — kite's containerd proxy snapshotter, with lazily pulled eStargz layers
 
@@ -229,6 +233,9 @@ async fn serve(config: SnapshotterConfig, config_path: Option<PathBuf>) -> anyho
         .with_context(|| format!("listen on {}", config.socket.display()))?;
     let socket_inode = kite_snapshotter::daemon::socket_inode(&config.socket);
     tokio::spawn(kite_snapshotter::metrics::serve(metrics, sn.clone()));
+    if sn.lazy().is_some() {
+        tokio::spawn(sn.clone().keep_lazy_layers_served(LAZY_CHECK_INTERVAL));
+    }
     info!(socket = %config.socket.display(), root = %config.root.display(),
           metrics = %config.metrics_address, lazy = config.lazy, "serving");
 

@@ -227,6 +227,20 @@ async fn a_converted_image_starts_lazily_and_reads_back_exactly() {
         "the lazy layer after kite-lazyfs restarted"
     );
 
+    // kite-lazyfs killed while the snapshotter runs: a new container over the layer right
+    //    after finds it mounted again (not a dead FUSE mount), and reads it exactly.
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-x", "kite-lazyfs"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill kite-lazyfs");
+    let after_kill = listing(&mut c, RUNC, LAZY_IMAGE, "lazy-after-kill").await;
+    assert_eq!(
+        after_kill, normal,
+        "the lazy layer after kite-lazyfs was killed"
+    );
+    assert_eq!(metric("lazy_layers_mounted"), mounted_before + 1);
+
     // 6. Removing the image removes its snapshots, and with them the lazy mount.
     c.remove_image(LAZY_IMAGE)
         .await

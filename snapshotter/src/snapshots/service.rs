@@ -151,30 +151,105 @@ impl OverlaySnapshotter {
     /// still served (this service restarted, `kite-lazyfs` did not) are left as they are, so
     /// running containers keep reading them. A layer that fails is logged.
     pub async fn remount_lazy(&self) {
-        let Some(lazy) = &self.lazy else { return };
-        let served: std::collections::HashSet<PathBuf> = match lazy.mounted().await {
-            Ok(m) => m.into_iter().collect(),
-            Err(e) => {
-                error!(error = %kite_protocol::errors::error_chain(&e), "cannot reach kite-lazyfs; lazy layers are not mounted");
-                return;
+        if let Err(e) = self.serve_lazy_layers(None).await {
+            error!(error = %kite_protocol::errors::error_chain(&e), "cannot reach kite-lazyfs; lazy layers are not mounted");
+        }
+    }
+
+    /// Keeps the lazy layers served while this service runs: `kite-lazyfs` may die (a crash,
+    /// `kill -9`, the OOM killer) and nothing else would mount its layers again before this
+    /// service's next start, so new containers over them would find a dead FUSE mount
+    /// (ENOTCONN). Every `every` it asks `kite-lazyfs` (started again if it does not answer)
+    /// what it serves and mounts the rest; a layer that fails is tried again after a minute.
+    pub async fn keep_lazy_layers_served(self: Arc<Self>, every: std::time::Duration) {
+        let mut failing: HashMap<String, std::time::Instant> = HashMap::new();
+        let mut unreachable = false;
+        loop {
+            tokio::time::sleep(every).await;
+            failing.retain(|_, at| at.elapsed() < std::time::Duration::from_secs(60));
+            match self.serve_lazy_layers(Some(&mut failing)).await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    layers = n,
+                    "lazy layers mounted again after kite-lazyfs restarted"
+                ),
+                Err(e) if !unreachable => {
+                    error!(error = %kite_protocol::errors::error_chain(&e), "cannot reach kite-lazyfs; lazy layers are not served");
+                    unreachable = true;
+                    continue;
+                }
+                Err(_) => continue,
             }
-        };
-        let remote: Vec<(String, u64, LayerSource)> = {
+            unreachable = false;
+        }
+    }
+
+    /// Before a snapshot is made on `parent`: if a lazy layer below it has lost its server
+    /// (`kite-lazyfs` died and the periodic check has not come round yet), mounts the lazy
+    /// layers again now, so the new snapshot's overlay does not stand on a dead FUSE mount.
+    async fn revive_lazy_lowers(&self, parent: &str) {
+        if self.lazy.is_none() || parent.is_empty() {
+            return;
+        }
+        let lowers: Vec<PathBuf> = {
             let store = self.store.lock().await;
             store
-                .all()
-                .filter_map(|(k, s)| s.remote.clone().map(|r| (k.clone(), s.id, r)))
+                .ancestors(parent)
+                .iter()
+                .filter(|(_, s)| s.remote.is_some())
+                .map(|(_, s)| self.dir(s.id).join("fs"))
                 .collect()
         };
-        for (key, id, src) in remote {
-            let fs = self.dir(id).join("fs");
-            if served.contains(&fs) {
-                continue;
-            }
-            if let Err(e) = lazy.mount(&src, &fs).await {
-                error!(snapshot = %key, error = %kite_protocol::errors::error_chain(&e), "cannot mount a lazy layer again");
+        // A FUSE mount whose server is gone answers ENOTCONN. statfs, not stat: FUSE answers
+        // stat from its attribute cache without asking the server, statfs always asks.
+        let dead = lowers.iter().any(|fs| {
+            matches!(
+                nix::sys::statfs::statfs(fs),
+                Err(nix::errno::Errno::ENOTCONN)
+            )
+        });
+        if dead {
+            warn!(
+                parent,
+                "a lazy layer lost kite-lazyfs; mounting the lazy layers again"
+            );
+            if let Err(e) = self.serve_lazy_layers(None).await {
+                error!(error = %kite_protocol::errors::error_chain(&e), "cannot reach kite-lazyfs; lazy layers are not mounted");
             }
         }
+    }
+
+    /// Mounts the lazy layers `kite-lazyfs` does not serve; returns how many it mounted. The
+    /// metadata stays locked meanwhile, so a layer removed or mounted by a Prepare at the same
+    /// time is not mounted twice. Layers in `skip` are left out, and one that fails is added.
+    async fn serve_lazy_layers(
+        &self,
+        mut skip: Option<&mut HashMap<String, std::time::Instant>>,
+    ) -> Result<usize, crate::lazy::remote::BackendError> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(0);
+        };
+        let served: std::collections::HashSet<PathBuf> =
+            lazy.mounted().await?.into_iter().collect();
+        let store = self.store.lock().await;
+        let mut mounted = 0;
+        for (key, s) in store.all() {
+            let Some(src) = &s.remote else { continue };
+            let fs = self.dir(s.id).join("fs");
+            if served.contains(&fs) || skip.as_ref().is_some_and(|f| f.contains_key(key)) {
+                continue;
+            }
+            match lazy.mount(src, &fs).await {
+                Ok(()) => mounted += 1,
+                Err(e) => {
+                    error!(snapshot = %key, error = %kite_protocol::errors::error_chain(&e), "cannot mount a lazy layer again");
+                    if let Some(f) = skip.as_mut() {
+                        f.insert(key.clone(), std::time::Instant::now());
+                    }
+                }
+            }
+        }
+        Ok(mounted)
     }
 
     /// The layer a Prepare asks for, if it is a lazy candidate: containerd's unpacker names the
@@ -287,6 +362,7 @@ impl OverlaySnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        self.revive_lazy_lowers(&parent).await;
         let mut store = self.store.lock().await;
         if store.get(&key).is_some() {
             return Err(SnapshotError::AlreadyExists { key });
