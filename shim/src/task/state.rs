@@ -29,6 +29,8 @@ use crate::config::ShimConfig;
 use crate::io::{Relays, StdioPaths};
 use crate::rootfs;
 
+const SIGKILL: u32 = nix::sys::signal::Signal::SIGKILL as u32;
+
 /// How long output may keep flowing after a process exited (a child that inherited stdout).
 const DRAIN: Duration = Duration::from_secs(2);
 /// The exit status reported when the VM died under a process.
@@ -563,12 +565,25 @@ impl TaskState {
             }
             return Ok(());
         }
-        self.sandbox()
-            .await?
+        let sandbox = self.sandbox().await?;
+        match sandbox
             .agent()
             .signal_process(&c.id, exec_id, signal, all)
             .await
-            .map_err(TaskError::guest(format!("{}: kill", p.name())))
+        {
+            Ok(()) => Ok(()),
+            // The guest did not carry out a SIGKILL: no answer within the deadline, a broken
+            // channel, an impossible answer. It is lost (or hostile), and only the VM's end
+            // kills the process for sure: every process of the pod then exits as with any
+            // death of the VM, and the pod can be removed.
+            Err(e) if signal == SIGKILL && !matches!(e, GuestError::Status { .. }) => {
+                error!(sandbox = %sandbox.id(), error = %kite_protocol::errors::error_chain(&e),
+                       "{}: the guest did not carry out SIGKILL; stopping the VM", p.name());
+                sandbox.shutdown().await;
+                Ok(())
+            }
+            Err(e) => Err(TaskError::guest(format!("{}: kill", p.name()))(e)),
+        }
     }
 
     /// Delete: an exec, or a container (the last one, or the pod's sandbox container, takes

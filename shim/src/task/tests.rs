@@ -31,6 +31,8 @@ struct FakeGuest {
     /// When set, WaitOom answers at once with this (a lying or shutting-down guest); counts.
     oom_answer: StdMutex<Option<Option<String>>>,
     oom_calls: StdMutex<u32>,
+    /// When set, signals get no answer (the call's deadline passes).
+    deaf: StdMutex<bool>,
 }
 
 impl FakeGuest {
@@ -106,6 +108,11 @@ impl GuestAgent for FakeGuest {
         _all: bool,
     ) -> Result<(), GuestError> {
         self.call(format!("signal {} {signal}", key(id, exec_id)));
+        if *self.deaf.lock().unwrap() {
+            return Err(GuestError::Channel(ttrpc::Error::Others(
+                "Receive packet timeout".into(),
+            )));
+        }
         if signal == 9 {
             self.exit(&key(id, exec_id), 137);
         }
@@ -639,4 +646,26 @@ async fn a_guest_answering_oom_waits_at_once_is_asked_at_a_bounded_rate() {
         let published = events.0.lock().unwrap().len();
         assert_eq!(published, if answer.is_some() { calls as usize } else { 0 });
     }
+}
+
+#[tokio::test]
+async fn a_sigkill_the_guest_does_not_carry_out_stops_the_vm() {
+    let h = Harness::new();
+    h.state.create(h.bundle("c1", None, false)).await.unwrap();
+    h.state.start("c1", "").await.unwrap();
+    *h.guest().deaf.lock().unwrap() = true;
+    // Another signal's failure is the caller's: the process may well run on.
+    let err = h.state.kill("c1", "", 15, false).await.unwrap_err();
+    assert_eq!(err.code(), ttrpc::Code::UNAVAILABLE, "{err}");
+    assert!(!h.log().contains(&"shutdown c1".to_string()));
+    // SIGKILL must kill: the VM goes, and the process with it.
+    h.state.kill("c1", "", 9, false).await.unwrap();
+    assert!(
+        h.log().contains(&"shutdown c1".to_string()),
+        "{:?}",
+        h.log()
+    );
+    let waited = h.state.wait("c1", "").await.unwrap();
+    assert_eq!(waited.status, Status::STOPPED);
+    assert_eq!(waited.exit_status, 137);
 }
