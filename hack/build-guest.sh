@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the guest side of a kite VM: unpacks Debian's cloud kernel (not installed on the host)
 # and builds an initrd with kite-guest as PID 1 plus the modules it loads.
-#   hack/build-guest.sh [OUT_DIR]      (default /var/lib/kite/guest)
-# Idempotent: the kernel is unpacked once per version; the initrd is rebuilt every time.
+#   hack/build-guest.sh [OUT_DIR [FEATURES]]      (default /var/lib/kite/guest, none)
+# FEATURES: cargo features of kite-guest (`misbehave`: the tests' misbehaving agent, never for
+# pods). Idempotent: the kernel is unpacked once per version (in /var/lib/kite/guest/work, for
+# every OUT_DIR); the initrd is rebuilt every time.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-/var/lib/kite/guest}
+features=${2:-}
 mkdir -p "$out"
-work=$out/work
+work=/var/lib/kite/guest/work
 mkdir -p "$work"
 
 # The kernel: whatever linux-image-cloud-amd64 points at today.
@@ -33,11 +36,11 @@ target=x86_64-unknown-linux-gnu
 (cd "$here" && RUSTFLAGS="-C target-feature=+crt-static" \
    LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
    cargo build --profile guest --locked -q \
-   -p kite-guest --target $target)
+   -p kite-guest --target $target ${features:+--features "$features"})
 agent=$here/target/$target/guest/kite-guest
 
 # The initrd: /init -> /sysroot/init; everything the agent needs lives in /sysroot.
-stage=$work/initrd
+stage=$work/initrd-$(basename "$out")
 rm -rf "$stage"
 mkdir -p "$stage/sysroot/lib/modules"
 # Stripped: the initrd stays in the guest's RAM (unpacked) for the VM's life.

@@ -12,15 +12,21 @@ echo "== lint"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
+# The misbehaving guest agent (a feature no workspace build turns on).
+cargo clippy -p kite-guest --features misbehave --all-targets --locked -q -- -D warnings
 
 echo "== unit tests"
 cargo test --workspace --exclude kite-e2e --locked
+cargo test -p kite-guest --features misbehave --locked --lib misbehave
 
 echo "== fuzz targets (every parser of untrusted input, 10 s each; hack/fuzz.sh for longer runs)"
 "$here/hack/fuzz.sh" 10
 
+echo "== the tests' misbehaving guest agent (tests/tests/untrusted_guest.rs)"
+"$here/hack/build-guest.sh" /var/lib/kite/guest-misbehave misbehave
+
 echo "== end-to-end tests (containerd, QEMU $(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo TCG), registry)"
 # Each test checks its own sandbox for leaks, so they may run side by side (the agent tests run
 # an agent each); the restart tests restart containerd and the snapshotter, and run alone.
-cargo test -p kite-e2e --locked --test shim --test failures --test network --test cri --test agent --test java_cache --test coordinator --test coordinator_ha --test deploy --test pool -- --test-threads=2
+cargo test -p kite-e2e --locked --test shim --test failures --test network --test cri --test agent --test java_cache --test coordinator --test coordinator_ha --test deploy --test pool --test untrusted_guest -- --test-threads=2
 cargo test -p kite-e2e --locked --test restart --test snapshotter --test lazy --test lazy_faults --test registry_auth --test registry_bearer --test record

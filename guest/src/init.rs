@@ -22,9 +22,9 @@ const INTERNAL_SOCKET: &str = "/run/kite/agent.sock";
 /// wait for the host to come back. tokio's readiness is not used here: it takes the port's
 /// hang-up while the host is away as final, and would then spin on the port after the host
 /// reconnects.
-fn pump_serial_port(path: std::path::PathBuf) {
+fn pump_serial_port(path: std::path::PathBuf, garbage: bool) {
     loop {
-        if let Err(e) = pump_once(&path) {
+        if let Err(e) = pump_once(&path, garbage) {
             error!("agent channel {}: {e}; reopening", path.display());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -33,7 +33,8 @@ fn pump_serial_port(path: std::path::PathBuf) {
 
 /// One pumping session: returns when either side fails, after both have stopped (each side
 /// that stops makes the other stop: a session never hangs half-open).
-fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
+/// `garbage` (a misbehaving test build only): random bytes follow the agent's first answer.
+fn pump_once(path: &std::path::Path, garbage: bool) -> std::io::Result<()> {
     use std::io::Read;
     use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -102,11 +103,18 @@ fn pump_once(path: &std::path::Path) -> std::io::Result<()> {
                 if let Err(e) = port_out.write_all(&buf[..n]) {
                     break Err(e);
                 }
+                #[cfg(feature = "misbehave")]
+                if garbage {
+                    if let Err(e) = port_out.write_all(&crate::misbehave::garbage(256 << 10)) {
+                        break Err(e);
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break Err(e),
         }
     };
+    let _ = garbage;
     // The reader stops at its next wait (or at its next write to the connection).
     let _ = nix::unistd::write(&wake_tx, &[1]);
     let _ = conn.shutdown(std::net::Shutdown::Both);
@@ -181,6 +189,10 @@ fn boot_and_serve(started_ns: u64) -> anyhow::Result<()> {
         "booted"
     );
 
+    #[cfg(feature = "misbehave")]
+    let garbage = crate::misbehave::garbage_after_first_answer(&cmdline);
+    #[cfg(not(feature = "misbehave"))]
+    let garbage = false;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -202,6 +214,14 @@ fn boot_and_serve(started_ns: u64) -> anyhow::Result<()> {
             ..Default::default()
         };
         let service = AgentService::new(reaper, info);
+        #[cfg(feature = "misbehave")]
+        let services = match crate::misbehave::mode(&cmdline) {
+            Some(mode) => kite_protocol::agent_ttrpc::create_agent(
+                crate::misbehave::MisbehavingAgent::new(service, mode),
+            ),
+            None => kite_protocol::agent_ttrpc::create_agent(service),
+        };
+        #[cfg(not(feature = "misbehave"))]
         let services = kite_protocol::agent_ttrpc::create_agent(service);
         let mut server = ttrpc::r#async::Server::new();
         server = match agent_port {
@@ -212,7 +232,7 @@ fn boot_and_serve(started_ns: u64) -> anyhow::Result<()> {
                     .context("listen on the internal agent socket")?;
                 std::thread::Builder::new()
                     .name("agent-port".into())
-                    .spawn(move || pump_serial_port(path))
+                    .spawn(move || pump_serial_port(path, garbage))
                     .context("start the agent port's pump")?;
                 server
             }

@@ -7,6 +7,8 @@
 pub mod boot;
 pub mod channel;
 pub mod init;
+#[cfg(feature = "misbehave")]
+pub mod misbehave;
 pub mod modules;
 pub mod network;
 pub mod process;
