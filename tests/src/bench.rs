@@ -134,26 +134,39 @@ pub async fn push_full_image(
     total_mib: usize,
     start_mib: usize,
 ) -> u64 {
+    let file = |mib: usize, seed: u64| {
+        let mut data = vec![0u8; mib << 20];
+        random_fill(&mut data, seed);
+        data
+    };
+    let mut files = vec![("app/start.dat".to_string(), file(start_mib, 1))];
+    let mut left = total_mib.saturating_sub(start_mib);
+    let mut n: u64 = 0;
+    while left > 0 {
+        let mib = left.min(FILE_MIB);
+        files.push((format!("app/data/blob-{n:03}"), file(mib, 100 + n)));
+        left -= mib;
+        n += 1;
+    }
+    push_image_with_files(client, dst, &files).await
+}
+
+/// Pushes busybox (from [`IMAGE`]) + a layer of `files` (path, content) as `dst`; returns that
+/// layer's compressed size.
+pub async fn push_image_with_files(
+    client: &RegistryClient,
+    dst: &ImageRef,
+    files: &[(String, Vec<u8>)],
+) -> u64 {
     let base = ImageRef::parse(IMAGE).unwrap();
     let resolved = client.resolve(&base).await.unwrap();
     let mut b = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, mib: usize, seed: u64| {
-        let mut data = vec![0u8; mib << 20];
-        random_fill(&mut data, seed);
+    for (name, data) in files {
         let mut h = tar::Header::new_ustar();
         h.set_mode(0o644);
         h.set_size(data.len() as u64);
         h.set_mtime(1_700_000_000);
         b.append_data(&mut h, name, &data[..]).unwrap();
-    };
-    add("app/start.dat", start_mib, 1);
-    let mut left = total_mib.saturating_sub(start_mib);
-    let mut n: u64 = 0;
-    while left > 0 {
-        let mib = left.min(FILE_MIB);
-        add(&format!("app/data/blob-{n:03}"), mib, 100 + n);
-        left -= mib;
-        n += 1;
     }
     let tar = b.into_inner().unwrap();
     let diff_id = format!("sha256:{:x}", Sha256::digest(&tar));
