@@ -8,6 +8,10 @@ pub fn init_logging(level: &str) -> Result<(), tracing_subscriber::filter::Parse
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(level)?)
         .with_ansi(false)
+        // A log that cannot be written (its disk full) must not stop the daemon: the crate
+        // reports a failed write with eprintln!, which panics when stderr fails too (and
+        // kite's daemons abort on a panic). The soak's full-disk fault killed kite-agent so.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
     Ok(())
@@ -102,6 +106,37 @@ pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon whose log cannot be written (stderr on a full disk: /dev/full here) keeps
+    /// running. The test runs itself again as the "daemon" (a process's logging is set once).
+    #[test]
+    fn a_log_that_cannot_be_written_does_not_stop_the_daemon() {
+        if std::env::var_os("KITE_TEST_LOG_TO_FULL").is_some() {
+            init_logging("info").unwrap();
+            for i in 0..3 {
+                tracing::warn!(i, "a line that does not fit on the disk");
+            }
+            std::process::exit(7);
+        }
+        let me = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(me)
+            .args([
+                "--exact",
+                "daemon::tests::a_log_that_cannot_be_written_does_not_stop_the_daemon",
+                "--nocapture",
+            ])
+            .env("KITE_TEST_LOG_TO_FULL", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            )
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(7), "the logging process died: {status}");
+    }
 
     #[tokio::test]
     async fn a_socket_appears_only_with_its_listener_and_replaces_a_stale_one() {

@@ -36,9 +36,11 @@ fn init_logging(config: &ShimConfig, serving: bool, debug: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log write that fails must not stop the shim (see kite_config::daemon::init_logging).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(false);
+        .with_ansi(false)
+        .log_internal_errors(false);
     let log_fifo = serving
         .then(|| {
             std::fs::OpenOptions::new()
