@@ -23,6 +23,8 @@ use crate::task::KiteTask;
 pub struct KiteShim {
     id: String,
     namespace: String,
+    /// containerd's address (its shim sockets are named after it, the namespace and the id).
+    containerd_address: String,
     exit: Arc<ExitSignal>,
     config: ShimConfig,
 }
@@ -57,10 +59,11 @@ fn init_logging(config: &ShimConfig, serving: bool, debug: bool) {
 }
 
 /// Kills the serving shim of container `id`, if one runs (never this process).
-fn kill_serving_shim(id: &str) {
+fn kill_serving_shim(id: &str) -> bool {
     let me = std::process::id().to_string();
+    let mut killed = false;
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return false;
     };
     for entry in entries.flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
@@ -81,24 +84,37 @@ fn kill_serving_shim(id: &str) {
         if is_shim && serves && for_id {
             warn!(container = %id, pid = %pid, "killing the shim containerd gave up on");
             if let Ok(pid) = pid.parse::<i32>() {
-                let _ = nix::sys::signal::kill(
+                killed |= nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
-                );
+                )
+                .is_ok();
             }
         }
     }
+    killed
 }
 
-/// Removes the socket of a shim (`unix:///run/containerd/s/…`, as its bundle's `address`
-/// names it), if it is a socket: containerd-shim removes it only on a shim's orderly exit, so a
-/// shim killed (or killed by [`kill_serving_shim`]) would leave it behind.
-fn remove_shim_socket(address: &str) {
+/// Removes the socket at `address` (`unix:///run/containerd/s/…`) when it is a socket nobody
+/// listens on: containerd-shim removes it only on a shim's orderly exit, so a killed shim left it
+/// behind. A socket still served (connect succeeds) stays; with `going` (its shim was just
+/// killed) that is retried for a second while the process goes.
+fn remove_dead_shim_socket(address: &str, going: bool) {
     use std::os::unix::fs::FileTypeExt;
     let path = Path::new(address.trim().trim_start_matches("unix://"));
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        if let Err(e) = std::fs::remove_file(path) {
-            warn!(socket = %path.display(), error = %e, "cannot remove a dead shim's socket");
+    for _ in 0..if going { 20 } else { 1 } {
+        if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            return;
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if let Err(e) = std::fs::remove_file(path) {
+                    warn!(socket = %path.display(), error = %e, "cannot remove a dead shim's socket");
+                }
+                return;
+            }
+            Err(_) => return,
         }
     }
 }
@@ -126,6 +142,7 @@ impl Shim for KiteShim {
         KiteShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            containerd_address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
             config: shim_config,
         }
@@ -148,7 +165,7 @@ impl Shim for KiteShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         // containerd calls this when it takes the shim for dead: release whatever it left,
         // the serving shim itself included if it still runs.
-        kill_serving_shim(&self.id);
+        let killed = kill_serving_shim(&self.id);
         let own = Sandbox::dir_for(&self.config, &self.id);
         if own.exists() {
             warn!(sandbox = %self.id, "cleaning up after a dead shim");
@@ -162,9 +179,13 @@ impl Shim for KiteShim {
                 }
             }
         }
-        // The dead shim's socket: it removes it itself only when it ends by its own exit.
-        if let Ok(address) = std::fs::read_to_string("address") {
-            remove_shim_socket(&address);
+        // The dead shim's socket (it removes it itself only when it ends by its own exit): only
+        // this id's own. A pod's other containers name the pod's shim socket in their
+        // `address`, and that shim may well serve on.
+        let own_socket =
+            containerd_shim::socket_address(&self.containerd_address, &self.namespace, &self.id);
+        if std::fs::read_to_string("address").is_ok_and(|a| a.trim() == own_socket) {
+            remove_dead_shim_socket(&own_socket, killed);
         }
         let _ = std::fs::remove_file(Path::new("address"));
         info!(container = %self.id, namespace = %self.namespace, "deleted");
@@ -191,20 +212,23 @@ impl Shim for KiteShim {
 
 #[cfg(test)]
 mod tests {
-    use super::remove_shim_socket;
+    use super::remove_dead_shim_socket;
 
     #[test]
-    fn a_dead_shims_socket_is_removed_and_nothing_else() {
+    fn only_a_socket_nobody_listens_on_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("s");
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        // Served: it stays (a pod's shim serving its other containers).
+        remove_dead_shim_socket(&format!("unix://{}", socket.display()), false);
+        assert!(socket.exists(), "a served socket stays");
         drop(listener);
-        remove_shim_socket(&format!("unix://{}\n", socket.display()));
-        assert!(!socket.exists(), "the socket is removed");
+        remove_dead_shim_socket(&format!("unix://{}\n", socket.display()), false);
+        assert!(!socket.exists(), "a dead socket is removed");
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
-        remove_shim_socket(&format!("unix://{}", file.display()));
+        remove_dead_shim_socket(&format!("unix://{}", file.display()), true);
         assert!(file.exists(), "a file that is not a socket stays");
-        remove_shim_socket("unix:///no/such/socket");
+        remove_dead_shim_socket("unix:///no/such/socket", false);
     }
 }

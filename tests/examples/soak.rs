@@ -923,7 +923,16 @@ async fn main() {
     c.pull(kite_e2e::agent::WEB_V1)
         .await
         .unwrap_or_else(|e| panic!("pull {}: {}", kite_e2e::agent::WEB_V1, status_message(&e)));
-    // Leftovers of an interrupted run go first.
+    // Leftovers of an interrupted run go first (a disk filled by its last fault too).
+    for e in std::fs::read_dir(CACHE_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("soak-filler-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let _ = kitectl(&["delete", "pod", AGENT_POD], None);
     for s in c.client.list_pod_sandboxes(&[]).await.unwrap() {
         if s.metadata

@@ -1,5 +1,5 @@
 //! The guest is not trusted: a guest agent that misbehaves on purpose (kite-guest built with
-//! its `misbehave` feature into an initrd of its own by hack/setup.sh) floods the shim with
+//! its `misbehave` feature into an initrd of its own by hack/test.sh) floods the shim with
 //! huge answers, stops answering, sends garbage on the channel and lies (impossible exit
 //! statuses, pids out of range, OOM events for containers that do not exist). Each time the
 //! shim's memory stays bounded, the misbehaving pod ends or is removed with nothing left, and a
@@ -164,7 +164,7 @@ fn a_misbehaving_guest_costs_its_own_pod_only() {
     require_setup();
     assert!(
         std::path::Path::new(INITRD).exists(),
-        "{INITRD} is missing (hack/setup.sh builds it)"
+        "{INITRD} is missing (hack/test.sh builds it)"
     );
     let neighbour = unique_id("neighbour");
     let _cleanup = Removed(neighbour.clone());
@@ -179,7 +179,7 @@ fn a_misbehaving_guest_costs_its_own_pod_only() {
     let child = start(
         &id,
         "huge",
-        &["sh", "-c", "echo out; echo err >&2; sleep 3"],
+        &["sh", "-c", "echo out; echo err >&2; sleep 10"],
     );
     wait_running(&id);
     let ps = ctr(&["task", "ps", &id]);
@@ -203,7 +203,7 @@ fn a_misbehaving_guest_costs_its_own_pod_only() {
     let id = unique_id("lie");
     let _lie = Removed(id.clone());
     let watch = ShimWatch::start(&id);
-    let child = start(&id, "lie", &["sh", "-c", "sleep 2"]);
+    let child = start(&id, "lie", &["sh", "-c", "sleep 8"]);
     wait_running(&id);
     let ps = ctr(&["task", "ps", &id]);
     assert!(!ps.status.success(), "pids out of range were taken");

@@ -201,13 +201,20 @@ impl OverlaySnapshotter {
                 .collect()
         };
         // A FUSE mount whose server is gone answers ENOTCONN. statfs, not stat: FUSE answers
-        // stat from its attribute cache without asking the server, statfs always asks.
-        let dead = lowers.iter().any(|fs| {
-            matches!(
-                nix::sys::statfs::statfs(fs),
-                Err(nix::errno::Errno::ENOTCONN)
-            )
+        // stat from its attribute cache without asking the server, statfs always asks. On a
+        // thread of its own, bounded: a server that hangs must not hang this Prepare.
+        let probe = tokio::task::spawn_blocking(move || {
+            lowers.iter().any(|fs| {
+                matches!(
+                    nix::sys::statfs::statfs(fs),
+                    Err(nix::errno::Errno::ENOTCONN)
+                )
+            })
         });
+        let dead = matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+            Ok(Ok(true))
+        );
         if dead {
             warn!(
                 parent,
@@ -219,9 +226,9 @@ impl OverlaySnapshotter {
         }
     }
 
-    /// Mounts the lazy layers `kite-lazyfs` does not serve; returns how many it mounted. The
-    /// metadata stays locked meanwhile, so a layer removed or mounted by a Prepare at the same
-    /// time is not mounted twice. Layers in `skip` are left out, and one that fails is added.
+    /// Mounts the lazy layers `kite-lazyfs` does not serve (as it said just before); returns
+    /// how many it mounted. The metadata stays locked while it mounts, so a layer removed
+    /// meanwhile is not mounted again (one a Prepare mounted since is a no-op for kite-lazyfs). Layers in `skip` are left out, and one that fails is added.
     async fn serve_lazy_layers(
         &self,
         mut skip: Option<&mut HashMap<String, std::time::Instant>>,
