@@ -27,6 +27,7 @@ echo "== the tests' misbehaving guest agent (tests/tests/untrusted_guest.rs)"
 
 echo "== end-to-end tests (containerd, QEMU $(grep -qwE 'vmx|svm' /proc/cpuinfo && echo KVM || echo TCG), registry)"
 # Each test checks its own sandbox for leaks, so they may run side by side (the agent tests run
-# an agent each); the restart tests restart containerd and the snapshotter, and run alone.
-cargo test -p kite-e2e --locked --test shim --test failures --test network --test cri --test agent --test java_cache --test coordinator --test coordinator_ha --test deploy --test pool --test untrusted_guest -- --test-threads=2
-cargo test -p kite-e2e --locked --test restart --test snapshotter --test lazy --test lazy_faults --test registry_auth --test registry_bearer --test record
+# an agent each); the restart tests restart containerd and the snapshotter, and run alone, and
+# so does the untrusted-guest test (its stalls and timeouts want the machine to themselves).
+cargo test -p kite-e2e --locked --test shim --test failures --test network --test cri --test agent --test java_cache --test coordinator --test coordinator_ha --test deploy --test pool -- --test-threads=2
+cargo test -p kite-e2e --locked --test restart --test snapshotter --test lazy --test lazy_faults --test registry_auth --test registry_bearer --test record --test untrusted_guest
