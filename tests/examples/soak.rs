@@ -418,9 +418,7 @@ fn pod_target(fault: Fault, known: &BTreeSet<String>) -> Option<i32> {
     match fault {
         Fault::KillQemu | Fault::FreezeVm => vm_pid(&dir, "qemu_pid"),
         Fault::KillVirtiofsd => vm_pid(&dir, "virtiofsd_pid"),
-        Fault::KillShim => kite_e2e::pids_mentioning(&format!("-id {dir} "))
-            .into_iter()
-            .find(|p| comm(*p).is_some_and(|c| c.starts_with("containerd-shim"))),
+        Fault::KillShim => kite_e2e::shim_pid(&dir),
         _ => None,
     }
 }

@@ -209,6 +209,16 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The pid of the shim serving `id` (a sandbox or a lone container), once it runs.
+pub fn shim_pid(id: &str) -> Option<i32> {
+    pids_mentioning(&format!("-id {id} "))
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("containerd-shim"))
+        })
+}
+
 fn command_lines_mentioning(needle: &str) -> Vec<(i32, String)> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {

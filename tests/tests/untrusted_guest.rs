@@ -25,16 +25,6 @@ fn config(mode: &str) -> String {
     .to_string()
 }
 
-/// The kite shim serving `id`, once it runs.
-fn shim_pid(id: &str) -> Option<i32> {
-    pids_mentioning(&format!("-id {id} "))
-        .into_iter()
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.starts_with("containerd-shim"))
-        })
-}
-
 fn peak_kib(pid: i32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?

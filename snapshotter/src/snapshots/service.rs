@@ -200,6 +200,9 @@ impl OverlaySnapshotter {
                 .map(|(_, s)| self.dir(s.id).join("fs"))
                 .collect()
         };
+        if lowers.is_empty() {
+            return;
+        }
         // A FUSE mount whose server is gone answers ENOTCONN. statfs, not stat: FUSE answers
         // stat from its attribute cache without asking the server, statfs always asks. On a
         // thread of its own, bounded: a server that hangs must not hang this Prepare.
