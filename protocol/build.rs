@@ -8,6 +8,13 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_NODE_API").is_some() {
         node_api();
     }
+    if std::env::var_os("CARGO_FEATURE_CONTAINERD_API").is_some() {
+        println!("cargo:rerun-if-changed=proto/containerd_containers.proto");
+        tonic_prost_build::configure()
+            .build_server(false)
+            .compile_protos(&["proto/containerd_containers.proto"], &["proto"])
+            .expect("generate containerd's containers API from proto/containerd_containers.proto");
+    }
     let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR for build scripts");
     let inputs: Vec<String> = PROTOS.iter().map(|p| format!("proto/{p}.proto")).collect();
     for input in &inputs {

@@ -190,6 +190,112 @@ pub mod cluster {
     }
 }
 
+/// containerd's container records (its containers service, `containerd.services.containers.v1`,
+/// the subset in proto/containerd_containers.proto): feature `containerd-api`.
+#[cfg(feature = "containerd-api")]
+pub mod containerd {
+    #[allow(clippy::all, missing_docs)]
+    mod api {
+        tonic::include_proto!("containerd.services.containers.v1");
+    }
+
+    use api::containers_client::ContainersClient;
+    use tonic::metadata::MetadataValue;
+    use tonic::transport::Channel;
+
+    /// What containerd names the namespace of a call by (gRPC metadata).
+    const NAMESPACE_HEADER: &str = "containerd-namespace";
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum ContainerdError {
+        #[error("connect to containerd at {socket}")]
+        Connect {
+            socket: String,
+            #[source]
+            source: tonic::transport::Error,
+        },
+        #[error("containerd namespace {namespace:?} is not a valid gRPC metadata value")]
+        Namespace { namespace: String },
+        #[error("containerd: {call} container {id} in namespace {namespace}")]
+        Call {
+            call: &'static str,
+            id: String,
+            namespace: String,
+            #[source]
+            source: tonic::Status,
+        },
+    }
+
+    /// containerd's records of containers in one namespace.
+    pub struct ContainerRecords {
+        client: ContainersClient<Channel>,
+        namespace: String,
+        namespace_value: MetadataValue<tonic::metadata::Ascii>,
+    }
+
+    impl ContainerRecords {
+        /// Connects to containerd's gRPC socket (`/run/containerd/containerd.sock`, with or
+        /// without `unix://`).
+        pub async fn connect(socket: &str, namespace: &str) -> Result<Self, ContainerdError> {
+            let namespace_value = namespace.parse().map_err(|_| ContainerdError::Namespace {
+                namespace: namespace.to_string(),
+            })?;
+            let path = std::path::Path::new(socket.trim_start_matches("unix://"));
+            let channel =
+                crate::unix_channel(path)
+                    .await
+                    .map_err(|source| ContainerdError::Connect {
+                        socket: socket.to_string(),
+                        source,
+                    })?;
+            Ok(Self {
+                client: ContainersClient::new(channel),
+                namespace: namespace.to_string(),
+                namespace_value,
+            })
+        }
+
+        fn request<T>(&self, message: T) -> tonic::Request<T> {
+            let mut request = tonic::Request::new(message);
+            request
+                .metadata_mut()
+                .insert(NAMESPACE_HEADER, self.namespace_value.clone());
+            request
+        }
+
+        fn error(&self, call: &'static str, id: &str, source: tonic::Status) -> ContainerdError {
+            ContainerdError::Call {
+                call,
+                id: id.to_string(),
+                namespace: self.namespace.clone(),
+                source,
+            }
+        }
+
+        /// Whether containerd holds a record of container `id` (a clear NotFound is `false`;
+        /// any other failure is an error, not an answer).
+        pub async fn exists(&mut self, id: &str) -> Result<bool, ContainerdError> {
+            let request = self.request(api::GetContainerRequest { id: id.to_string() });
+            match self.client.get(request).await {
+                Ok(_) => Ok(true),
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+                Err(status) => Err(self.error("get", id, status)),
+            }
+        }
+
+        /// Deletes container `id`'s record, whatever runs of it: containerd's own clients
+        /// refuse while a task lives, the service does not (the tests make orphans with it).
+        pub async fn delete(&mut self, id: &str) -> Result<(), ContainerdError> {
+            let request = self.request(api::DeleteContainerRequest { id: id.to_string() });
+            self.client
+                .delete(request)
+                .await
+                .map(|_| ())
+                .map_err(|status| self.error("delete", id, status))
+        }
+    }
+}
+
 /// A gRPC channel to a server on a unix socket (containerd's CRI, the node agent's API).
 #[cfg(feature = "grpc")]
 pub async fn unix_channel(

@@ -6,10 +6,12 @@
 //! - [`rootfs`]: container rootfs and bind mounts in the share;
 //! - [`io`]: stdio between containerd's FIFOs and the guest;
 //! - [`task`]: the Task API (ttrpc adapter, state machine, events, guest-agent interface);
+//! - [`orphans`]: ending tasks whose container record containerd lost;
 //! - [`shim`]: the shim's life (start, serve, delete).
 
 pub mod config;
 pub mod io;
+pub mod orphans;
 pub mod pool;
 pub mod rootfs;
 pub mod sandbox;

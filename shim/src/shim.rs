@@ -205,7 +205,17 @@ impl Shim for KiteShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let events = ContainerdEvents::new(publisher, &self.namespace);
-        let state = TaskState::new(self.config.clone(), Arc::new(VmBooter), Arc::new(events));
+        let state = Arc::new(TaskState::new(
+            self.config.clone(),
+            Arc::new(VmBooter),
+            Arc::new(events),
+        ));
+        tokio::spawn(crate::orphans::watch(
+            state.clone(),
+            self.containerd_address.clone(),
+            self.namespace.clone(),
+            self.exit.clone(),
+        ));
         KiteTask::new(state, self.exit.clone())
     }
 }

@@ -377,19 +377,28 @@ async fn bad_input_gets_a_clear_cri_error_and_leaks_nothing() {
     assert_pod_gone(&pod.id, Some(&netns)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_whose_vm_dies_is_reported_not_ready_and_cleans_up() {
-    let mut c = setup().await;
+/// A kite pod named `name` with a container `app` that sleeps, running; removed on drop.
+async fn sleeping_kite_pod(
+    c: &mut Cri,
+    name: &str,
+) -> (kite_e2e::cri::Pod, RemoveOnDrop, std::path::PathBuf, String) {
     let pod = c
-        .run_pod("doomed", KITE, &[])
+        .run_pod(name, KITE, &[])
         .await
         .unwrap_or_else(|e| panic!("run a kite pod: {}", status_message(&e)));
-    let _pod_guard = RemoveOnDrop(pod.id.clone());
+    let guard = RemoveOnDrop(pod.id.clone());
     let netns = kite_pod_netns(&pod.id).expect("network namespace");
     let app = c
         .run_container(&pod, "app", 0, IMAGE, &["sleep", "1000"])
         .await;
     c.wait_running(&app, LIMIT).await;
+    (pod, guard, netns, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_vm_dies_is_reported_not_ready_and_cleans_up() {
+    let mut c = setup().await;
+    let (pod, _pod_guard, netns, app) = sleeping_kite_pod(&mut c, "doomed").await;
 
     let pid: i32 = qemu_pid(&pod.id).parse().unwrap();
     nix::sys::signal::kill(
@@ -418,5 +427,66 @@ async fn a_pod_whose_vm_dies_is_reported_not_ready_and_cleans_up() {
     assert_eq!(st.exit_code, 137, "{st:?}");
 
     c.remove_pod(&pod.id).await.unwrap();
+    assert_pod_gone(&pod.id, Some(&netns)).await;
+}
+
+/// containerd lost the record of a running kite pod's sandbox container (what a containerd
+/// restart during RunPodSandbox does, containerd#12344; here the record is deleted through
+/// containerd's containers service, which does not refuse while a task runs): nothing would
+/// ever stop that task, so the shim notices, ends the VM and exits, containerd cleans up after
+/// it, and the pod can still be removed, leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_record_containerd_lost_is_ended_by_its_shim() {
+    use kite_protocol::containerd::ContainerRecords;
+    use kite_shim::orphans::{CHECK_EVERY, GONE_AFTER};
+    let mut c = setup().await;
+    let (pod, _pod_guard, netns, app) = sleeping_kite_pod(&mut c, "orphan").await;
+    let qemu = qemu_pid(&pod.id);
+    let mut records = ContainerRecords::connect("/run/containerd/containerd.sock", "k8s.io")
+        .await
+        .unwrap();
+    assert!(records.exists(&pod.id).await.unwrap());
+    records.delete(&pod.id).await.unwrap();
+    assert!(!records.exists(&pod.id).await.unwrap());
+
+    // Within GONE_AFTER checks (and one more for the phase): the shim, the VM, the bundle go.
+    let bundle = Path::new("/run/containerd/io.containerd.runtime.v2.task/k8s.io").join(&pod.id);
+    let limit = CHECK_EVERY * (GONE_AFTER + 1) + Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    while kite_e2e::shim_pid(&pod.id).is_some()
+        || Path::new("/proc").join(&qemu).exists()
+        || bundle.exists()
+    {
+        assert!(
+            start.elapsed() < limit,
+            "{limit:?} after containerd lost pod {}'s record: shim {:?}, QEMU {qemu} {}, bundle {}",
+            pod.id,
+            kite_e2e::shim_pid(&pod.id),
+            if Path::new("/proc").join(&qemu).exists() {
+                "runs"
+            } else {
+                "gone"
+            },
+            if bundle.exists() { "left" } else { "gone" },
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The app container ended with its VM, as the CRI sees it.
+    let start = std::time::Instant::now();
+    loop {
+        let st = c.container_status(&app).await;
+        if st.state == k8s_cri::v1::ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 137, "{st:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "app container after its VM went: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.remove_pod(&pod.id)
+        .await
+        .unwrap_or_else(|e| panic!("remove the orphaned pod: {}", status_message(&e)));
     assert_pod_gone(&pod.id, Some(&netns)).await;
 }

@@ -23,12 +23,12 @@ use crate::io::StdioPaths;
 
 /// The shim's task service: the containers of one sandbox (one VM).
 pub struct KiteTask {
-    state: TaskState,
+    state: Arc<TaskState>,
     exit: Arc<ExitSignal>,
 }
 
 impl KiteTask {
-    pub fn new(state: TaskState, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(state: Arc<TaskState>, exit: Arc<ExitSignal>) -> Self {
         Self { state, exit }
     }
 }

@@ -33,6 +33,10 @@ const SIGKILL: u32 = nix::sys::signal::Signal::SIGKILL as u32;
 
 /// How long output may keep flowing after a process exited (a child that inherited stdout).
 const DRAIN: Duration = Duration::from_secs(2);
+/// How long a process may take to exit after a SIGKILL before its VM is stopped.
+pub(super) const SIGKILL_EXIT_WITHIN: Duration = Duration::from_secs(15);
+/// How long an orphaned container's process may take to end after SIGKILL or its VM's end.
+const ABANDON_WAIT: Duration = Duration::from_secs(10);
 /// The exit status reported when the VM died under a process.
 pub const VM_GONE_STATUS: u32 = 137;
 
@@ -566,11 +570,15 @@ impl TaskState {
             return Ok(());
         }
         let sandbox = self.sandbox().await?;
-        match sandbox
+        let answer = sandbox
             .agent()
             .signal_process(&c.id, exec_id, signal, all)
-            .await
-        {
+            .await;
+        if signal == SIGKILL {
+            // Whatever the guest answered (done, an error, a lie), the exit must follow.
+            enforce_sigkill(sandbox.clone(), p.clone());
+        }
+        match answer {
             Ok(()) => Ok(()),
             // The guest did not carry out a SIGKILL: no answer within the deadline, a broken
             // channel, an impossible answer. It is lost (or hostile), and only the VM's end
@@ -774,6 +782,53 @@ impl TaskState {
         }
     }
 
+    /// The containers this shim serves.
+    pub async fn container_ids(&self) -> Vec<String> {
+        self.containers.lock().await.keys().cloned().collect()
+    }
+
+    /// Ends container `id`, whose record containerd has lost: its task is orphaned, and nobody
+    /// will ever kill or delete it (see [`crate::orphans`]). The pod's sandbox container, or a
+    /// shim's last container, takes the VM and every container with it; another container is
+    /// killed and removed while its pod lives on. Returns whether the shim may exit.
+    pub async fn abandon(&self, id: &str) -> bool {
+        let Ok(c) = self.container(id).await else {
+            return self.containers.lock().await.is_empty();
+        };
+        let owns_vm = self
+            .sandbox
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|s| s.id() == id);
+        let alone = self.containers.lock().await.len() == 1;
+        let doomed = if owns_vm || alone {
+            // Every process of the pod ends with its VM (and is reported so).
+            self.stop_sandbox().await;
+            self.container_ids().await
+        } else {
+            if c.init.status().status == Status::RUNNING {
+                if let Err(e) = self.kill(id, "", SIGKILL, true).await {
+                    warn!(container = %id, error = %kite_protocol::errors::error_chain(&e), "kill an orphaned container");
+                }
+            }
+            vec![id.to_string()]
+        };
+        for id in doomed {
+            let Ok(c) = self.container(&id).await else {
+                continue;
+            };
+            // A process that never started has no exit to wait for.
+            if c.init.status().status == Status::RUNNING {
+                let _ = tokio::time::timeout(ABANDON_WAIT, c.init.wait()).await;
+            }
+            if let Err(e) = self.delete(&id, "").await {
+                error!(container = %id, error = %kite_protocol::errors::error_chain(&e), "delete an orphaned container");
+            }
+        }
+        self.containers.lock().await.is_empty()
+    }
+
     /// Shutdown: when no container is left, the sandbox stops; returns whether the shim may
     /// exit.
     pub async fn shutdown(&self) -> bool {
@@ -783,6 +838,21 @@ impl TaskState {
         self.stop_sandbox().await;
         true
     }
+}
+
+/// Ends the VM if `process`, sent SIGKILL, has not exited within [`SIGKILL_EXIT_WITHIN`]: a guest
+/// that answers a SIGKILL with an error, or answers and never reports the exit, cannot keep a
+/// process (and its pod) from being killed.
+fn enforce_sigkill(sandbox: Arc<dyn PodSandbox>, process: Arc<Process>) {
+    tokio::spawn(async move {
+        let exited = tokio::time::timeout(SIGKILL_EXIT_WITHIN, process.wait()).await;
+        if exited.is_err() && sandbox.is_running() {
+            error!(sandbox = %sandbox.id(),
+                   "{}: still running {} s after SIGKILL; stopping the VM",
+                   process.name(), SIGKILL_EXIT_WITHIN.as_secs());
+            sandbox.shutdown().await;
+        }
+    });
 }
 
 /// The guest is asked for OOM kills at most this often: one that answers at once (lying, or

@@ -33,6 +33,8 @@ struct FakeGuest {
     oom_calls: StdMutex<u32>,
     /// When set, signals get no answer (the call's deadline passes).
     deaf: StdMutex<bool>,
+    /// When set, SIGKILL is answered with this (OK, or an error status) and carried out never.
+    unkillable: StdMutex<Option<Option<ttrpc::Code>>>,
 }
 
 impl FakeGuest {
@@ -114,6 +116,15 @@ impl GuestAgent for FakeGuest {
             )));
         }
         if signal == 9 {
+            if let Some(answer) = *self.unkillable.lock().unwrap() {
+                return match answer {
+                    None => Ok(()),
+                    Some(code) => Err(GuestError::Status {
+                        code,
+                        message: "no such process".into(),
+                    }),
+                };
+            }
             self.exit(&key(id, exec_id), 137);
         }
         Ok(())
@@ -668,4 +679,87 @@ async fn a_sigkill_the_guest_does_not_carry_out_stops_the_vm() {
     let waited = h.state.wait("c1", "").await.unwrap();
     assert_eq!(waited.status, Status::STOPPED);
     assert_eq!(waited.exit_status, 137);
+}
+
+/// A pod with its sandbox container and one app container, both running.
+async fn running_pod(h: &Harness, pod: &str, app: &str) {
+    h.state
+        .create(h.bundle(pod, Some(pod), true))
+        .await
+        .unwrap();
+    h.state.start(pod, "").await.unwrap();
+    h.state
+        .create(h.bundle(app, Some(pod), false))
+        .await
+        .unwrap();
+    h.state.start(app, "").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_orphaned_sandbox_container_takes_its_pod_and_lets_the_shim_go() {
+    let h = Harness::new();
+    running_pod(&h, "pod3", "app3").await;
+    assert!(h.state.abandon("pod3").await, "nothing is left to serve");
+    assert!(h.state.container_ids().await.is_empty());
+    assert!(
+        h.log().contains(&"shutdown pod3".to_string()),
+        "{:?}",
+        h.log()
+    );
+    let mut exits = h.events.exits();
+    exits.sort();
+    assert_eq!(
+        exits,
+        [
+            ("app3".to_string(), VM_GONE_STATUS),
+            ("pod3".to_string(), VM_GONE_STATUS)
+        ]
+    );
+    assert_eq!(
+        h.events.topics().iter().filter(|t| **t == "delete").count(),
+        2,
+        "{:?}",
+        h.events.topics()
+    );
+}
+
+#[tokio::test]
+async fn an_orphaned_app_container_is_killed_and_removed_while_its_pod_lives_on() {
+    let h = Harness::new();
+    running_pod(&h, "pod4", "app4").await;
+    assert!(!h.state.abandon("app4").await, "the pod is still served");
+    assert_eq!(h.state.container_ids().await, ["pod4"]);
+    let calls = h.guest().calls();
+    assert!(calls.contains(&"signal app4 9".to_string()), "{calls:?}");
+    assert!(calls.contains(&"remove app4".to_string()), "{calls:?}");
+    assert!(
+        !h.log().iter().any(|l| l.starts_with("shutdown")),
+        "{:?}",
+        h.log()
+    );
+    assert_eq!(h.events.exits(), [("app4".to_string(), 137)]);
+    // A container the shim no longer serves is nothing to end.
+    assert!(!h.state.abandon("app4").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sigkill_answered_but_not_carried_out_stops_the_vm_in_time() {
+    for answer in [None, Some(ttrpc::Code::NOT_FOUND)] {
+        let h = Harness::new();
+        h.state.create(h.bundle("c2", None, false)).await.unwrap();
+        h.state.start("c2", "").await.unwrap();
+        *h.guest().unkillable.lock().unwrap() = Some(answer);
+        let killed = h.state.kill("c2", "", 9, false).await;
+        assert_eq!(killed.is_ok(), answer.is_none(), "{killed:?}");
+        tokio::time::sleep(super::state::SIGKILL_EXIT_WITHIN / 2).await;
+        assert!(!h.log().contains(&"shutdown c2".to_string()), "too early");
+        tokio::time::sleep(super::state::SIGKILL_EXIT_WITHIN).await;
+        assert!(
+            h.log().contains(&"shutdown c2".to_string()),
+            "answer {answer:?}: {:?}",
+            h.log()
+        );
+        let waited = h.state.wait("c2", "").await.unwrap();
+        assert_eq!(waited.exit_status, 137);
+    }
 }
