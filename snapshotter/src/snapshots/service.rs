@@ -230,8 +230,10 @@ impl OverlaySnapshotter {
     }
 
     /// Mounts the lazy layers `kite-lazyfs` does not serve (as it said just before); returns
-    /// how many it mounted. The metadata stays locked while it mounts, so a layer removed
-    /// meanwhile is not mounted again (one a Prepare mounted since is a no-op for kite-lazyfs). Layers in `skip` are left out, and one that fails is added.
+    /// how many it mounted. The metadata is locked while each layer mounts (so a layer removed
+    /// meanwhile is not mounted again; one a Prepare mounted since is a no-op for kite-lazyfs),
+    /// and released between layers, so snapshot calls wait for one mount at most. Layers in
+    /// `skip` are left out, and one that fails is added.
     async fn serve_lazy_layers(
         &self,
         mut skip: Option<&mut HashMap<String, std::time::Instant>>,
@@ -241,12 +243,27 @@ impl OverlaySnapshotter {
         };
         let served: std::collections::HashSet<PathBuf> =
             lazy.mounted().await?.into_iter().collect();
-        let store = self.store.lock().await;
+        let lazy_keys: Vec<String> = {
+            let store = self.store.lock().await;
+            store
+                .all()
+                .filter(|(_, s)| s.remote.is_some())
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
         let mut mounted = 0;
-        for (key, s) in store.all() {
-            let Some(src) = &s.remote else { continue };
-            let fs = self.dir(s.id).join("fs");
-            if served.contains(&fs) || skip.as_ref().is_some_and(|f| f.contains_key(key)) {
+        for key in lazy_keys {
+            if skip.as_ref().is_some_and(|f| f.contains_key(&key)) {
+                continue;
+            }
+            let store = self.store.lock().await;
+            let Some((src, fs)) = store
+                .get(&key)
+                .and_then(|s| Some((s.remote.as_ref()?, self.dir(s.id).join("fs"))))
+            else {
+                continue;
+            };
+            if served.contains(&fs) {
                 continue;
             }
             match lazy.mount(src, &fs).await {
@@ -713,6 +730,102 @@ mod tests {
         assert_eq!(m.options, ["ro", "rbind"]);
         let m = &overlay_mounts(Kind::View, own, &lowers)[0];
         assert_eq!(m.options, ["lowerdir=/s/2/fs:/s/1/fs"]);
+    }
+
+    /// A lazy backend that mounts nothing: records the mounts asked for; serves what the test
+    /// says (`kite-lazyfs` died: nothing).
+    #[derive(Default)]
+    struct FakeLazy {
+        mounts: std::sync::Mutex<Vec<PathBuf>>,
+        served: std::sync::Mutex<Vec<PathBuf>>,
+        refuse: std::sync::Mutex<Option<PathBuf>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LazyBackend for FakeLazy {
+        async fn prepare(
+            &self,
+            _: &LayerSource,
+        ) -> Result<crate::lazy::remote::LayerUsage, crate::lazy::remote::BackendError> {
+            Ok(Default::default())
+        }
+        async fn mount(
+            &self,
+            _: &LayerSource,
+            at: &Path,
+        ) -> Result<(), crate::lazy::remote::BackendError> {
+            if self.refuse.lock().unwrap().as_deref() == Some(at) {
+                return Err(crate::lazy::remote::BackendError::layer_io(
+                    std::io::Error::other("refused"),
+                ));
+            }
+            self.mounts.lock().unwrap().push(at.to_path_buf());
+            self.served.lock().unwrap().push(at.to_path_buf());
+            Ok(())
+        }
+        async fn unmount(&self, at: &Path) -> Result<(), crate::lazy::remote::BackendError> {
+            self.served.lock().unwrap().retain(|p| p != at);
+            Ok(())
+        }
+        async fn mounted(&self) -> Result<Vec<PathBuf>, crate::lazy::remote::BackendError> {
+            Ok(self.served.lock().unwrap().clone())
+        }
+        async fn stats(
+            &self,
+        ) -> Result<crate::lazy::remote::LazyStats, crate::lazy::remote::BackendError> {
+            Ok(Default::default())
+        }
+    }
+
+    fn lazy_labels(target: &str, layer: &str) -> HashMap<String, String> {
+        [
+            (TARGET_REF_LABEL, target),
+            (CRI_IMAGE_REF_LABEL, "127.0.0.1:5000/lazy:1"),
+            (CRI_LAYER_DIGEST_LABEL, layer),
+            (TOC_DIGEST_ANNOTATION, "sha256:toc"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn lazy_layers_kite_lazyfs_lost_are_mounted_again_and_failures_retried_later() {
+        let root = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeLazy::default());
+        let sn = OverlaySnapshotter::open_with(root.path(), Some(fake.clone())).unwrap();
+        for (target, parent, layer) in [("l1", "", "sha256:a"), ("l2", "l1", "sha256:b")] {
+            let made = sn
+                .prepare(
+                    format!("extract-{target}"),
+                    parent.into(),
+                    lazy_labels(target, layer),
+                )
+                .await;
+            assert!(
+                matches!(made, Err(SnapshotError::AlreadyExists { .. })),
+                "{made:?}"
+            );
+        }
+        let layers = fake.mounts.lock().unwrap().clone();
+        assert_eq!(layers.len(), 2);
+        // All served: nothing to do.
+        assert_eq!(sn.serve_lazy_layers(None).await.unwrap(), 0);
+        // kite-lazyfs died: both again; one refused is skipped by the next rounds.
+        fake.served.lock().unwrap().clear();
+        *fake.refuse.lock().unwrap() = Some(layers[1].clone());
+        let mut failing = HashMap::new();
+        assert_eq!(sn.serve_lazy_layers(Some(&mut failing)).await.unwrap(), 1);
+        assert_eq!(failing.keys().collect::<Vec<_>>(), ["l2"]);
+        *fake.refuse.lock().unwrap() = None;
+        assert_eq!(sn.serve_lazy_layers(Some(&mut failing)).await.unwrap(), 0);
+        failing.clear();
+        assert_eq!(sn.serve_lazy_layers(Some(&mut failing)).await.unwrap(), 1);
+        // A removed layer is not mounted again.
+        sn.remove("l2".into()).await.unwrap();
+        fake.served.lock().unwrap().clear();
+        assert_eq!(sn.serve_lazy_layers(None).await.unwrap(), 1);
+        assert_eq!(fake.mounts.lock().unwrap().last(), Some(&layers[0]));
     }
 
     #[tokio::test]
