@@ -425,10 +425,18 @@ impl RunningVm {
             what,
             detail,
         };
+        // Both pidfds first, then the command lines: a pidfd names one process for good, so
+        // once the check passes the watch is of the VM's processes, even if a pid is reused.
         let vm_exited = watch_exit(state.qemu_pid).map_err(|e| {
             gone(
                 "the pooled VM",
                 format!("QEMU (pid {}): {e}", state.qemu_pid),
+            )
+        })?;
+        let virtiofsd_exited = watch_exit(state.virtiofsd_pid).map_err(|e| {
+            gone(
+                "the pooled VM",
+                format!("virtiofsd (pid {}): {e}", state.virtiofsd_pid),
             )
         })?;
         for (what, pid) in [("QEMU", state.qemu_pid), ("virtiofsd", state.virtiofsd_pid)] {
@@ -437,12 +445,6 @@ impl RunningVm {
                 return Err(gone("the pooled VM", format!("{what} (pid {pid}) is gone")));
             }
         }
-        let virtiofsd_exited = watch_exit(state.virtiofsd_pid).map_err(|e| {
-            gone(
-                "the pooled VM",
-                format!("virtiofsd (pid {}): {e}", state.virtiofsd_pid),
-            )
-        })?;
         end_vm_with_virtiofsd(
             id.to_string(),
             origin.clone(),
