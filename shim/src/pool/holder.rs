@@ -36,6 +36,8 @@ use crate::config::ShimConfig;
 
 /// How often the holder looks at the pool.
 const TICK: Duration = Duration::from_millis(200);
+/// The wait before a VM whose retirement failed is tried again (not every tick, nor never).
+const RETIRE_RETRY: Duration = Duration::from_secs(30);
 /// The wait after a failed boot, doubled up to the maximum while boots keep failing.
 const BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -129,6 +131,8 @@ pub struct Holder {
     netns: PathBuf,
     classes: Vec<Class>,
     metrics: Arc<PoolMetrics>,
+    /// VMs whose retirement failed (they stay in the pool): when, and why they were retired.
+    retire_failed: std::sync::Mutex<HashMap<String, (Instant, &'static str)>>,
 }
 
 /// The configuration's classes with their current fingerprints.
@@ -160,6 +164,7 @@ impl Holder {
             classes,
             config,
             metrics,
+            retire_failed: Default::default(),
         }
     }
 
@@ -282,6 +287,7 @@ impl Holder {
                 }
             }
             self.retire_unfit(&mut offered).await;
+            self.retry_retirements(&offered).await;
             self.count_misses(&mut misses_read);
             let ready = self.ready_by_class(&offered);
             for (class, n) in self.classes.iter().zip(&ready) {
@@ -359,8 +365,10 @@ impl Holder {
     /// any more.
     async fn retire_unfit(&self, offered: &mut HashMap<String, PoolMeta>) {
         let max_age = Duration::from_secs(self.config.pool.max_age_secs);
+        let waiting = self.retries_waiting();
         let unfit: Vec<(String, &'static str)> = offered
             .iter()
+            .filter(|(name, _)| !waiting.contains(*name))
             .filter_map(|(name, meta)| {
                 if !self.classes.iter().any(|c| c.fits(meta)) {
                     Some((name.clone(), "config"))
@@ -394,6 +402,19 @@ impl Holder {
         let name = entry.name.clone();
         let dir = entry.dir.clone();
         let outcome = tokio::task::spawn_blocking(move || pool::retire(&pool_dir, &entry)).await;
+        let retired = !matches!(outcome, Ok(Err(_)) | Err(_));
+        {
+            let mut failed = self.retire_failed.lock().expect("retire_failed lock");
+            if retired {
+                failed.remove(&name);
+            } else if failed
+                .insert(name.clone(), (Instant::now(), reason))
+                .is_some()
+            {
+                // Said once already; tried again every RETIRE_RETRY.
+                return false;
+            }
+        }
         match outcome {
             Ok(Ok(true)) => {
                 info!(vm = %name, reason, "pooled VM retired");
@@ -411,6 +432,41 @@ impl Holder {
             Err(e) => {
                 warn!(vm = %name, reason, error = %e, "retiring a pooled VM panicked");
                 false
+            }
+        }
+    }
+
+    /// The VMs whose retirement failed less than [`RETIRE_RETRY`] ago.
+    fn retries_waiting(&self) -> std::collections::HashSet<String> {
+        self.retire_failed
+            .lock()
+            .expect("retire_failed lock")
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() < RETIRE_RETRY)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Tries again to retire the VMs that are not offered (those `take_over` could not retire)
+    /// whose retirement failed [`RETIRE_RETRY`] ago or more; forgets those gone meanwhile.
+    async fn retry_retirements(&self, offered: &HashMap<String, PoolMeta>) {
+        let due: Vec<(String, &'static str)> = {
+            let mut failed = self.retire_failed.lock().expect("retire_failed lock");
+            failed.retain(|name, _| self.pool_dir.join(name).exists());
+            failed
+                .iter()
+                .filter(|(name, (at, _))| {
+                    !offered.contains_key(*name) && at.elapsed() >= RETIRE_RETRY
+                })
+                .map(|(name, (_, reason))| (name.clone(), *reason))
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        for entry in pool::entries(&self.pool_dir) {
+            if let Some((_, reason)) = due.iter().find(|(name, _)| *name == entry.name) {
+                self.retire(entry, reason).await;
             }
         }
     }
@@ -600,6 +656,31 @@ mod tests {
             count,
             fingerprint: "fp".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_retirement_is_said_once_and_tried_again_later() {
+        let root = tempfile::tempdir().unwrap();
+        let mut config = ShimConfig::default();
+        config.pool.dir = root.path().join("pool");
+        let holder = Holder::new(config, Arc::new(PoolMetrics::new()));
+        let dir = root.path().join("pool/0000abcd");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Where it would be moved is taken: the rename fails, the VM stays.
+        std::fs::create_dir_all(root.path().join("pool/.retired-0000abcd/x")).unwrap();
+        let entry = || PoolEntry {
+            dir: dir.clone(),
+            name: "0000abcd".into(),
+            meta: None,
+        };
+        assert!(!holder.retire(entry(), "unfinished").await);
+        assert!(!holder.retire(entry(), "unfinished").await);
+        assert!(dir.exists());
+        assert!(holder.retries_waiting().contains("0000abcd"));
+        std::fs::remove_dir_all(root.path().join("pool/.retired-0000abcd")).unwrap();
+        assert!(holder.retire(entry(), "unfinished").await);
+        assert!(!dir.exists());
+        assert!(holder.retries_waiting().is_empty());
     }
 
     #[test]
