@@ -12,6 +12,10 @@ features=${2:-}
 mkdir -p "$out"
 work=/var/lib/kite/guest/work
 mkdir -p "$work"
+# One build at a time: builds for every OUT_DIR share the unpacked kernel and the agent's
+# cargo artifact (target/…/guest/kite-guest, rebuilt for each FEATURES).
+exec 9>"$work/.lock"
+flock 9
 
 # The kernel: whatever linux-image-cloud-amd64 points at today.
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
