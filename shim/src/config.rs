@@ -65,7 +65,7 @@ pub struct PoolConfig {
     pub count: u32,
     /// Further sizes (a pod whose limits make it this size adopts one).
     pub classes: Vec<PoolClass>,
-    /// Where pooled VMs wait ("": `<state_dir>/.pool`); on the state_dir's filesystem, since a
+    /// Where pooled VMs wait ("": `<state_dir>/.pool`); on the state_dir's mount, since a
     /// pod takes a VM by renaming its directory.
     pub dir: PathBuf,
     /// The guest memory all pooled VMs (ready and booting) may have together (MiB).

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{Read, Seek};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -186,19 +186,26 @@ impl Holder {
             .map_err(fs("create"))?;
         std::fs::set_permissions(&self.pool_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(fs("restrict to root"))?;
-        // A claim renames a VM's directory into state_dir: one filesystem.
-        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
-        if let Some(state_dir) = self.pool_dir.parent() {
-            if dev(&self.pool_dir).map_err(fs("stat"))?
-                != dev(state_dir).map_err(fs("stat state_dir"))?
-            {
-                return Err(PoolError::Fs {
-                    dir: self.pool_dir.clone(),
-                    op: "share state_dir's filesystem (a mount on the pool directory?)",
-                    source: std::io::Error::from_raw_os_error(libc::EXDEV),
-                });
-            }
-        }
+        // A claim renames a VM's directory into state_dir, which rename(2) does only within one
+        // mount (EXDEV across two, even two of one filesystem, which st_dev cannot tell): a
+        // directory is moved there and back once now, so a pool that no claim could take from
+        // is refused at start rather than missed by every pod.
+        let probe = self.pool_dir.join(format!(".probe-{}", std::process::id()));
+        let moved = self
+            .config
+            .state_dir
+            .join(format!(".pool-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&self.config.state_dir).map_err(fs("create state_dir for"))?;
+        let _ = std::fs::remove_dir(&probe);
+        std::fs::create_dir(&probe).map_err(fs("create a probe in"))?;
+        let renamed = std::fs::rename(&probe, &moved);
+        let _ = std::fs::remove_dir(&probe);
+        let _ = std::fs::remove_dir(&moved);
+        renamed.map_err(|source| PoolError::Fs {
+            dir: self.pool_dir.clone(),
+            op: "move a directory to state_dir from (it must be on state_dir's mount)",
+            source,
+        })?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -656,6 +663,29 @@ mod tests {
             count,
             fingerprint: "fp".into(),
         }
+    }
+
+    #[test]
+    fn a_pool_claims_could_not_move_out_of_is_refused_at_start() {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = ShimConfig {
+            state_dir: state.path().join("sandboxes"),
+            ..ShimConfig::default()
+        };
+        config.pool.dir = state.path().join("sandboxes/.pool");
+        let holder = Holder::new(config.clone(), Arc::new(PoolMetrics::new()));
+        drop(holder.lock().expect("a pool in state_dir"));
+        assert_eq!(
+            std::fs::read_dir(&config.state_dir).unwrap().count(),
+            1,
+            "probe left"
+        );
+        // /dev/shm is a mount of its own: a claim's rename(2) from it would fail (EXDEV).
+        let elsewhere = tempfile::tempdir_in("/dev/shm").unwrap();
+        config.pool.dir = elsewhere.path().join("pool");
+        let holder = Holder::new(config, Arc::new(PoolMetrics::new()));
+        let err = holder.lock().expect_err("a pool on another mount");
+        assert!(err.to_string().contains("state_dir"), "{err}");
     }
 
     #[tokio::test]
