@@ -9,4 +9,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/hack/setup.sh" >/dev/null
 cd "$here"
+# The full-disk fault's files go whatever becomes of the soak (it aborts on a panic).
+trap 'rm -f /var/lib/kite/snapshotter/soak-filler-*' EXIT
 cargo run --release --locked -q -p kite-e2e --example soak -- "${1:-22}" ${2:+"$2"}

@@ -761,10 +761,16 @@ async fn invariants_once(cycle_pods: &[String]) -> Vec<String> {
         .map(|s| s.id.clone())
         .collect();
     let mut containers = BTreeSet::new();
-    match c.client.list_containers("").await {
-        Ok(list) => containers.extend(list.into_iter().map(|c| c.id)),
-        Err(e) => problems.push(format!("list containers: {}", cri_err(e))),
-    }
+    let listed = match c.client.list_containers("").await {
+        Ok(list) => {
+            containers.extend(list.into_iter().map(|c| c.id));
+            true
+        }
+        Err(e) => {
+            problems.push(format!("list containers: {}", cri_err(e)));
+            false
+        }
+    };
     // The cycle's pods: gone, with everything they had.
     for id in cycle_pods {
         if live.contains(id) {
@@ -817,9 +823,14 @@ async fn invariants_once(cycle_pods: &[String]) -> Vec<String> {
     // containerd's tasks: a bundle per pod and container it lists.
     for e in std::fs::read_dir(TASKS).into_iter().flatten().flatten() {
         let id = e.file_name().to_string_lossy().into_owned();
-        if !live.contains(&id) && !containers.contains(&id) && !reap_runc_orphan(&id) {
-            problems.push(format!("task bundle {TASKS}/{id} of no pod or container"));
+        if live.contains(&id) || containers.contains(&id) {
+            continue;
         }
+        // Only what containerd itself has no record of (the CRI's lists are a moment old).
+        if listed && containerd_lost(&id).await && reap_runc_orphan(&id) {
+            continue;
+        }
+        problems.push(format!("task bundle {TASKS}/{id} of no pod or container"));
     }
     // Mounts: none of a task, a sandbox or a snapshot of what is gone; lazy mounts alive.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -887,6 +898,15 @@ async fn invariants_once(cycle_pods: &[String]) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Whether containerd clearly has no record of container `id` (k8s.io).
+async fn containerd_lost(id: &str) -> bool {
+    use kite_protocol::containerd::ContainerRecords;
+    match ContainerRecords::connect("/run/containerd/containerd.sock", "k8s.io").await {
+        Ok(mut records) => matches!(records.exists(id).await, Ok(false)),
+        Err(_) => false,
+    }
 }
 
 /// containerd#12344 with runc's shim: a containerd restart during a runc pod's RunPodSandbox

@@ -34,7 +34,8 @@ const SIGKILL: u32 = nix::sys::signal::Signal::SIGKILL as u32;
 /// How long output may keep flowing after a process exited (a child that inherited stdout).
 const DRAIN: Duration = Duration::from_secs(2);
 /// How long a process may take to exit after a SIGKILL before its VM is stopped.
-pub(super) const SIGKILL_EXIT_WITHIN: Duration = Duration::from_secs(15);
+/// (Generous: a process in uninterruptible sleep on the share under TCG takes its time.)
+pub(super) const SIGKILL_EXIT_WITHIN: Duration = Duration::from_secs(30);
 /// How long an orphaned container's process may take to end after SIGKILL or its VM's end.
 const ABANDON_WAIT: Duration = Duration::from_secs(10);
 /// The exit status reported when the VM died under a process.
@@ -574,7 +575,11 @@ impl TaskState {
             .agent()
             .signal_process(&c.id, exec_id, signal, all)
             .await;
-        if signal == SIGKILL {
+        if signal == SIGKILL && status == Status::CREATED {
+            // A created init, never started, has no exit watch: whatever the guest did, it is
+            // killed now (containerd's clean-up of a failed start waits for this exit).
+            p.finish(&*self.events, 128 + SIGKILL, now()).await;
+        } else if signal == SIGKILL {
             // Whatever the guest answered (done, an error, a lie), the exit must follow.
             enforce_sigkill(sandbox.clone(), p.clone());
         }

@@ -763,3 +763,29 @@ async fn a_sigkill_answered_but_not_carried_out_stops_the_vm_in_time() {
         assert_eq!(waited.exit_status, 137);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_created_container_killed_before_its_start_exits_at_once_and_its_pod_stays() {
+    let h = Harness::new();
+    running_pod(&h, "pod5", "app5").await;
+    h.state
+        .create(h.bundle("late5", Some("pod5"), false))
+        .await
+        .unwrap();
+    // containerd's clean-up of a failed start: SIGKILL, then wait for the exit, then delete.
+    h.state.kill("late5", "", 9, true).await.unwrap();
+    let waited = h.state.wait("late5", "").await.unwrap();
+    assert_eq!((waited.status, waited.exit_status), (Status::STOPPED, 137));
+    h.state.delete("late5", "").await.unwrap();
+    tokio::time::sleep(super::state::SIGKILL_EXIT_WITHIN * 2).await;
+    assert!(
+        !h.log().iter().any(|l| l.starts_with("shutdown")),
+        "{:?}",
+        h.log()
+    );
+    assert_eq!(
+        h.state.container_ids().await.len(),
+        2,
+        "the pod and its app stay"
+    );
+}
