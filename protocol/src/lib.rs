@@ -249,7 +249,8 @@ pub mod containerd {
                         source,
                     })?;
             Ok(Self {
-                client: ContainersClient::new(channel),
+                // A record carries the container's OCI spec: room for a large one.
+                client: ContainersClient::new(channel).max_decoding_message_size(64 << 20),
                 namespace: namespace.to_string(),
                 namespace_value,
             })

@@ -62,12 +62,18 @@ impl OrphanTracker {
 
 /// Asks containerd (gRPC on `socket`, `namespace`) whether it holds a record of each of `ids`.
 async fn ask(socket: &str, namespace: &str, ids: &[String]) -> Vec<(String, Option<bool>)> {
-    let mut records = match ContainerRecords::connect(socket, namespace).await {
-        Ok(records) => Some(records),
-        Err(e) => {
+    let mut records = match tokio::time::timeout(
+        ANSWER_WITHIN,
+        ContainerRecords::connect(socket, namespace),
+    )
+    .await
+    {
+        Ok(Ok(records)) => Some(records),
+        Ok(Err(e)) => {
             debug!(error = %kite_protocol::errors::error_chain(&e), "orphan check: containerd does not answer");
             None
         }
+        Err(_) => None,
     };
     let mut answers = Vec::with_capacity(ids.len());
     for id in ids {

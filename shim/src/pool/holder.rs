@@ -514,11 +514,17 @@ impl Holder {
         }
     }
 
+    /// The offered VMs of each class; one being retired (unfit, its retirement failed) is not
+    /// ready, though its memory still counts.
     fn ready_by_class(&self, offered: &HashMap<String, PoolMeta>) -> Vec<u32> {
+        let failed = self.retire_failed.lock().expect("retire_failed lock");
         self.classes
             .iter()
             .map(|c| {
-                let n = offered.values().filter(|m| c.fits(m)).count();
+                let n = offered
+                    .iter()
+                    .filter(|(name, m)| c.fits(m) && !failed.contains_key(*name))
+                    .count();
                 u32::try_from(n).unwrap_or(u32::MAX)
             })
             .collect()
