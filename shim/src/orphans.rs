@@ -60,32 +60,27 @@ impl OrphanTracker {
     }
 }
 
-/// Asks containerd (gRPC on `socket`, `namespace`) whether it holds a record of each of `ids`.
-async fn ask(socket: &str, namespace: &str, ids: &[String]) -> Vec<(String, Option<bool>)> {
-    let mut records = match tokio::time::timeout(
-        ANSWER_WITHIN,
-        ContainerRecords::connect(socket, namespace),
-    )
-    .await
-    {
-        Ok(Ok(records)) => Some(records),
+/// `call`'s result if it came within [`ANSWER_WITHIN`]; a failure is no answer.
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, kite_protocol::containerd::ContainerdError>>,
+) -> Option<T> {
+    match tokio::time::timeout(ANSWER_WITHIN, call).await {
+        Ok(Ok(answer)) => Some(answer),
         Ok(Err(e)) => {
-            debug!(error = %kite_protocol::errors::error_chain(&e), "orphan check: containerd does not answer");
+            debug!(error = %kite_protocol::errors::error_chain(&e), "orphan check: no answer from containerd");
             None
         }
         Err(_) => None,
-    };
+    }
+}
+
+/// Asks containerd (gRPC on `socket`, `namespace`) whether it holds a record of each of `ids`.
+async fn ask(socket: &str, namespace: &str, ids: &[String]) -> Vec<(String, Option<bool>)> {
+    let mut records = within(ContainerRecords::connect(socket, namespace)).await;
     let mut answers = Vec::with_capacity(ids.len());
     for id in ids {
         let answer = match records.as_mut() {
-            Some(records) => match tokio::time::timeout(ANSWER_WITHIN, records.exists(id)).await {
-                Ok(Ok(exists)) => Some(exists),
-                Ok(Err(e)) => {
-                    debug!(error = %kite_protocol::errors::error_chain(&e), "orphan check");
-                    None
-                }
-                Err(_) => None,
-            },
+            Some(records) => within(records.exists(id)).await,
             None => None,
         };
         answers.push((id.clone(), answer));

@@ -924,9 +924,7 @@ fn reap_runc_orphan(id: &str) -> bool {
     if !runs_runc {
         return false;
     }
-    let shims = kite_e2e::pids_mentioning(&format!("-id {id} "))
-        .into_iter()
-        .filter(|p| comm(*p).is_some_and(|c| c.starts_with("containerd-shim")));
+    let shims = kite_e2e::shim_pid(id).into_iter();
     let in_cgroups = [
         "/sys/fs/cgroup",
         "/sys/fs/cgroup/unified",
