@@ -139,8 +139,9 @@ impl PreparedVm {
         let fs_err = |op, path: &Path| VmError::fs(id, op, path);
         let accelerator = accel::choose_accelerator(config.accelerator)?;
         let share = dir.join("share");
-        std::fs::create_dir_all(&share).map_err(fs_err("create", &share))?;
+        // Guarded before it is made: a full disk can make `dir` and then refuse `share`.
         let guard = DirGuard::new(dir);
+        std::fs::create_dir_all(&share).map_err(fs_err("create", &share))?;
         mount(
             Some(&share),
             &share,
@@ -945,6 +946,33 @@ mod tests {
         drop(DirGuard::new(&released));
         assert!(kept.exists());
         assert!(!released.exists());
+    }
+
+    #[tokio::test]
+    async fn a_vm_directory_made_before_a_failure_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("vm1");
+        // `share` cannot be made (a file is in its way), as on a full disk after `dir` was.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("share"), "").unwrap();
+        let config = VmConfig {
+            qemu_path: "/nonexistent/qemu".into(),
+            virtiofsd_path: "/nonexistent/virtiofsd".into(),
+            kernel_path: "/nonexistent/vmlinuz".into(),
+            initrd_path: "/nonexistent/initrd".into(),
+            accelerator: crate::config::AcceleratorChoice::Tcg,
+            machine: MachineType::Microvm,
+            agent_channel: Default::default(),
+            kernel_params: String::new(),
+            qemu_sandbox: false,
+            free_page_reporting: false,
+            boot_timeout: Duration::from_secs(1),
+        };
+        let Err(e) = PreparedVm::prepare(&config, "vm1", &dir, Lifetime::Owned).await else {
+            panic!("prepare should fail")
+        };
+        assert!(e.to_string().contains("vm1"), "{e}");
+        assert!(!dir.exists(), "the VM's directory is left behind");
     }
 
     #[test]
