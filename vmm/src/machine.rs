@@ -139,7 +139,8 @@ impl PreparedVm {
         let fs_err = |op, path: &Path| VmError::fs(id, op, path);
         let accelerator = accel::choose_accelerator(config.accelerator)?;
         let share = dir.join("share");
-        // Guarded before it is made: a full disk can make `dir` and then refuse `share`.
+        // Guarded before it is made: a full disk can make `dir` and then refuse `share`. (A
+        // `dir` that was there already goes too on a failure, as on any later one.)
         let guard = DirGuard::new(dir);
         std::fs::create_dir_all(&share).map_err(fs_err("create", &share))?;
         mount(
@@ -163,11 +164,16 @@ impl PreparedVm {
         let socket = dir.join("virtiofsd.sock");
         let log = dir.join("virtiofsd.log");
         let owned = lifetime == Lifetime::Owned;
-        let child = virtiofsd::spawn(config, id, &socket, &share, &log, owned)?;
+        let mut child = virtiofsd::spawn(config, id, &socket, &share, &log, owned)?;
         // Only a child that was waited for has no pid.
         let virtiofsd_pid = child.id().expect("a child just spawned has a pid");
-        std::fs::write(dir.join("virtiofsd.pid"), virtiofsd_pid.to_string())
-            .map_err(fs_err("record the pid in", &dir.join("virtiofsd.pid")))?;
+        let pid_file = dir.join("virtiofsd.pid");
+        if let Err(e) = std::fs::write(&pid_file, virtiofsd_pid.to_string()) {
+            // Unrecorded, the guard's clean-up could not find it (a pooled VM's virtiofsd is
+            // not killed when its handle drops): it goes now.
+            let _ = child.start_kill();
+            return Err(fs_err("record the pid in", &pid_file)(e));
+        }
         let (exited_tx, mut exited) = watch::channel(false);
         spawn_reaper(child, exited_tx);
         while !socket.exists() {
