@@ -10,6 +10,12 @@
 //! ([`TaskState::abandon`]), and the shim exits when none is left: containerd then cleans up
 //! after it as after any shim that went (`shim delete`, the bundle).
 //!
+//! A shim serving no container is asked about by its own id (its pod's sandbox container): a
+//! containerd that stops while a sandbox's task is being created drops the create (the shim
+//! releases what it had made) and, restarted, reconnects to the shim while the CRI deletes the
+//! sandbox's record; nothing would ever shut that shim down (the soak found it). Without a
+//! record of its own id in [`GONE_AFTER`] answers, such a shim exits.
+//!
 //! Only a clear NotFound counts: a containerd that does not answer (restarting, stopped) tells
 //! nothing, and the count waits for it.
 
@@ -88,9 +94,21 @@ async fn ask(socket: &str, namespace: &str, ids: &[String]) -> Vec<(String, Opti
     answers
 }
 
-/// Runs for the serving shim's life: ends orphaned containers, and the shim when none is left.
+/// What to ask containerd about: the containers served, or the shim's own id (`own`) when it
+/// serves none; and whether it serves none.
+fn to_ask(served: Vec<String>, own: &str) -> (Vec<String>, bool) {
+    if served.is_empty() {
+        (vec![own.to_string()], true)
+    } else {
+        (served, false)
+    }
+}
+
+/// Runs for the serving shim's life (`own`: the id it was started for): ends orphaned
+/// containers, and the shim when none is left or when it serves none and its own record is gone.
 pub async fn watch(
     state: Arc<TaskState>,
+    own: String,
     socket: String,
     namespace: String,
     exit: Arc<ExitSignal>,
@@ -98,12 +116,19 @@ pub async fn watch(
     let mut tracker = OrphanTracker::default();
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let ids = state.container_ids().await;
-        if ids.is_empty() {
+        let (ids, idle) = to_ask(state.container_ids().await, &own);
+        let answers = ask(&socket, &namespace, &ids).await;
+        let orphans = tracker.observe(&answers);
+        if idle {
+            if !orphans.is_empty() && state.container_ids().await.is_empty() {
+                error!(shim = %own, namespace = %namespace,
+                       "this shim serves no container and containerd has no record of its own: nothing would ever shut it down; it exits");
+                exit.signal();
+                return;
+            }
             continue;
         }
-        let answers = ask(&socket, &namespace, &ids).await;
-        for id in tracker.observe(&answers) {
+        for id in orphans {
             error!(container = %id, namespace = %namespace,
                    "containerd has no record of this container any more: its task is orphaned (nothing would delete it); ending it");
             if state.abandon(&id).await {
@@ -140,6 +165,24 @@ mod tests {
         assert_eq!(round(&mut t, &[("pod", Some(false))]), ["pod"]);
         // Asked again while it is still served.
         assert_eq!(round(&mut t, &[("pod", None)]), ["pod"]);
+    }
+
+    #[test]
+    fn a_shim_serving_nothing_asks_about_itself() {
+        assert_eq!(
+            super::to_ask(Vec::new(), "sb1"),
+            (vec!["sb1".to_string()], true)
+        );
+        assert_eq!(
+            super::to_ask(vec!["sb1".into(), "app".into()], "sb1"),
+            (vec!["sb1".to_string(), "app".to_string()], false)
+        );
+        // Its own id counts like a container's: answers in a row.
+        let mut t = OrphanTracker::default();
+        for _ in 1..GONE_AFTER {
+            assert!(round(&mut t, &[("sb1", Some(false))]).is_empty());
+        }
+        assert_eq!(round(&mut t, &[("sb1", Some(false))]), ["sb1"]);
     }
 
     #[test]

@@ -212,6 +212,7 @@ impl Shim for KiteShim {
         ));
         tokio::spawn(crate::orphans::watch(
             state.clone(),
+            self.id.clone(),
             self.containerd_address.clone(),
             self.namespace.clone(),
             self.exit.clone(),
