@@ -490,3 +490,57 @@ async fn a_pod_whose_record_containerd_lost_is_ended_by_its_shim() {
         .unwrap_or_else(|e| panic!("remove the orphaned pod: {}", status_message(&e)));
     assert_pod_gone(&pod.id, Some(&netns)).await;
 }
+
+/// A shim that serves no container and whose own record containerd does not have (left after
+/// a containerd restart dropped its sandbox's create, containerd#12344's other face) exits on
+/// its own, and takes its socket along.
+#[tokio::test]
+async fn a_shim_serving_nothing_without_a_record_exits() {
+    use kite_shim::orphans::{CHECK_EVERY, GONE_AFTER};
+    tokio::task::spawn_blocking(require_setup).await.unwrap();
+    let id = format!("kite-e2e-idle-shim-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("/usr/local/bin/containerd-shim-kite-v2")
+        .args([
+            "-namespace",
+            "k8s.io",
+            "-id",
+            &id,
+            "-address",
+            "/run/containerd/containerd.sock",
+            "start",
+        ])
+        .env("TTRPC_ADDRESS", "/run/containerd/containerd.sock.ttrpc")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shim start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let socket = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("unix://")
+        .to_string();
+    let pid = kite_e2e::shim_pid(&id).expect("the started shim runs");
+    let limit = CHECK_EVERY * (GONE_AFTER + 1) + Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    while Path::new("/proc").join(pid.to_string()).exists() {
+        if start.elapsed() > limit {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = std::fs::remove_file(&socket);
+            panic!(
+                "shim {id} (pid {pid}) with no container and no record still runs after {limit:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !Path::new(&socket).exists(),
+        "the shim left its socket {socket}"
+    );
+}
