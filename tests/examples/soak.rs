@@ -968,14 +968,20 @@ fn reap_runc_orphan(id: &str) -> bool {
         return false;
     }
     std::thread::sleep(Duration::from_millis(200));
-    let socket = containerd_shim::socket_address("/run/containerd/containerd.sock", "k8s.io", id);
-    let _ = std::fs::remove_file(socket.trim_start_matches("unix://"));
+    let _ = std::fs::remove_file(shim_socket(id));
     RUNC_CONTAINERS.lock().unwrap().insert(id.to_string());
     UPSTREAM_LEAKS
         .lock()
         .unwrap()
         .push(format!("runc task {id} (containerd#12344)"));
     true
+}
+
+/// The socket a shim started for task `id` listens on (containerd's naming, any runtime).
+fn shim_socket(id: &str) -> String {
+    containerd_shim::socket_address("/run/containerd/containerd.sock", "k8s.io", id)
+        .trim_start_matches("unix://")
+        .to_string()
 }
 
 /// containerd stopped while it started a runc pod's shim (`containerd-shim-runc-v2 start` made
@@ -995,11 +1001,7 @@ fn reap_runc_shim_socket(
         .chain(RUNC_CONTAINERS.lock().unwrap().iter())
         .cloned()
         .collect();
-    let owner = runc.into_iter().find(|id| {
-        containerd_shim::socket_address("/run/containerd/containerd.sock", "k8s.io", id)
-            .trim_start_matches("unix://")
-            == path
-    });
+    let owner = runc.into_iter().find(|id| shim_socket(id) == path);
     let Some(id) = owner.filter(|id| !live.contains(id) && !containers.contains(id)) else {
         return false;
     };
