@@ -176,8 +176,18 @@ fn load(id: &str) -> Result<Container, RuntimeError> {
     })
 }
 
+/// One container start at a time: libcontainer 0.7 reaches a container's notify socket by
+/// changing the process-wide working directory to the socket's directory and connecting to its
+/// relative name (socket paths are limited to 108 bytes), then changing back. Two starts on two
+/// threads at once could each connect to the other's socket, starting the wrong container
+/// or failing. A start is a few milliseconds of work, so serializing costs nothing measurable.
+static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Lets the created container's process run its command.
 pub fn start(id: &str) -> Result<(), RuntimeError> {
+    // A poisoned lock means an earlier start panicked; each start changes to the directory it
+    // needs itself, so going on is safe.
+    let _one_at_a_time = START.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     load(id)?.start().map_err(|source| RuntimeError::Container {
         id: id.to_string(),
         op: "start",
