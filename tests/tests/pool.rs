@@ -244,7 +244,7 @@ async fn serving_pod(c: &mut Cri, name: &str, annotations: &[(&str, &str)]) -> (
 }
 
 /// What a pod sees of its VM, the same whether it was pooled or cold: the pod's hostname, its
-/// IP and MAC on eth0 (the host side's), and the host side: kite-tap0 beside eth0 in its
+/// IP and MAC on eth0 (the host side's, set at run time), and the host side: kite-tap0 beside eth0 in its
 /// namespace, QEMU in the pod's cgroup.
 async fn assert_pod_identity(c: &mut Cri, pod: &Pod, web: &str) {
     let netns = kite_pod_netns(&pod.id).expect("the pod's network namespace");
@@ -268,7 +268,8 @@ async fn assert_pod_identity(c: &mut Cri, pod: &Pod, web: &str) {
             &[
                 "sh",
                 "-c",
-                "hostname; cat /sys/class/net/eth0/address; ip -o -4 addr show eth0",
+                "hostname; cat /sys/class/net/eth0/address; \
+                 cat /sys/class/net/eth0/addr_assign_type; ip -o -4 addr show eth0",
             ],
             Duration::from_secs(10),
         )
@@ -286,6 +287,13 @@ async fn assert_pod_identity(c: &mut Cri, pod: &Pod, web: &str) {
         lines.get(1).copied(),
         Some(host_mac.trim()),
         "the guest's MAC: {out}"
+    );
+    // 3: the MAC was set at run time (NET_ADDR_SET), pooled or cold: the NIC of either boots
+    // with a MAC of its own and takes the pod's when the guest is configured.
+    assert_eq!(
+        lines.get(2).copied(),
+        Some("3"),
+        "the guest NIC's addr_assign_type: {out}"
     );
     assert!(
         out.contains(&format!("inet {ip}/")),

@@ -208,6 +208,7 @@ pub fn command_line_template(config: &crate::VmConfig, size: VmSize) -> String {
             nics: vec![AttachedNic {
                 name: "eth0".into(),
                 mac: "02:00:00:00:00:01".into(),
+                device_mac: None,
                 attachment: Attachment::Tap {
                     tap: "kite-tap0".into(),
                 },

@@ -625,6 +625,7 @@ async fn boot_one(
     let nics = vec![AttachedNic {
         name: "eth0".into(),
         mac: mac.clone(),
+        device_mac: None,
         attachment: Attachment::Tap { tap: tap.clone() },
     }];
     // The pool's cgroup from the start: what the VM touches while it boots and waits is charged

@@ -129,9 +129,22 @@ pub enum Attachment {
 pub struct AttachedNic {
     /// The interface's name in the namespace (and in the guest).
     pub name: String,
-    /// `aa:bb:cc:dd:ee:ff`: the guest's NIC has it.
+    /// `aa:bb:cc:dd:ee:ff`: the guest's NIC has it once the guest is configured.
     pub mac: String,
+    /// The MAC QEMU gives the virtual NIC, when it is not `mac`. A tap NIC boots with a random
+    /// one and the guest gives it the pod's at run time, as in a pooled VM, whose NIC exists
+    /// before its pod: so a pod cannot tell a cold VM from an adopted one by its NIC (the
+    /// kernel's `addr_assign_type`, the permanent address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_mac: Option<String>,
     pub attachment: Attachment,
+}
+
+impl AttachedNic {
+    /// The MAC the virtual NIC boots with.
+    pub fn boot_mac(&self) -> &str {
+        self.device_mac.as_deref().unwrap_or(&self.mac)
+    }
 }
 
 /// What `network.json` records.
@@ -199,6 +212,10 @@ pub fn attach(
         .map(|(i, (link, function))| AttachedNic {
             name: link.name.clone(),
             mac: format_mac(&link.mac),
+            // A passed-through function keeps its own MAC; a macvtap in passthru mode takes the
+            // interface's.
+            device_mac: (function.is_none() && mode != NetworkMode::Macvtap)
+                .then(crate::pool::random_mac),
             attachment: match function {
                 Some(f) => Attachment::Vfio {
                     function: f.clone(),
@@ -213,6 +230,15 @@ pub fn attach(
         })
         .collect();
     record(sandbox, sandbox_dir, netns, &nics)?;
+    let mut guest = guest;
+    for nic in &nics {
+        if let (Some(device_mac), Some(iface)) = (
+            &nic.device_mac,
+            guest.interfaces.iter_mut().find(|i| i.name == nic.name),
+        ) {
+            iface.current_mac = device_mac.clone();
+        }
+    }
 
     let result = attach_all(sandbox, netns, sandbox_dir, sysfs, &plan, &nics);
     match result {
@@ -400,6 +426,7 @@ pub fn attach_pooled(
     let nics = vec![AttachedNic {
         name: link.name.clone(),
         mac: format_mac(&link.mac),
+        device_mac: Some(pool_mac.to_string()),
         attachment: Attachment::Tap { tap: tap.clone() },
     }];
     record(sandbox, sandbox_dir, &netns, &nics)?;
@@ -523,7 +550,7 @@ pub fn qemu_nic_args(nics: &[AttachedNic], tap_fds: &[i32], pci: bool) -> Vec<St
                 args.push(format!(
                     "virtio-net-{},netdev=net{i},mac={}",
                     if pci { "pci" } else { "device" },
-                    nic.mac
+                    nic.boot_mac()
                 ));
             }
             Attachment::Vfio { function } => {
@@ -545,6 +572,7 @@ mod tests {
             AttachedNic {
                 name: "eth0".into(),
                 mac: "02:00:00:00:00:01".into(),
+                device_mac: Some("02:aa:bb:cc:dd:ee".into()),
                 attachment: Attachment::Tap {
                     tap: "kite-tap0".into(),
                 },
@@ -552,6 +580,7 @@ mod tests {
             AttachedNic {
                 name: "eth1".into(),
                 mac: "02:00:00:00:00:02".into(),
+                device_mac: None,
                 attachment: Attachment::Vfio {
                     function: PciFunction {
                         address: "0000:00:05.0".into(),
@@ -564,7 +593,7 @@ mod tests {
         let args = qemu_nic_args(&nics, &[7], false).join(" ");
         assert_eq!(
             args,
-            "-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01 \
+            "-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:aa:bb:cc:dd:ee \
              -device vfio-pci,host=0000:00:05.0"
         );
     }
