@@ -16,3 +16,4 @@ pub mod reaper;
 pub mod request;
 pub mod runtime;
 pub mod service;
+pub mod warm_up;

@@ -44,11 +44,28 @@ pub enum RuntimeError {
     Helper { id: String, message: String },
 }
 
-/// What the helper writes to its result file.
+/// What the helper did: a pid or an error.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum HelperResult {
     Pid(i32),
     Error(String),
+}
+
+/// What the helper writes to its result file: its result, and when its own code began and
+/// ended (Unix ns), so the agent can tell the helper's start-up (exec, loading) and its exit
+/// from libcontainer's work.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelperReport {
+    pub result: HelperResult,
+    pub began_ns: u64,
+    pub ended_ns: u64,
+}
+
+/// The time now, Unix ns.
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 pub fn bundle_dir(id: &str) -> PathBuf {
@@ -187,7 +204,9 @@ static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn start(id: &str) -> Result<(), RuntimeError> {
     // A poisoned lock means an earlier start panicked; each start changes to the directory it
     // needs itself, so going on is safe.
-    let _one_at_a_time = START.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_at_a_time = START
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     load(id)?.start().map_err(|source| RuntimeError::Container {
         id: id.to_string(),
         op: "start",
@@ -223,6 +242,7 @@ pub fn delete(id: &str) -> Result<(), RuntimeError> {
 
 /// Entry point of `kite-guest runtime …` (the helper process). Returns the process exit code.
 pub fn helper_main(args: &[String]) -> i32 {
+    let began_ns = unix_ns();
     let mut opts: HashMap<&str, &str> = HashMap::new();
     let mut it = args.iter().skip(1);
     let op = it.next().map(String::as_str).unwrap_or_default();
@@ -251,11 +271,26 @@ pub fn helper_main(args: &[String]) -> i32 {
             HelperResult::Error(kite_protocol::errors::error_chain(&e)),
         ),
     };
-    let text = serde_json::to_string(&out).unwrap_or_default();
+    let report = HelperReport {
+        result: out,
+        began_ns,
+        ended_ns: unix_ns(),
+    };
+    let text = serde_json::to_string(&report).unwrap_or_default();
     if std::fs::write(result_path, text).is_err() {
         return 3;
     }
     code
+}
+
+/// The kinds of namespace a spec asks for, in order (for tests).
+#[cfg(test)]
+pub(crate) fn namespace_kinds(spec: &Spec) -> Vec<LinuxNamespaceType> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .map(|ns| ns.iter().map(|n| n.typ()).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -302,13 +337,7 @@ mod tests {
         );
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/kite/c1")));
-        let kinds: Vec<_> = linux
-            .namespaces()
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|n| n.typ())
-            .collect();
+        let kinds = namespace_kinds(&spec);
         assert_eq!(
             kinds,
             vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kite_protocol::agent::*;
@@ -20,7 +21,8 @@ use ttrpc::r#async::TtrpcContext;
 use crate::process::{Process, Stdio};
 use crate::reaper::Reaper;
 use crate::request;
-use crate::runtime::{self, HelperResult};
+use crate::runtime::{self, HelperReport, HelperResult};
+use crate::warm_up;
 
 /// How long container set-up (the runtime helper) may take.
 const HELPER_TIMEOUT: Duration = kite_protocol::GUEST_HELPER_TIMEOUT;
@@ -35,6 +37,13 @@ pub struct AgentService {
     info: PingResponse,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     oom: Mutex<tokio::sync::mpsc::Receiver<String>>,
+    /// Something gave the VM a pod's identity (a container, the network, a hostname): no
+    /// warm-up from then on.
+    served: AtomicBool,
+    /// A warm-up began (there is at most one).
+    warmed: AtomicBool,
+    /// Held while the warm-up runs: a container's create waits for it.
+    warming: Mutex<()>,
 }
 
 fn internal(message: impl std::fmt::Display) -> ttrpc::Error {
@@ -66,6 +75,9 @@ impl AgentService {
             info,
             containers: Mutex::new(HashMap::new()),
             oom: Mutex::new(rx),
+            served: AtomicBool::new(false),
+            warmed: AtomicBool::new(false),
+            warming: Mutex::new(()),
         });
         tokio::spawn(watch_oom(Arc::downgrade(&svc), tx));
         svc
@@ -142,6 +154,7 @@ impl AgentService {
                 stderr: err_r,
             });
         }
+        let spawned_ns = runtime::unix_ns();
         let child = cmd
             .spawn()
             .map_err(|e| internal(format!("container {id}: run the runtime helper: {e}")))?;
@@ -172,9 +185,24 @@ impl AgentService {
             .await
             .map_err(|_| internal(format!("container {id}: runtime helper timed out")))?
             .unwrap_or(255);
+        let exited_ns = runtime::unix_ns();
         let result = std::fs::read_to_string(&result_path).unwrap_or_default();
         let _ = std::fs::remove_file(&result_path);
-        let pid = match serde_json::from_str::<HelperResult>(&result) {
+        let report = serde_json::from_str::<HelperReport>(&result);
+        if let Ok(r) = &report {
+            // Where a container's set-up goes: the helper's exec and loading, libcontainer's
+            // work, the helper's exit until the reaper saw it.
+            let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
+            info!(
+                container = %id,
+                exec = exec_id,
+                start_ms = ms(spawned_ns, r.began_ns),
+                work_ms = ms(r.began_ns, r.ended_ns),
+                exit_ms = ms(r.ended_ns, exited_ns),
+                "runtime helper"
+            );
+        }
+        let pid = match report.map(|r| r.result) {
             Ok(HelperResult::Pid(pid)) => pid,
             Ok(HelperResult::Error(message)) => {
                 return Err(status(ttrpc::Code::FAILED_PRECONDITION, message))
@@ -195,6 +223,67 @@ impl AgentService {
         };
         Process::new(pid, stdio, self.reaper.register(pid))
             .map_err(|e| internal(format!("container {id}: stdio: {e}")))
+    }
+}
+
+impl AgentService {
+    /// Marks the VM as serving a pod (no warm-up from now on), after any warm-up under way.
+    async fn serve(&self) {
+        let _after_the_warm_up = self.warming.lock().await;
+        self.served.store(true, Ordering::SeqCst);
+    }
+
+    /// One throwaway container through create, start, exit and removal (see [`warm_up`]).
+    async fn warm_up_once(&self) -> Result<WarmUpResponse, String> {
+        let rootfs = tokio::task::spawn_blocking(warm_up::prepare_root)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let spec = warm_up::spec(&rootfs).map_err(|e| e.to_string())?;
+        let dir = runtime::bundle_dir(warm_up::ID);
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| {
+                std::fs::write(
+                    dir.join("config.json"),
+                    serde_json::to_vec(&spec).unwrap_or_default(),
+                )
+            })
+            .map_err(|e| format!("warm-up: write the bundle {}: {e}", dir.display()))?;
+        let began = Instant::now();
+        let bundle = dir.to_string_lossy().into_owned();
+        let process = self
+            .run_helper(
+                warm_up::ID,
+                "",
+                vec!["create".into(), "--bundle".into(), bundle],
+                false,
+                false,
+            )
+            .await
+            .map_err(|e| {
+                let e = kite_protocol::errors::RpcError::from(e);
+                format!("warm-up: create: {e}")
+            })?;
+        let created = began.elapsed();
+        tokio::task::spawn_blocking(|| runtime::start(warm_up::ID))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("warm-up: {}", kite_protocol::errors::error_chain(&e)))?;
+        let started = began.elapsed();
+        let exit = process.wait().await;
+        if exit.status != 0 {
+            return Err(format!(
+                "warm-up: the container's process exited with {}",
+                exit.status
+            ));
+        }
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        Ok(WarmUpResponse {
+            create_ms: ms(created),
+            start_ms: ms(started - created),
+            run_ms: ms(began.elapsed() - started),
+            ..Default::default()
+        })
     }
 }
 
@@ -299,6 +388,7 @@ impl agent_ttrpc::Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         let id = req.container_id.clone();
+        self.serve().await;
         if self.containers.lock().await.contains_key(&id) {
             return Err(status(
                 ttrpc::Code::ALREADY_EXISTS,
@@ -625,6 +715,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: NetworkConfig,
     ) -> ttrpc::Result<Empty> {
+        self.serve().await;
         crate::network::configure(&req).await.map_err(|e| {
             let code = match e {
                 crate::network::NetworkError::Invalid { .. } => ttrpc::Code::INVALID_ARGUMENT,
@@ -645,6 +736,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: HostnameRequest,
     ) -> ttrpc::Result<Empty> {
+        self.serve().await;
         nix::unistd::sethostname(&req.hostname).map_err(|e| {
             status(
                 ttrpc::Code::INVALID_ARGUMENT,
@@ -652,6 +744,48 @@ impl agent_ttrpc::Agent for AgentService {
             )
         })?;
         Ok(Empty::default())
+    }
+
+    async fn warm_up(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<WarmUpResponse> {
+        let _warming = self.warming.lock().await;
+        if self.served.load(Ordering::SeqCst) {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "warm-up: the VM serves a pod already",
+            ));
+        }
+        if self.warmed.swap(true, Ordering::SeqCst) {
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "warm-up: done once already",
+            ));
+        }
+        // The clean-up counts within the limit too: the answer says what the VM is left with.
+        let ran = tokio::time::timeout(warm_up::WITHIN, self.warm_up_once()).await;
+        let cleaned = tokio::task::spawn_blocking(warm_up::remove_leftovers)
+            .await
+            .map_err(internal)?;
+        let answer = match (ran, cleaned) {
+            (Ok(Ok(took)), Ok(())) => Ok(took),
+            (Ok(Err(e)), _) => Err(e),
+            (Err(_), _) => Err(format!("warm-up: not done within {:?}", warm_up::WITHIN)),
+            (Ok(Ok(_)), Err(e)) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(took) => {
+                info!(
+                    create_ms = took.create_ms,
+                    start_ms = took.start_ms,
+                    run_ms = took.run_ms,
+                    "warmed up"
+                );
+                Ok(took)
+            }
+            Err(e) => {
+                warn!(error = %e, "warm-up failed");
+                Err(internal(e))
+            }
+        }
     }
 
     async fn wait_oom(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

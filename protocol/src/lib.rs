@@ -425,9 +425,6 @@ pub const VSOCK_PORT: u32 = 1024;
 /// Path inside the guest where the sandbox's virtio-fs share is mounted.
 pub const GUEST_SHARE_DIR: &str = "/run/kite/share";
 
-/// How long the guest agent lets container set-up (its runtime helper: libcontainer) take
-/// before it gives up with its own error. The shim waits longer than this, so the guest's
-/// reason reaches containerd instead of a bare channel timeout.
 /// containerd's limit for identifiers (`identifiers.Validate`).
 pub const MAX_ID_LEN: usize = 76;
 
@@ -452,7 +449,16 @@ pub fn identifier_problem(id: &str) -> Option<&'static str> {
     previous_separator.then_some("ends in a separator")
 }
 
+/// How long the guest agent lets container set-up (its runtime helper: libcontainer) take
+/// before it gives up with its own error. The shim waits longer than this, so the guest's
+/// reason reaches containerd instead of a bare channel timeout.
 pub const GUEST_HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long the guest gives a warm-up, clean-up included (`WarmUp`).
+pub const GUEST_WARM_UP_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long the pool's holder waits for a `WarmUp` answer: longer than the guest's own limit,
+/// so the guest's answer (and its clean-up) comes first.
+pub const WARM_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// virtio-fs tag of the sandbox share.
 pub const SHARE_TAG: &str = "kiteshare";

@@ -81,6 +81,10 @@ pub struct PoolConfig {
     pub cgroup: String,
     /// How long a pod's shim waits for a pooled VM's agent before it boots its own VM.
     pub adopt_timeout_ms: u64,
+    /// Each booted VM runs one throwaway container (created, started, removed) before it is
+    /// offered, so a pod's first container set-up finds that code paged in (and, under TCG,
+    /// translated). The VM keeps nothing of it but warm caches.
+    pub warm_up: bool,
     /// kite-pool's Prometheus metrics (`GET /metrics`); "" for none.
     pub metrics_addr: String,
     /// kite-pool's log filter (tracing `EnvFilter` syntax).
@@ -109,6 +113,7 @@ impl Default for PoolConfig {
             max_age_secs: 3600,
             cgroup: "/kite-pool".into(),
             adopt_timeout_ms: 5000,
+            warm_up: true,
             metrics_addr: "127.0.0.1:9613".into(),
             // libcgroups warns of every v1 controller the host lacks, on every VM it places.
             log_level: "info,libcgroups=error".into(),

@@ -390,6 +390,25 @@ async fn pods_adopt_pooled_vms_and_the_pool_survives_its_holder() {
     })
     .await;
     assert_eq!(metric("kite_pool_claims_total").await, 2.0);
+    // Every VM offered was warmed up first (the guest checks its warm-up left nothing, or the
+    // VM is not offered). The count follows the publication by a moment.
+    let start = Instant::now();
+    while metric("kite_pool_warm_ups_total{result=\"warmed\"}").await < 4.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "4 VMs offered, not all warmed up: {}",
+            log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for result in ["failed", "unsupported", "off"] {
+        assert_eq!(
+            metric(&format!("kite_pool_warm_ups_total{{result=\"{result}\"}}")).await,
+            0.0,
+            "warm-ups {result}: {}",
+            log_tail()
+        );
+    }
     remove(&mut c, &a).await;
     remove(&mut c, &b).await;
 

@@ -22,6 +22,8 @@ pub struct PoolMetrics {
     /// Boots into the pool by result, and how long the good ones took.
     pub boots: Family<Labels, Counter>,
     pub boot_seconds: Histogram,
+    /// Warm-ups of booted VMs by result (warmed, failed, unsupported, off).
+    pub warm_ups: Family<Labels, Counter>,
     /// VMs the holder took out of the pool, by reason (dead, age, config, drain).
     pub retired: Family<Labels, Counter>,
     /// How long the last claimed VMs had waited.
@@ -76,6 +78,12 @@ impl PoolMetrics {
             "A pooled VM's boot, from its directory to its agent's answer",
             boot_seconds.clone(),
         );
+        let warm_ups = Family::default();
+        registry.register(
+            "warm_ups",
+            "Warm-ups of VMs booted into the pool, by result (warmed, failed, unsupported, off)",
+            warm_ups.clone(),
+        );
         let retired = Family::default();
         registry.register(
             "retired",
@@ -97,6 +105,7 @@ impl PoolMetrics {
             misses,
             boots,
             boot_seconds,
+            warm_ups,
             retired,
             idle_seconds,
         }
