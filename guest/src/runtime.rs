@@ -198,20 +198,27 @@ fn load(id: &str) -> Result<Container, RuntimeError> {
 /// relative name (socket paths are limited to 108 bytes), then changing back. Two starts on two
 /// threads at once could each connect to the other's socket, starting the wrong container
 /// or failing. A start is a few milliseconds of work, so serializing costs nothing measurable.
+/// libcontainer does not change back when the connection fails, so each start ends by changing
+/// to `/` itself (the runtime helpers are spawned in `/` explicitly).
 static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Lets the created container's process run its command.
 pub fn start(id: &str) -> Result<(), RuntimeError> {
     // A poisoned lock means an earlier start panicked; each start changes to the directory it
-    // needs itself, so going on is safe.
+    // needs itself and back to `/`, so going on is safe.
     let _one_at_a_time = START
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    load(id)?.start().map_err(|source| RuntimeError::Container {
-        id: id.to_string(),
-        op: "start",
-        source: Box::new(source),
-    })
+    let started = load(id).and_then(|mut c| {
+        c.start().map_err(|source| RuntimeError::Container {
+            id: id.to_string(),
+            op: "start",
+            source: Box::new(source),
+        })
+    });
+    // Never left in a container's state directory (gone once the container is removed).
+    let _ = std::env::set_current_dir("/");
+    started
 }
 
 /// Signals every process of the container.

@@ -15,7 +15,7 @@ use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use ttrpc::r#async::TtrpcContext;
 
 use crate::process::{Process, Stdio};
@@ -117,7 +117,9 @@ impl AgentService {
         let result_path = dir.join(format!("result-{tag}.json"));
         let _ = std::fs::remove_file(&result_path);
         let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg("runtime")
+        // In `/`, whatever the agent's working directory is at the moment (see `runtime::start`).
+        cmd.current_dir("/")
+            .arg("runtime")
             .args(&args)
             .arg("--id")
             .arg(id)
@@ -192,15 +194,18 @@ impl AgentService {
         if let Ok(r) = &report {
             // Where a container's set-up goes: the helper's exec and loading, libcontainer's
             // work, the helper's exit until the reaper saw it.
+            // (Execs, probes among them, only at debug: the console is a file on the host.)
             let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
-            info!(
-                container = %id,
-                exec = exec_id,
-                start_ms = ms(spawned_ns, r.began_ns),
-                work_ms = ms(r.began_ns, r.ended_ns),
-                exit_ms = ms(r.ended_ns, exited_ns),
-                "runtime helper"
+            let (start_ms, work_ms, exit_ms) = (
+                ms(spawned_ns, r.began_ns),
+                ms(r.began_ns, r.ended_ns),
+                ms(r.ended_ns, exited_ns),
             );
+            if exec_id.is_empty() {
+                info!(container = %id, start_ms, work_ms, exit_ms, "runtime helper");
+            } else {
+                debug!(container = %id, exec = exec_id, start_ms, work_ms, exit_ms, "runtime helper");
+            }
         }
         let pid = match report.map(|r| r.result) {
             Ok(HelperResult::Pid(pid)) => pid,
@@ -235,11 +240,12 @@ impl AgentService {
 
     /// One throwaway container through create, start, exit and removal (see [`warm_up`]).
     async fn warm_up_once(&self) -> Result<WarmUpResponse, String> {
+        let chain = |e: warm_up::WarmUpError| kite_protocol::errors::error_chain(&e);
         let rootfs = tokio::task::spawn_blocking(warm_up::prepare_root)
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let spec = warm_up::spec(&rootfs).map_err(|e| e.to_string())?;
+            .map_err(|e| format!("warm-up: prepare the rootfs: {e}"))?
+            .map_err(chain)?;
+        let spec = warm_up::spec(&rootfs).map_err(chain)?;
         let dir = runtime::bundle_dir(warm_up::ID);
         std::fs::create_dir_all(&dir)
             .and_then(|_| {
@@ -267,7 +273,7 @@ impl AgentService {
         let created = began.elapsed();
         tokio::task::spawn_blocking(|| runtime::start(warm_up::ID))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("warm-up: start: {e}"))?
             .map_err(|e| format!("warm-up: {}", kite_protocol::errors::error_chain(&e)))?;
         let started = began.elapsed();
         let exit = process.wait().await;
@@ -769,7 +775,7 @@ impl agent_ttrpc::Agent for AgentService {
             (Ok(Ok(took)), Ok(())) => Ok(took),
             (Ok(Err(e)), _) => Err(e),
             (Err(_), _) => Err(format!("warm-up: not done within {:?}", warm_up::WITHIN)),
-            (Ok(Ok(_)), Err(e)) => Err(e.to_string()),
+            (Ok(Ok(_)), Err(e)) => Err(kite_protocol::errors::error_chain(&e)),
         };
         match answer {
             Ok(took) => {

@@ -67,10 +67,10 @@ pub fn prepare_root() -> Result<PathBuf, WarmUpError> {
     }
 }
 
-/// The warm-up container's spec: the OCI default (pid, ipc, uts and mount namespaces, /proc,
-/// /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys, masked and read-only paths, capabilities, a
-/// read-only rootfs) with memory, CPU and pids limits as a pod's container has, adapted to the
-/// guest like any container's.
+/// The warm-up container's spec: the OCI default (pid, ipc, uts, mount and cgroup namespaces,
+/// /proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys, masked and read-only paths,
+/// capabilities, a read-only rootfs) with memory, CPU and pids limits as a pod's container has,
+/// adapted to the guest like any container's.
 pub fn spec(rootfs: &Path) -> Result<Spec, WarmUpError> {
     let mut spec = Spec::default();
     let process = ProcessBuilder::default()
@@ -131,6 +131,10 @@ pub fn remove_leftovers() -> Result<(), WarmUpError> {
         }
     }
     let _ = std::fs::remove_dir_all(ROOT);
+    // The runtime's directories, if the warm-up made them (a pod's containers make them again).
+    for dir in [runtime::STATE_ROOT, runtime::BUNDLES] {
+        let _ = std::fs::remove_dir(dir);
+    }
     deleted?;
     let left = [
         ("cgroup", cgroup),

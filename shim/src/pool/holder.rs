@@ -78,7 +78,7 @@ pub enum PoolError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pooled VM {vm}: warm-up: {message}")]
+    #[error("pooled VM {vm}: the agent's WarmUp: {message}")]
     WarmUp { vm: String, message: String },
     #[error(transparent)]
     Vm(#[from] VmError),

@@ -40,6 +40,8 @@ pub fn fingerprint(config: &ShimConfig, size: VmSize) -> String {
     format!("{vm:?}").hash(&mut hasher);
     kite_vmm::pool::command_line_template(&vm, size).hash(&mut hasher);
     (size.vcpus, size.memory_mib).hash(&mut hasher);
+    // A VM booted without a warm-up is not offered once warm-ups are on (and the other way).
+    config.pool.warm_up.hash(&mut hasher);
     for path in [
         &vm.qemu_path,
         &vm.virtiofsd_path,
