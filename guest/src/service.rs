@@ -232,6 +232,29 @@ impl AgentService {
 }
 
 impl AgentService {
+    /// Writes container `id`'s bundle (its adapted spec) and creates the container in it with
+    /// the runtime helper: a pod's containers and the warm-up's alike.
+    async fn create_from_spec(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+        terminal: bool,
+        stdin: bool,
+    ) -> Result<Process, ttrpc::Error> {
+        let dir = runtime::bundle_dir(id);
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| {
+                std::fs::write(
+                    dir.join("config.json"),
+                    serde_json::to_vec(spec).unwrap_or_default(),
+                )
+            })
+            .map_err(|e| internal(format!("container {id}: write bundle: {e}")))?;
+        let bundle = dir.to_string_lossy().into_owned();
+        let args = vec!["create".into(), "--bundle".into(), bundle];
+        self.run_helper(id, "", args, terminal, stdin).await
+    }
+
     /// Marks the VM as serving a pod (no warm-up from now on), after any warm-up under way.
     async fn serve(&self) {
         let _after_the_warm_up = self.warming.lock().await;
@@ -246,25 +269,9 @@ impl AgentService {
             .map_err(|e| format!("warm-up: prepare the rootfs: {e}"))?
             .map_err(chain)?;
         let spec = warm_up::spec(&rootfs).map_err(chain)?;
-        let dir = runtime::bundle_dir(warm_up::ID);
-        std::fs::create_dir_all(&dir)
-            .and_then(|_| {
-                std::fs::write(
-                    dir.join("config.json"),
-                    serde_json::to_vec(&spec).unwrap_or_default(),
-                )
-            })
-            .map_err(|e| format!("warm-up: write the bundle {}: {e}", dir.display()))?;
         let began = Instant::now();
-        let bundle = dir.to_string_lossy().into_owned();
         let process = self
-            .run_helper(
-                warm_up::ID,
-                "",
-                vec!["create".into(), "--bundle".into(), bundle],
-                false,
-                false,
-            )
+            .create_from_spec(warm_up::ID, &spec, false, false)
             .await
             .map_err(|e| {
                 let e = kite_protocol::errors::RpcError::from(e);
@@ -413,24 +420,8 @@ impl agent_ttrpc::Agent for AgentService {
                 ),
             ));
         }
-        let dir = runtime::bundle_dir(&id);
-        std::fs::create_dir_all(&dir)
-            .and_then(|_| {
-                std::fs::write(
-                    dir.join("config.json"),
-                    serde_json::to_vec(&spec).unwrap_or_default(),
-                )
-            })
-            .map_err(|e| internal(format!("container {id}: write bundle: {e}")))?;
-        let bundle = dir.to_string_lossy().into_owned();
         let created = self
-            .run_helper(
-                &id,
-                "",
-                vec!["create".into(), "--bundle".into(), bundle],
-                req.terminal,
-                req.stdin,
-            )
+            .create_from_spec(&id, &spec, req.terminal, req.stdin)
             .await;
         let process = match created {
             Ok(p) => p,

@@ -194,7 +194,9 @@ pub fn attach(
     vfio_passthrough: bool,
     sysfs: &Path,
 ) -> Result<PodNetwork, NetworkError> {
-    let PodInterfaces { links, guest, .. } = read_pod(sandbox, netns)?;
+    let PodInterfaces {
+        links, mut guest, ..
+    } = read_pod(sandbox, netns)?;
 
     // Decide each interface's attachment. The PCI address comes from netlink (the link's
     // parent device): the shim's /sys/class/net shows the host's namespace, not the pod's.
@@ -230,7 +232,6 @@ pub fn attach(
         })
         .collect();
     record(sandbox, sandbox_dir, netns, &nics)?;
-    let mut guest = guest;
     for nic in &nics {
         if let (Some(device_mac), Some(iface)) = (
             &nic.device_mac,
