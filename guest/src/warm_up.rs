@@ -31,9 +31,11 @@ pub const EXIT_ARG: &str = "warm-up-exit";
 pub const WITHIN: std::time::Duration = kite_protocol::GUEST_WARM_UP_WITHIN;
 /// Where the agent's binary is (the guest's `/init`).
 const AGENT_BINARY: &str = "/init";
-/// The container's cgroup, under the guest's cgroup root.
+/// The container's cgroup: beside `/kite`, not in it, since a pod's stats are `/kite`'s and a
+/// removed cgroup's CPU time stays counted in its parent.
+const CGROUP: &str = "/kite-warm-up";
 fn cgroup_dir() -> PathBuf {
-    Path::new("/sys/fs/cgroup/kite").join(ID)
+    Path::new("/sys/fs/cgroup").join(CGROUP.trim_start_matches('/'))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +72,7 @@ pub fn prepare_root() -> Result<PathBuf, WarmUpError> {
 /// The warm-up container's spec: the OCI default (pid, ipc, uts, mount and cgroup namespaces,
 /// /proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys, masked and read-only paths,
 /// capabilities, a read-only rootfs) with memory, CPU and pids limits as a pod's container has,
-/// adapted to the guest like any container's.
+/// adapted to the guest like any container's, in a cgroup of its own beside the pods'.
 pub fn spec(rootfs: &Path) -> Result<Spec, WarmUpError> {
     let mut spec = Spec::default();
     let process = ProcessBuilder::default()
@@ -107,6 +109,9 @@ pub fn spec(rootfs: &Path) -> Result<Spec, WarmUpError> {
         linux.set_resources(Some(resources));
     }
     runtime::adapt_spec(ID, &mut spec, rootfs)?;
+    if let Some(linux) = spec.linux_mut() {
+        linux.set_cgroups_path(Some(PathBuf::from(CGROUP)));
+    }
     Ok(spec)
 }
 
@@ -167,7 +172,7 @@ mod tests {
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(
             linux.cgroups_path().as_deref(),
-            Some(Path::new("/kite/kite-warm-up"))
+            Some(Path::new("/kite-warm-up"))
         );
         let kinds = runtime::namespace_kinds(&spec);
         assert!(kinds.contains(&LinuxNamespaceType::Pid), "{kinds:?}");
