@@ -152,6 +152,14 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     line
 }
 
+/// The CPU a TCG guest is given: every feature TCG emulates, except ERMS ("enhanced REP
+/// MOVSB/STOSB"). A guest kernel told of ERMS clears and copies pages with `rep stosb` and
+/// `rep movsb`, which TCG runs one byte per iteration; without it, eight bytes at a time
+/// (`rep stosq`). Measured here (QEMU 7.2, a busybox `exec` in a container): ~100 ms with
+/// ERMS, ~45 ms without, the whole of a container's set-up in the guest ~25% faster. Under
+/// KVM the guest has the host's CPU and string instructions run natively.
+pub const TCG_CPU: &str = "max,erms=off";
+
 /// QEMU's arguments for a VM.
 pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     let p = |path: &Path| path.display().to_string();
@@ -176,7 +184,7 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
         "-cpu".into(),
         match spec.accelerator {
             Accelerator::Kvm => "host".into(),
-            Accelerator::Tcg => "max".into(),
+            Accelerator::Tcg => TCG_CPU.into(),
         },
         "-smp".into(),
         spec.vcpus.to_string(),
@@ -396,7 +404,7 @@ mod tests {
         let args = qemu_args(&s);
         let joined = args.join(" ");
         assert!(!joined.contains("-cpu host"));
-        assert!(joined.contains("-cpu max"));
+        assert!(joined.contains("-cpu max,erms=off"));
         assert!(joined.contains("microvm,accel=tcg,memory-backend=mem"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=384M,share=on"));
         assert!(joined.contains("vhost-user-fs-device,chardev=vfs,tag=kiteshare"));
