@@ -193,6 +193,14 @@ fn boot_and_serve(started_ns: u64) -> anyhow::Result<()> {
     let garbage = crate::misbehave::garbage_after_first_answer(&cmdline);
     #[cfg(not(feature = "misbehave"))]
     let garbage = false;
+    // Forked while the agent has one thread; without it, runtime helpers are executed.
+    let zygote = match crate::zygote::Zygote::spawn() {
+        Ok(z) => Some(z),
+        Err(e) => {
+            warn!("{e}; the runtime helpers will be executed");
+            None
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -213,7 +221,7 @@ fn boot_and_serve(started_ns: u64) -> anyhow::Result<()> {
             agent_ready_ns: boot::monotonic_ns(),
             ..Default::default()
         };
-        let service = AgentService::new(reaper, info);
+        let service = AgentService::new(reaper, info, zygote);
         #[cfg(feature = "misbehave")]
         let services = match crate::misbehave::mode(&cmdline) {
             Some(mode) => kite_protocol::agent_ttrpc::create_agent(

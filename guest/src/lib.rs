@@ -17,3 +17,4 @@ pub mod request;
 pub mod runtime;
 pub mod service;
 pub mod warm_up;
+pub mod zygote;

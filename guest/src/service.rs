@@ -44,6 +44,8 @@ pub struct AgentService {
     warmed: AtomicBool,
     /// Held while the warm-up runs: a container's create waits for it.
     warming: Mutex<()>,
+    /// Forks the runtime helpers (none: the agent executes itself for each).
+    zygote: Option<Arc<crate::zygote::Zygote>>,
 }
 
 fn internal(message: impl std::fmt::Display) -> ttrpc::Error {
@@ -68,7 +70,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ttrpc::Error> {
 }
 
 impl AgentService {
-    pub fn new(reaper: Reaper, info: PingResponse) -> Arc<Self> {
+    pub fn new(
+        reaper: Reaper,
+        info: PingResponse,
+        zygote: Option<crate::zygote::Zygote>,
+    ) -> Arc<Self> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let svc = Arc::new(Self {
             reaper,
@@ -78,6 +84,7 @@ impl AgentService {
             served: AtomicBool::new(false),
             warmed: AtomicBool::new(false),
             warming: Mutex::new(()),
+            zygote: zygote.map(Arc::new),
         });
         tokio::spawn(watch_oom(Arc::downgrade(&svc), tx));
         svc
@@ -103,6 +110,42 @@ impl AgentService {
         })
     }
 
+    /// Starts a runtime helper (`args`: `runtime …`) with `stdio`: forked by the zygote, or,
+    /// without one (or when it fails), the agent's own binary executed. Returns its pid.
+    async fn launch_helper(
+        &self,
+        id: &str,
+        args: Vec<String>,
+        stdio: [OwnedFd; 3],
+    ) -> Result<(i32, &'static str), ttrpc::Error> {
+        if let Some(zygote) = self.zygote.clone() {
+            let copies: Result<Vec<OwnedFd>, _> = stdio.iter().map(|fd| fd.try_clone()).collect();
+            if let Ok(Ok(copies)) = copies.map(<[OwnedFd; 3]>::try_from) {
+                let request = args.clone();
+                let forked =
+                    tokio::task::spawn_blocking(move || zygote.launch(&request, copies)).await;
+                match forked {
+                    Ok(Ok(pid)) => return Ok((pid, "zygote")),
+                    Ok(Err(e)) => warn!(container = %id, "{e}; executing the runtime helper"),
+                    Err(e) => {
+                        warn!(container = %id, "runtime zygote: {e}; executing the runtime helper")
+                    }
+                }
+            }
+        }
+        let [stdin, stdout, stderr] = stdio;
+        // In `/`, whatever the agent's working directory is at the moment (see `runtime::start`).
+        let child = std::process::Command::new("/proc/self/exe")
+            .current_dir("/")
+            .args(&args)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| internal(format!("container {id}: run the runtime helper: {e}")))?;
+        Ok((i32::try_from(child.id()).expect("pids fit an i32"), "exec"))
+    }
+
     /// Runs the runtime helper with the process's stdio; returns the new process.
     async fn run_helper(
         &self,
@@ -116,56 +159,59 @@ impl AgentService {
         let tag = if exec_id.is_empty() { "init" } else { exec_id };
         let result_path = dir.join(format!("result-{tag}.json"));
         let _ = std::fs::remove_file(&result_path);
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        // In `/`, whatever the agent's working directory is at the moment (see `runtime::start`).
-        cmd.current_dir("/")
-            .arg("runtime")
-            .args(&args)
-            .arg("--id")
-            .arg(id)
-            .arg("--result")
-            .arg(&result_path);
+        // The helper's command line, whether the zygote forks it or the agent executes itself.
+        let mut helper_args: Vec<String> = vec!["runtime".into()];
+        helper_args.extend(args);
+        helper_args.extend([
+            "--id".into(),
+            id.to_string(),
+            "--result".into(),
+            result_path.display().to_string(),
+        ]);
 
         let console = if terminal {
             let path = dir.join(format!("console-{tag}.sock"));
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path)
                 .map_err(|e| internal(format!("container {id}: console socket: {e}")))?;
-            cmd.arg("--console-socket").arg(&path);
-            cmd.stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
+            helper_args.extend(["--console-socket".into(), path.display().to_string()]);
             Some((listener, path))
         } else {
             None
         };
+        let null = || -> Result<OwnedFd, ttrpc::Error> {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|e| internal(format!("container {id}: open /dev/null: {e}")))
+        };
         let mut ours = None;
-        if !terminal {
+        // The helper's stdin, stdout and stderr: the container's.
+        let helper_stdio: [OwnedFd; 3] = if terminal {
+            [null()?, null()?, null()?]
+        } else {
             let (stdin_r, stdin_w) = if want_stdin {
                 let (r, w) = pipe()?;
-                (std::process::Stdio::from(r), Some(w))
+                (r, Some(w))
             } else {
-                (std::process::Stdio::null(), None)
+                (null()?, None)
             };
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
-            cmd.stdin(stdin_r).stdout(out_w).stderr(err_w);
             ours = Some(Stdio::Pipes {
                 stdin: stdin_w,
                 stdout: out_r,
                 stderr: err_r,
             });
-        }
+            [stdin_r, out_w, err_w]
+        };
         let spawned_ns = runtime::unix_ns();
-        let child = cmd
-            .spawn()
-            .map_err(|e| internal(format!("container {id}: run the runtime helper: {e}")))?;
-        // The helper's ends of the pipes were moved into `cmd`; drop them so the process's
-        // exit closes its streams.
-        drop(cmd);
-        let helper_exit = self
-            .reaper
-            .register(i32::try_from(child.id()).expect("pids fit an i32"));
+        // The helper's ends of the pipes go to it; the agent keeps none, so the process's exit
+        // closes its streams.
+        let (helper_pid, via) = self.launch_helper(id, helper_args, helper_stdio).await?;
+        let helper_exit = self.reaper.register(helper_pid);
 
         let master = if let Some((listener, path)) = console {
             let got = tokio::select! {
@@ -202,9 +248,9 @@ impl AgentService {
                 ms(r.ended_ns, exited_ns),
             );
             if exec_id.is_empty() {
-                info!(container = %id, start_ms, work_ms, exit_ms, "runtime helper");
+                info!(container = %id, via, start_ms, work_ms, exit_ms, "runtime helper");
             } else {
-                debug!(container = %id, exec = exec_id, start_ms, work_ms, exit_ms, "runtime helper");
+                debug!(container = %id, exec = exec_id, via, start_ms, work_ms, exit_ms, "runtime helper");
             }
         }
         let pid = match report.map(|r| r.result) {
@@ -713,6 +759,7 @@ impl agent_ttrpc::Agent for AgentService {
         req: NetworkConfig,
     ) -> ttrpc::Result<Empty> {
         self.serve().await;
+        let began = Instant::now();
         crate::network::configure(&req).await.map_err(|e| {
             let code = match e {
                 crate::network::NetworkError::Invalid { .. } => ttrpc::Code::INVALID_ARGUMENT,
@@ -723,6 +770,7 @@ impl agent_ttrpc::Agent for AgentService {
         info!(
             interfaces = req.interfaces.len(),
             routes = req.routes.len(),
+            ms = began.elapsed().as_secs_f64() * 1000.0,
             "network configured"
         );
         Ok(Empty::default())

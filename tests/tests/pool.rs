@@ -299,6 +299,22 @@ async fn assert_pod_identity(c: &mut Cri, pod: &Pod, web: &str) {
         out.contains(&format!("inet {ip}/")),
         "the pod's IP in the guest: {out}"
     );
+    // The guest's runtime zygote forked the container's set-up (and the exec's), in a pooled
+    // VM as in a cold one.
+    let console = std::path::Path::new(kite_e2e::STATE_DIR)
+        .join(&pod.id)
+        .join("console.log");
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        log.contains("runtime helper") && log.contains("via=\"zygote\""),
+        "{}: no container set-up forked by the runtime zygote:\n{log}",
+        console.display()
+    );
+    assert!(
+        !log.contains("executing the runtime helper"),
+        "{}: the runtime zygote failed:\n{log}",
+        console.display()
+    );
     let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", qemu_pid(&pod.id))).unwrap();
     let memory = cgroups
         .lines()
