@@ -19,7 +19,7 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = format!("unix://{}/agent.sock", dir.path().display());
     let (client, _server) = rt.block_on(async {
-        let service = AgentService::new(Reaper::default(), PingResponse::default());
+        let service = AgentService::new(Reaper::default(), PingResponse::default(), None);
         let mut server = ttrpc::r#async::Server::new()
             .bind(&sock)
             .expect("bind")

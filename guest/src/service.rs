@@ -111,7 +111,8 @@ impl AgentService {
     }
 
     /// Starts a runtime helper (`args`: `runtime …`) with `stdio`: forked by the zygote, or,
-    /// without one (or when it fails), the agent's own binary executed. Returns its pid.
+    /// without one (or when it forked nothing), the agent's own binary executed. Returns its
+    /// pid and which way it started.
     async fn launch_helper(
         &self,
         id: &str,
@@ -126,10 +127,12 @@ impl AgentService {
                     tokio::task::spawn_blocking(move || zygote.launch(&request, copies)).await;
                 match forked {
                     Ok(Ok(pid)) => return Ok((pid, "zygote")),
-                    Ok(Err(e)) => warn!(container = %id, "{e}; executing the runtime helper"),
-                    Err(e) => {
-                        warn!(container = %id, "runtime zygote: {e}; executing the runtime helper")
+                    Ok(Err(e)) if e.nothing_forked() => {
+                        warn!(container = %id, "{e}; executing the runtime helper")
                     }
+                    // A helper may have started: another one could run the set-up twice.
+                    Ok(Err(e)) => return Err(internal(format!("container {id}: {e}"))),
+                    Err(e) => return Err(internal(format!("container {id}: runtime zygote: {e}"))),
                 }
             }
         }

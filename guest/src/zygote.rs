@@ -37,14 +37,25 @@ pub enum ZygoteError {
     },
     #[error("runtime zygote: {0}")]
     Protocol(String),
+    /// Nothing was forked for the request: running the helper another way is safe.
+    #[error("runtime zygote: nothing forked: {0}")]
+    NotForked(String),
+}
+
+impl ZygoteError {
+    /// Whether the request surely started no helper (so executing one instead cannot run the
+    /// container's set-up or command twice).
+    pub fn nothing_forked(&self) -> bool {
+        matches!(self, ZygoteError::NotForked(_))
+    }
 }
 
 fn os(op: &'static str) -> impl FnOnce(nix::Error) -> ZygoteError {
     move |source| ZygoteError::Os { op, source }
 }
 
-/// How long the zygote may take to answer (a fork or two).
-const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the zygote may take to answer (a fork or two; as long as a whole set-up may take).
+const ANSWER_WITHIN: std::time::Duration = kite_protocol::GUEST_HELPER_TIMEOUT;
 
 /// The agent's end of the zygote.
 pub struct Zygote {
@@ -100,9 +111,9 @@ impl Zygote {
     /// runtime's threads.
     pub fn launch(&self, args: &[String], stdio: [OwnedFd; 3]) -> Result<i32, ZygoteError> {
         let request = serde_json::to_vec(args)
-            .map_err(|e| ZygoteError::Protocol(format!("encode the request: {e}")))?;
+            .map_err(|e| ZygoteError::NotForked(format!("encode the request: {e}")))?;
         if request.len() > MAX_REQUEST {
-            return Err(ZygoteError::Protocol(format!(
+            return Err(ZygoteError::NotForked(format!(
                 "request of {} bytes (at most {MAX_REQUEST})",
                 request.len()
             )));
@@ -113,19 +124,22 @@ impl Zygote {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(fd) = socket.as_ref() else {
-            return Err(ZygoteError::Protocol("given up after a failure".into()));
+            return Err(ZygoteError::NotForked("given up after a failure".into()));
         };
         let answer = exchange(fd, &request, stdio);
-        if matches!(answer, Err(_) | Ok(0)) {
+        if matches!(answer, Err(ref e) if !e.nothing_forked()) || matches!(answer, Ok(0)) {
             // A lost or late answer would be taken for the next request's.
             *socket = None;
         }
         match answer? {
             pid if pid > 0 => Ok(pid),
-            errno => Err(ZygoteError::Os {
-                op: "fork the helper",
-                source: nix::Error::from_raw(-errno),
-            }),
+            errno if errno == -libc::ECHILD => Err(ZygoteError::Protocol(
+                "the launcher died before it told the helper's pid".into(),
+            )),
+            errno => Err(ZygoteError::NotForked(format!(
+                "fork the helper: {}",
+                nix::Error::from_raw(-errno)
+            ))),
         }
     }
 }
@@ -133,6 +147,7 @@ impl Zygote {
 /// Sends one request and reads its answer: a pid, or a negative errno.
 fn exchange(socket: &OwnedFd, request: &[u8], stdio: [OwnedFd; 3]) -> Result<i32, ZygoteError> {
     let fds = stdio.each_ref().map(AsRawFd::as_raw_fd);
+    // A SOCK_SEQPACKET message is queued whole or not at all.
     sendmsg::<()>(
         socket.as_raw_fd(),
         &[IoSlice::new(request)],
@@ -140,10 +155,15 @@ fn exchange(socket: &OwnedFd, request: &[u8], stdio: [OwnedFd; 3]) -> Result<i32
         MsgFlags::MSG_NOSIGNAL,
         None,
     )
-    .map_err(os("send a request"))?;
+    .map_err(|e| ZygoteError::NotForked(format!("send the request: {e}")))?;
     drop(stdio);
     let mut answer = [0u8; 4];
-    let n = read(socket.as_raw_fd(), &mut answer).map_err(os("read the answer"))?;
+    let n = loop {
+        match read(socket.as_raw_fd(), &mut answer) {
+            Err(nix::Error::EINTR) => continue,
+            other => break other.map_err(os("read the answer"))?,
+        }
+    };
     if n != answer.len() {
         return Err(ZygoteError::Protocol(format!("answer of {n} bytes")));
     }
@@ -199,7 +219,7 @@ fn serve(socket: OwnedFd) {
             serde_json::from_slice::<Vec<String>>(&buf[..len]),
             fds.try_into(),
         ) {
-            (Ok(args), Ok(stdio)) => launch(&args, stdio),
+            (Ok(args), Ok(stdio)) => launch(&args, stdio, socket.as_raw_fd()),
             _ => -libc::EINVAL,
         };
         if write(&socket, &answer.to_le_bytes()).is_err() {
@@ -209,15 +229,20 @@ fn serve(socket: OwnedFd) {
 }
 
 /// Forks a launcher that forks the helper and exits, so that the helper's parent is PID 1.
-/// Returns the helper's pid, or a negative errno.
-fn launch(args: &[String], stdio: [OwnedFd; 3]) -> i32 {
-    let Ok((pid_r, pid_w)) = pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
-        return -libc::EMFILE;
+/// Returns the helper's pid, or a negative errno (`-ECHILD`: the launcher died before it
+/// said). `socket` is the zygote's end, which the helper must not hold: its processes would
+/// keep it open after the zygote's death, and the agent would not see the end.
+fn launch(args: &[String], stdio: [OwnedFd; 3], socket: RawFd) -> i32 {
+    let (pid_r, pid_w) = match pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(pair) => pair,
+        Err(e) => return -(e as i32),
     };
     // SAFETY: the zygote has a single thread.
     let launcher = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(pid_r);
+            // The zygote's `OwnedFd` is never dropped in this process (it exits below).
+            let _ = nix::unistd::close(socket);
             // SAFETY: the launcher has a single thread.
             let pid = match unsafe { fork() } {
                 Ok(ForkResult::Child) => {
@@ -247,6 +272,9 @@ fn launch(args: &[String], stdio: [OwnedFd; 3]) -> i32 {
 /// The helper, in the zygote's grandchild: `stdio` becomes 0, 1 and 2, then the helper runs as
 /// an executed one would (in `/`).
 fn run_helper(args: &[String], stdio: [OwnedFd; 3]) -> i32 {
+    // The agent's log subscriber, inherited, writes to stderr, which is the container's from
+    // here on: an executed helper has none, and neither has this one.
+    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
     for (fd, target) in stdio.iter().zip(0..) {
         if dup2(fd.as_raw_fd(), target).is_err() {
             return 4;

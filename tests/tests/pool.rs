@@ -222,9 +222,24 @@ fn in_netns(netns: &Path, args: &[&str]) -> String {
 }
 
 /// Runs a pod serving `body` on :8080 and checks it serves on its IP.
+/// The cgroup the test's pods are put under, as a kubelet's pod cgroup.
+fn pod_cgroup_parent() -> String {
+    format!("/kite-e2e-pool-{}", std::process::id())
+}
+
+/// Removes the test's pod cgroup parent when the test ends, passed or not (containerd removes
+/// each pod's own cgroup, not the parent a kubelet made).
+struct PodCgroupParent;
+
+impl Drop for PodCgroupParent {
+    fn drop(&mut self) {
+        kite_vmm::cgroup::remove_path(&pod_cgroup_parent());
+    }
+}
+
 async fn serving_pod(c: &mut Cri, name: &str, annotations: &[(&str, &str)]) -> (Pod, String) {
     // A pod cgroup as a kubelet makes one (the CRI's pod stats read it).
-    let parent = format!("/kite-e2e-pool-{}", std::process::id());
+    let parent = pod_cgroup_parent();
     let pod = c
         .run_pod_in(name, HANDLER, annotations, &parent)
         .await
@@ -366,6 +381,7 @@ async fn remove(c: &mut Cri, pod: &Pod) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_adopt_pooled_vms_and_the_pool_survives_its_holder() {
     tokio::task::spawn_blocking(require_setup).await.unwrap();
+    let _parent = PodCgroupParent;
     let mut c = Cri::connect().await;
     c.pull(IMAGE)
         .await
