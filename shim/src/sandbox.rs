@@ -164,19 +164,25 @@ impl Sandbox {
         if let Some(path) = oci.and_then(cgroup::cgroup_path_of) {
             vm.place(&path)?;
         }
-        let attach_started = Instant::now();
-        let network = {
+        // The host side (the tap moved into the pod, the redirect) and the guest side (the pod's
+        // MAC, addresses, routes, hostname) are independent: both at once.
+        let guest_network = pod.pooled_guest_config(&meta.mac);
+        let attach = async {
+            let attach_started = Instant::now();
             let (id, dir) = (id.to_string(), dir.clone());
             let holding = pool_dir.join(warm_pool::NETNS_FILE);
-            tokio::task::spawn_blocking(move || {
+            let attached = tokio::task::spawn_blocking(move || {
                 net::attach_pooled(&id, pod, &dir, &holding, &meta.tap, &meta.mac)
             })
             .await
-            .expect("the network attach thread does not panic")?
+            .expect("the network attach thread does not panic");
+            (attached, attach_started.elapsed())
         };
-        let network_attach = attach_started.elapsed();
+        let ((attached, network_attach), configured) =
+            tokio::join!(attach, configure_guest(&vm, id, Some(guest_network), oci));
+        let network = attached?;
         vm.record_nics(network.nics)?;
-        let network_guest = configure_guest(&vm, id, Some(network.guest), oci).await?;
+        let network_guest = configured?;
         let timing = BootTiming {
             vm: vm.timing(),
             network_attach,

@@ -341,6 +341,17 @@ pub struct PodInterfaces {
 }
 
 impl PodInterfaces {
+    /// The guest's network configuration for a pooled VM whose NIC has MAC `pool_mac`: the
+    /// pod's, the NIC found by its current MAC (it takes the pod's). Known before the tap is
+    /// attached, so the guest can be configured while the host side is.
+    pub fn pooled_guest_config(&self, pool_mac: &str) -> proto::NetworkConfig {
+        let mut guest = self.guest.clone();
+        if let Some(iface) = guest.interfaces.first_mut() {
+            iface.current_mac = pool_mac.to_string();
+        }
+        guest
+    }
+
     /// Why a pooled VM (one tap NIC) cannot take this pod's network, if it cannot: a pod with
     /// no interface or more than one, a PCI function to pass through, or macvtaps (made on the
     /// pod's interface, so not before it exists).
@@ -407,11 +418,8 @@ pub fn attach_pooled(
     pool_tap: &str,
     pool_mac: &str,
 ) -> Result<PodNetwork, NetworkError> {
-    let PodInterfaces {
-        netns,
-        links,
-        mut guest,
-    } = pod;
+    let guest = pod.pooled_guest_config(pool_mac);
+    let PodInterfaces { netns, links, .. } = pod;
     let [link] = links.as_slice() else {
         return Err(NetworkError::Netns {
             sandbox: sandbox.to_string(),
@@ -476,9 +484,6 @@ pub fn attach_pooled(
     if let Err(e) = moved {
         release(sandbox_dir, Path::new(crate::passthrough::SYSFS));
         return Err(e);
-    }
-    if let Some(iface) = guest.interfaces.first_mut() {
-        iface.current_mac = pool_mac.to_string();
     }
     info!(sandbox, netns = %netns.display(), "pod network attached to a pooled VM");
     Ok(PodNetwork {
