@@ -119,23 +119,26 @@ impl AgentService {
         args: Vec<String>,
         stdio: [OwnedFd; 3],
     ) -> Result<(i32, &'static str), ttrpc::Error> {
-        if let Some(zygote) = self.zygote.clone() {
-            let copies: Result<Vec<OwnedFd>, _> = stdio.iter().map(|fd| fd.try_clone()).collect();
-            if let Ok(Ok(copies)) = copies.map(<[OwnedFd; 3]>::try_from) {
-                let request = args.clone();
-                let forked =
-                    tokio::task::spawn_blocking(move || zygote.launch(&request, copies)).await;
-                match forked {
-                    Ok(Ok(pid)) => return Ok((pid, "zygote")),
-                    Ok(Err(e)) if e.nothing_forked() => {
-                        warn!(container = %id, "{e}; executing the runtime helper")
+        let (args, stdio) = match self.zygote.clone() {
+            None => (args, stdio),
+            Some(zygote) => {
+                let launched = tokio::task::spawn_blocking(move || {
+                    let forked = zygote.launch(&args, &stdio);
+                    (forked, args, stdio)
+                })
+                .await
+                .map_err(|e| internal(format!("container {id}: runtime zygote: {e}")))?;
+                match launched {
+                    (Ok(pid), ..) => return Ok((pid, "zygote")),
+                    (Err(e), args, stdio) if e.nothing_forked() => {
+                        warn!(container = %id, "{e}; executing the runtime helper");
+                        (args, stdio)
                     }
                     // A helper may have started: another one could run the set-up twice.
-                    Ok(Err(e)) => return Err(internal(format!("container {id}: {e}"))),
-                    Err(e) => return Err(internal(format!("container {id}: runtime zygote: {e}"))),
+                    (Err(e), ..) => return Err(internal(format!("container {id}: {e}"))),
                 }
             }
-        }
+        };
         let [stdin, stdout, stderr] = stdio;
         // In `/`, whatever the agent's working directory is at the moment (see `runtime::start`).
         let child = std::process::Command::new("/proc/self/exe")

@@ -12,8 +12,10 @@
 //! `SCM_RIGHTS`. The zygote forks a launcher, which forks the helper and exits at once, so
 //! the helper is re-parented to PID 1 and the agent's reaper sees its exit exactly as an
 //! executed helper's; the zygote answers with the helper's pid. The helper writes its result
-//! file as an executed one does. If the zygote is gone or fails, the agent executes the
-//! helper as before (the zygote is an optimisation, never a dependency).
+//! file as an executed one does. If the zygote is gone, or surely forked nothing, the agent
+//! executes the helper as before (the zygote is an optimisation, never a dependency); after an
+//! answer that leaves it unknown whether a helper started, the set-up fails instead of
+//! risking a second one.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -109,7 +111,7 @@ impl Zygote {
     /// Has the zygote fork a runtime helper with `args` (`runtime create|exec …`) and `stdio`
     /// (stdin, stdout, stderr); returns the helper's pid. Blocking: call off the async
     /// runtime's threads.
-    pub fn launch(&self, args: &[String], stdio: [OwnedFd; 3]) -> Result<i32, ZygoteError> {
+    pub fn launch(&self, args: &[String], stdio: &[OwnedFd; 3]) -> Result<i32, ZygoteError> {
         let request = serde_json::to_vec(args)
             .map_err(|e| ZygoteError::NotForked(format!("encode the request: {e}")))?;
         if request.len() > MAX_REQUEST {
@@ -145,7 +147,8 @@ impl Zygote {
 }
 
 /// Sends one request and reads its answer: a pid, or a negative errno.
-fn exchange(socket: &OwnedFd, request: &[u8], stdio: [OwnedFd; 3]) -> Result<i32, ZygoteError> {
+/// The zygote gets its own copies of `stdio` (SCM_RIGHTS); the caller's stay the caller's.
+fn exchange(socket: &OwnedFd, request: &[u8], stdio: &[OwnedFd; 3]) -> Result<i32, ZygoteError> {
     let fds = stdio.each_ref().map(AsRawFd::as_raw_fd);
     // A SOCK_SEQPACKET message is queued whole or not at all.
     sendmsg::<()>(
@@ -156,7 +159,6 @@ fn exchange(socket: &OwnedFd, request: &[u8], stdio: [OwnedFd; 3]) -> Result<i32
         None,
     )
     .map_err(|e| ZygoteError::NotForked(format!("send the request: {e}")))?;
-    drop(stdio);
     let mut answer = [0u8; 4];
     let n = loop {
         match read(socket.as_raw_fd(), &mut answer) {
@@ -170,7 +172,8 @@ fn exchange(socket: &OwnedFd, request: &[u8], stdio: [OwnedFd; 3]) -> Result<i32
     Ok(i32::from_le_bytes(answer))
 }
 
-/// The number of threads of this process.
+/// The number of threads of this process (one line of /proc: not worth the procfs crate in
+/// the guest's binary).
 fn threads() -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status

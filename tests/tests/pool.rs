@@ -221,7 +221,6 @@ fn in_netns(netns: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs a pod serving `body` on :8080 and checks it serves on its IP.
 /// The cgroup the test's pods are put under, as a kubelet's pod cgroup.
 fn pod_cgroup_parent() -> String {
     format!("/kite-e2e-pool-{}", std::process::id())
@@ -237,6 +236,7 @@ impl Drop for PodCgroupParent {
     }
 }
 
+/// Runs a pod serving `body` on :8080 and checks it serves on its IP.
 async fn serving_pod(c: &mut Cri, name: &str, annotations: &[(&str, &str)]) -> (Pod, String) {
     // A pod cgroup as a kubelet makes one (the CRI's pod stats read it).
     let parent = pod_cgroup_parent();
